@@ -1,0 +1,190 @@
+"""Triton noise kernel: ``tl.randn(key, offset)`` for a flat range or for given offsets.
+
+The noise contract (``lowmem_es/noise.py``, DESIGN.md "Noise addressing"): element ``i`` of
+the perturbation with key ``key`` is ``tl.randn(key, i)``, Philox4x32-10 keyed by ``key``
+with the element index as counter. The fused ES-LoRA kernels call ``tl.randn`` inline;
+this standalone kernel writes the same values to memory, for the update step on CUDA and
+as the kernel that tests hold against the pure-torch twin ``lowmem_es.noise.randn``.
+
+* ``_randn_kernel``: the ``@triton.jit`` kernel.
+* ``randn_triton`` / ``noise_triton``: launchers (flatten, pick the block, launch).
+* ``randn`` / ``noise``: dispatch. CUDA tensors run the kernel, CPU tensors the twin
+  (``lowmem_es.noise``); ``force="kernel"|"torch"`` picks one, and the environment
+  variable ``LOWMEM_ES_FORCE_TORCH=1`` makes the default the twin everywhere (to rule the
+  kernel out when debugging). An explicit ``force`` wins over the variable.
+
+On a CPU-only machine the kernel runs only under the Triton interpreter, which must be
+switched on (``TRITON_INTERPRET=1``) before anything imports triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lowmem_es import noise as _twin
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # absent (off Linux) or broken: only the twins are available
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+FORCE_TORCH_ENV = "LOWMEM_ES_FORCE_TORCH"
+FORCE_CHOICES = ("kernel", "torch")
+
+# Elements per program. GPU: Triton's own elementwise default (1024 elements, 4 warps);
+# not yet tuned on a GPU. Interpreter: its cost is per program, not per element (~0.05 s
+# per launch with one big tile, ENVIRONMENT.md), so one tile of up to 64 Ki elements.
+BLOCK_GPU = 1024
+NUM_WARPS_GPU = 4
+BLOCK_INTERPRETER = 1 << 16
+_INT32_LIMIT = 1 << 31
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["key", "start"])
+    def _randn_kernel(out_ptr, offsets_ptr, key, start, numel,
+                      HAS_OFFSETS: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+        """out[i] = tl.randn(key, offsets[i]) if HAS_OFFSETS else tl.randn(key, start + i).
+
+        WIDE: index and offset arithmetic in int64 (needed once start + numel passes 2**31).
+        With HAS_OFFSETS the offsets keep their stored dtype (int32 or int64): tl.randn
+        puts the high 32 bits of an int64 offset in the second Philox counter word, and 0
+        for an int32 one, so both give the same value for the same index.
+        """
+        pid = tl.program_id(0)
+        if WIDE:
+            idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        else:
+            idx = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < numel
+        if HAS_OFFSETS:
+            offsets = tl.load(offsets_ptr + idx, mask=mask, other=0)
+        else:
+            offsets = start + idx
+        tl.store(out_ptr + idx, tl.randn(key, offsets), mask=mask)
+
+    # The interpreter is chosen when @triton.jit runs (from TRITON_INTERPRET at import).
+    INTERPRETED = type(_randn_kernel).__name__ == "InterpretedFunction"
+else:
+    _randn_kernel = None
+    INTERPRETED = False
+
+
+def _launch_config(numel: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for ``numel`` elements."""
+    if INTERPRETED:
+        return min(BLOCK_INTERPRETER, triton.next_power_of_2(max(numel, 1))), 1
+    return BLOCK_GPU, NUM_WARPS_GPU
+
+
+def _check_kernel_usable(device: torch.device) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton noise kernel needs `triton`, which cannot be imported "
+                           "here; use force='torch' (the pure-torch twin) instead")
+    if device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"the Triton noise kernel needs a CUDA tensor, got one on {device}; on a CPU "
+            "machine set TRITON_INTERPRET=1 before triton is first imported to run it in "
+            "the interpreter, or use force='torch'")
+
+
+def _launch(out: torch.Tensor, offsets: torch.Tensor | None, key: int, start: int,
+            numel: int) -> None:
+    block, num_warps = _launch_config(numel)
+    wide = start + numel + block >= _INT32_LIMIT
+    grid = (triton.cdiv(numel, block),)
+    # Without offsets the pointer is never read; `out` stands in for it.
+    _randn_kernel[grid](out, out if offsets is None else offsets, key & _twin.MASK63, start,
+                        numel, HAS_OFFSETS=offsets is not None, WIDE=wide, BLOCK=block,
+                        num_warps=num_warps)
+
+
+def _check_integer(offsets: torch.Tensor) -> None:
+    if offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool:
+        raise TypeError(f"noise offsets must be an integer tensor, got dtype {offsets.dtype}")
+
+
+def randn_triton(key: int, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.randn(key, offsets)`` by the Triton kernel: float32, same shape/device as offsets.
+
+    ``offsets`` are non-negative element indices of any integer dtype; int32 and int64
+    go to the kernel as they are (int64 is needed for indices >= 2**31), others are
+    widened to int64. ``key`` is taken modulo 2**63, as the twin takes it.
+    """
+    _check_kernel_usable(offsets.device)
+    _check_integer(offsets)
+    flat = offsets.reshape(-1)
+    if flat.dtype not in (torch.int32, torch.int64):
+        flat = flat.to(torch.int64)
+    flat = flat.contiguous()
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    numel = flat.numel()
+    if numel:
+        if int(flat.min()) < 0:  # one device sync; the twin raises the same error
+            raise ValueError("noise offsets must be non-negative element indices")
+        _launch(out, flat, key, 0, numel)
+    return out.reshape(offsets.shape)
+
+
+def noise_triton(key: int, shape: tuple[int, ...] | torch.Size,
+                 device: torch.device | str = "cuda", start: int = 0) -> torch.Tensor:
+    """A noise tensor by the Triton kernel: element ``i`` (row-major) is ``tl.randn(key, start+i)``.
+
+    The offsets are generated in the kernel, so no index tensor is materialised.
+    """
+    device = torch.device(device)
+    _check_kernel_usable(device)
+    if start < 0:
+        raise ValueError(f"`start` must be a non-negative element index, got {start}")
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    if numel:
+        _launch(out, None, key, start, numel)
+    return out.reshape(tuple(shape))
+
+
+def use_kernel(device: torch.device | str, force: str | None = None) -> bool:
+    """Whether ``randn``/``noise`` take the kernel for tensors on ``device``.
+
+    ``force="kernel"``/``"torch"`` decides outright. Otherwise the twin if
+    ``LOWMEM_ES_FORCE_TORCH`` is set to anything but ``""``/``"0"``, else the kernel
+    exactly for CUDA tensors with Triton compiled (not interpreted).
+    """
+    if force is not None:
+        if force not in FORCE_CHOICES:
+            raise ValueError(f"`force` must be one of {FORCE_CHOICES} or None, got {force!r}")
+        return force == "kernel"
+    if os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0"):
+        return False
+    return torch.device(device).type == "cuda" and HAS_TRITON and not INTERPRETED
+
+
+def randn(key: int, offsets: torch.Tensor, force: str | None = None) -> torch.Tensor:
+    """``tl.randn(key, offsets)``: float32, same shape/device as ``offsets``.
+
+    CUDA tensors use the Triton kernel, CPU tensors the twin ``lowmem_es.noise.randn``
+    (with the backend chosen by ``lowmem_es.noise.set_backend``); see ``use_kernel``.
+    Both paths reject non-integer offsets (the twin alone would truncate floats).
+    """
+    _check_integer(offsets)
+    if use_kernel(offsets.device, force):
+        return randn_triton(key, offsets)
+    return _twin.randn(key, offsets)
+
+
+def noise(key: int, shape: tuple[int, ...] | torch.Size, device: torch.device | str = "cpu",
+          force: str | None = None) -> torch.Tensor:
+    """The whole noise tensor of ``key``: element ``i`` (row-major) is ``tl.randn(key, i)``.
+
+    Dispatches like ``randn``: the kernel on CUDA, the twin ``lowmem_es.noise.noise`` on CPU.
+    """
+    if use_kernel(device, force):
+        return noise_triton(key, shape, device)
+    return _twin.noise(key, shape, device=device)

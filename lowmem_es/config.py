@@ -1,0 +1,195 @@
+"""ESConfig: every knob of a run, validated up front with errors that say how to fix them.
+
+Field names follow TRL where the meaning matches (``learning_rate``, ``num_generations``,
+``max_completion_length`` ...). Defaults are the paper's full-parameter values except
+``sigma``: LoRA adapters start with B = 0, so a perturbation of 1e-3 barely changes the
+output; ~1e-2 is where a CPU probe on SmolLM2-135M learned (../shared/ENVIRONMENT.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FITNESS_SHAPINGS = ("zscore", "centered_rank", "none")
+OPTIMIZERS = ("sgd", "adam")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# Fields that only change logging or where files go: a resumed run may change them.
+NON_RESULT_FIELDS = frozenset({"output_dir", "save_steps", "eval_steps", "logging_steps",
+                               "iterations", "noise_backend"})
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ESConfig:
+    """Configuration of one ES fine-tuning run (see ../shared/DESIGN.md, "The algorithm")."""
+
+    # --- ES ---
+    population_size: int = _help("Members per iteration (N); even when antithetic.", 30)
+    sigma: float = _help("Perturbation scale; LoRA wants ~1e-2 (B starts at zero).", 1e-2)
+    learning_rate: float = _help("Step size, 1/sigma folded in (paper: lr/sigma = 0.5).", 5e-3)
+    antithetic: bool = _help("Evaluate +eps and -eps of each noise draw (halves variance).", True)
+    fitness_shaping: str = _help("'zscore' (paper), 'centered_rank' or 'none'.", "zscore")
+    optimizer: str = _help("'sgd' (paper: plain ES step) or 'adam' on the ES estimate.", "sgd")
+    weight_decay: float = _help("Decoupled decay of the LoRA weights per step.", 0.0)
+    iterations: int = _help("ES iterations to run.", 100)
+    seed: int = _help("Run seed: noise, LoRA init and data order derive from it.", 0)
+    # --- data and generation ---
+    batch_size: int = _help("Prompts per iteration, shared by every member.", 8)
+    num_generations: int = _help("Completions per prompt and member (>1 needs sampling).", 1)
+    max_prompt_length: int = _help("Prompts are left-truncated to this many tokens.", 256)
+    max_completion_length: int = _help("New tokens generated per completion.", 64)
+    temperature: float = _help("0 = greedy (default); > 0 samples.", 0.0)
+    rows_per_chunk: int = _help("Max generation rows per forward pass (0 = all at once).", 0)
+    reward_weights: list[float] | None = _help("One weight per reward function.", None)
+    # --- LoRA ---
+    lora_rank: int = _help("LoRA rank r.", 8)
+    lora_alpha: float = _help("LoRA scaling numerator: scale = alpha / r.", 16.0)
+    lora_target_modules: list[str] = _help("Module name suffixes to adapt.",
+                                           factory=lambda: list(DEFAULT_TARGET_MODULES))
+    # --- model ---
+    load_in_4bit: bool = _help("Quantize the frozen base to NF4 (bitsandbytes).", True)
+    compute_dtype: str = _help("'auto' = float32 on CPU, bfloat16 on CUDA.", "auto")
+    device: str = _help("'auto', 'cpu' or 'cuda[:i]'.", "auto")
+    noise_backend: str = _help("CPU noise generator: 'eager' or 'compiled' (torch.compile).",
+                               "eager")
+    # --- output ---
+    output_dir: str = _help("Where adapters, journal and metrics go.", "runs/lowmem-es")
+    save_steps: int = _help("Save the adapter every N iterations (0 = only at the end).", 0)
+    eval_steps: int = _help("Evaluate the centre every N iterations (0 = never).", 0)
+    logging_steps: int = _help("Print a progress line every N iterations.", 1)
+    profile: str | None = _help("VRAM profile name or path (recorded; planner pending).", None)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and the fix for any bad value."""
+        def bad(name: str, fix: str) -> ValueError:
+            return ValueError(f"`{name}` {fix}, but the value passed is {getattr(self, name)!r}")
+
+        for name in ("population_size", "iterations", "batch_size", "num_generations",
+                     "max_prompt_length", "max_completion_length", "lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "should be a positive integer")
+        for name in ("save_steps", "eval_steps", "logging_steps", "rows_per_chunk", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(name, "should be a non-negative integer")
+        if self.population_size < 2:
+            raise bad("population_size", "should be at least 2 (ES compares members); use 30 "
+                      "as in the paper")
+        if self.antithetic and self.population_size % 2:
+            raise bad("population_size", "should be even when `antithetic=True` (members come "
+                      f"in +/- pairs); use {self.population_size + 1} or set antithetic=False")
+        for name in ("sigma", "learning_rate", "lora_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise bad(name, "should be a positive number")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise bad("weight_decay", "should be >= 0")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise bad("temperature", "should be >= 0 (0 means greedy)")
+        if self.num_generations > 1 and self.temperature == 0:
+            raise bad("num_generations", "needs sampling to give different completions; set "
+                      "temperature > 0 (e.g. 0.7) or num_generations=1")
+        choices = {"fitness_shaping": FITNESS_SHAPINGS, "optimizer": OPTIMIZERS,
+                   "compute_dtype": DTYPES, "noise_backend": ("eager", "compiled")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise bad(name, f"should be one of {list(valid)}")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        if not self.lora_target_modules or not all(
+                isinstance(m, str) and m for m in self.lora_target_modules):
+            raise bad("lora_target_modules", "should be a non-empty list of module names "
+                      "such as ['q_proj', 'v_proj']")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise bad("device", "should be 'auto', 'cpu' or 'cuda[:index]'")
+        if self.reward_weights is not None and not all(
+                isinstance(w, (int, float)) for w in self.reward_weights):
+            raise bad("reward_weights", "should be a list of numbers, one per reward function")
+
+    # --- serialisation ---
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON/TOML friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of every config field, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> ESConfig:
+        """Build from a dict; unknown keys are an error that lists the valid ones."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown {source} key(s) {unknown}; valid keys are "
+                             f"{cls.field_names()}")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> ESConfig:
+        """Load a TOML run file (top-level keys or an [es] table), then apply overrides."""
+        values = read_toml_values(path)
+        values.update(overrides or {})
+        return cls.from_dict(values, source=f"config file {str(path)!r}")
+
+    def result_hash(self) -> str:
+        """Hash of the fields that change results (not logging/output fields)."""
+        relevant = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_FIELDS}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_toml_values(path: str | Path) -> dict[str, Any]:
+    """The ESConfig keys a TOML run file sets (top level or an [es] table), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist; pass an "
+                                "existing TOML file to --config")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from error
+    values = dict(data.get("es", data))
+    unknown = sorted(set(values) - set(ESConfig.field_names()))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config file {str(path)!r}; valid keys "
+                         f"are {ESConfig.field_names()}")
+    return values
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """Minimal TOML writer for flat dicts of str/int/float/bool/list/None (None is omitted)."""
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -1,0 +1,351 @@
+"""The ES-LoRA layer: one frozen base layer, fp32 master LoRA weights, per-row members.
+
+A batch entering the model is a stack of rows from several population members (rows of
+one member contiguous). For the rows of member m (antithetic pair k, sign s) each adapted
+layer computes
+
+    base(x) + scale * (x (A + s sigma epsA_k)^T) (B + s sigma epsB_k)^T
+
+with eps regenerated from seeds under the noise contract (lowmem_es.noise), so the base
+matmul is shared by the whole population and only the rank-r term differs per row.
+
+CPU path (this file): the perturbed A_m, B_m of the members in the current chunk are
+built once per chunk (rank-r matrices: N x LoRA size, small next to the base) and reused
+by every decode step; rows are then grouped per member into one batched matmul. The
+CUDA path will regenerate eps inside a Triton kernel instead (issue 3); until then CUDA
+uses this same code.
+
+With no population active (or sigma = 0) the layer is PEFT's LoRA: B(A(x)) * scale,
+computed in fp32 and cast back, as PEFT does for fp32 adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowmem_es import noise
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Member:
+    """One population member: its antithetic pair (noise stream) and sign."""
+
+    pair: int
+    sign: int
+
+
+@dataclass
+class Population:
+    """The perturbation of the rows now flowing through the model.
+
+    ``segments`` lists (member index into ``members``, row count) in row order; rows of a
+    segment are contiguous. ``version`` changes whenever the layers must rebuild caches.
+    """
+
+    run_seed: int
+    iteration: int
+    sigma: float
+    members: Sequence[Member]
+    segments: Sequence[tuple[int, int]]
+    version: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        return sum(count for _, count in self.segments)
+
+
+@dataclass
+class PopulationSlot:
+    """Shared by every ES-LoRA layer of one model: the population active right now."""
+
+    current: Population | None = None
+    counter: int = 0
+
+
+class ESLoraLinear(nn.Module):
+    """A frozen base linear (NF4 or dense) plus an ES-perturbable LoRA term."""
+
+    def __init__(self, base_layer: nn.Module, name: str, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, scaling: float, slot: PopulationSlot) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.qualified_name = name  # as in the transformers model: PEFT key names use it
+        self.name = noise.canonical_module_name(name)  # noise tensor ids use this
+        # fp32 masters: ES steps are ~1e-5 and would vanish in bf16.
+        self.lora_A = nn.Parameter(lora_A.detach().to(torch.float32).clone(),
+                                   requires_grad=False)  # (r, d_in)
+        self.lora_B = nn.Parameter(lora_B.detach().to(torch.float32).clone(),
+                                   requires_grad=False)  # (d_out, r)
+        self.scaling = float(scaling)
+        self.slot = slot
+        self.tensor_id_A = noise.tensor_id(self.name, "A")
+        self.tensor_id_B = noise.tensor_id(self.name, "B")
+        self._cache_version: int | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (M, d_in, r), (M, r, d_out)
+
+    def extra_repr(self) -> str:
+        r, d_in = self.lora_A.shape
+        return f"{self.name}: d_in={d_in}, d_out={self.lora_B.shape[0]}, r={r}"
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        population = self.slot.current
+        x32 = x.to(torch.float32)
+        if population is None or population.sigma == 0:
+            lora = (x32 @ self.lora_A.t()) @ self.lora_B.t()
+        else:
+            lora = self._population_lora(x32, population)
+        return result + (lora * self.scaling).to(result.dtype)
+
+    def perturbed_weights(self, population: Population) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_m^T, B_m^T) stacked over the population's members, built once per version."""
+        if self._cache_version != population.version or self._cache is None:
+            device = self.lora_A.device
+            steps = torch.tensor([m.sign * population.sigma for m in population.members],
+                                 dtype=torch.float32, device=device)[:, None, None]
+            stacked = []
+            for master, tid in ((self.lora_A, self.tensor_id_A), (self.lora_B, self.tensor_id_B)):
+                keys = [noise.member_key(population.run_seed, population.iteration, m.pair, tid)
+                        for m in population.members]
+                eps = noise.noise_batch(keys, master.shape, device)  # (M, *master.shape)
+                stacked.append((master + steps * eps).transpose(1, 2).contiguous())
+            self._cache = (stacked[0], stacked[1])
+            self._cache_version = population.version
+        return self._cache
+
+    def clear_cache(self) -> None:
+        self._cache, self._cache_version = None, None
+
+    def _population_lora(self, x: torch.Tensor, population: Population) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows != population.num_rows:
+            raise RuntimeError(f"ES-LoRA layer {self.name}: batch has {rows} rows but the "
+                               f"active population describes {population.num_rows}")
+        a_t, b_t = self.perturbed_weights(population)
+        tail = x.shape[1:-1]
+        d_in = x.shape[-1]
+        counts = [count for _, count in population.segments]
+        indices = [index for index, _ in population.segments]
+        if len(set(counts)) == 1:
+            # Equal segments: one batched matmul over members. (M, rows_m * T, d_in)
+            grouped = x.reshape(len(counts), -1, d_in)
+            idx = torch.tensor(indices, device=x.device)
+            out = torch.bmm(torch.bmm(grouped, a_t[idx]), b_t[idx])
+            return out.reshape(rows, *tail, -1)
+        parts = []
+        for (index, _), chunk in zip(population.segments, torch.split(x, counts), strict=True):
+            flat = chunk.reshape(-1, d_in)
+            parts.append(((flat @ a_t[index]) @ b_t[index]).reshape(*chunk.shape[:-1], -1))
+        return torch.cat(parts)
+
+
+class ESLoraModel:
+    """A causal LM whose target linears are ES-LoRA layers, plus the adapter's metadata."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, ESLoraLinear], slot: PopulationSlot,
+                 rank: int, alpha: float, target_modules: list[str],
+                 base_model_name_or_path: str | None = None) -> None:
+        self.model = model
+        self.layers = layers  # canonical module name -> layer, sorted by name
+        self.slot = slot
+        self.rank = rank
+        self.alpha = alpha
+        self.target_modules = list(target_modules)
+        self.base_model_name_or_path = base_model_name_or_path
+
+    # --- parameters ---
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """fp32 master tensors by stable name ``<module>.lora_A`` / ``<module>.lora_B``."""
+        params = {}
+        for name, layer in self.layers.items():
+            params[f"{name}.lora_A"] = layer.lora_A.data
+            params[f"{name}.lora_B"] = layer.lora_B.data
+        return params
+
+    def tensor_ids(self) -> dict[str, int]:
+        """Noise-contract tensor id of every master tensor (same keys as ``parameters``)."""
+        ids = {}
+        for name, layer in self.layers.items():
+            ids[f"{name}.lora_A"] = layer.tensor_id_A
+            ids[f"{name}.lora_B"] = layer.tensor_id_B
+        return ids
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.parameters().values())
+
+    # --- population ---
+    @contextlib.contextmanager
+    def population(self, run_seed: int, iteration: int, sigma: float, members: Sequence[Member],
+                   segments: Sequence[tuple[int, int]]) -> Iterator[Population]:
+        """Activate a population for the rows of the next forward passes / ``generate``."""
+        self.slot.counter += 1
+        population = Population(run_seed, iteration, float(sigma), list(members), list(segments),
+                                version=self.slot.counter)
+        previous = self.slot.current
+        self.slot.current = population
+        try:
+            yield population
+        finally:
+            self.slot.current = previous
+            for layer in self.layers.values():
+                layer.clear_cache()
+
+    # --- PEFT-format adapter I/O ---
+    def state_dict_peft(self) -> dict[str, torch.Tensor]:
+        """Adapter tensors under PEFT's key names (``base_model.model.<module>.lora_A.weight``)."""
+        tensors = {}
+        for layer in self.layers.values():
+            qualified = layer.qualified_name
+            tensors[f"{PEFT_PREFIX}{qualified}.lora_A.weight"] = layer.lora_A.detach().cpu()
+            tensors[f"{PEFT_PREFIX}{qualified}.lora_B.weight"] = layer.lora_B.detach().cpu()
+        return {k: v.contiguous() for k, v in tensors.items()}
+
+    def save_adapter(self, path: str | os.PathLike) -> Path:
+        """Write a standard PEFT adapter directory atomically; returns its path."""
+        from peft import LoraConfig
+
+        path = Path(path)
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha,
+                            target_modules=sorted(self.target_modules), lora_dropout=0.0,
+                            bias="none", task_type="CAUSAL_LM",
+                            base_model_name_or_path=self.base_model_name_or_path)
+        with atomic_directory(path) as tmp:
+            save_file(self.state_dict_peft(), str(tmp / ADAPTER_WEIGHTS),
+                      metadata={"format": "pt", "producer": "lowmem-es"})
+            config.save_pretrained(str(tmp))
+        return path
+
+    def load_adapter(self, path: str | os.PathLike) -> None:
+        """Load master weights from a PEFT adapter directory (safetensors only, no pickle)."""
+        path = Path(path)
+        weights = path / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in adapter directory {str(path)!r}; "
+                                    "pass a directory written by save_adapter or PEFT")
+        config = json.loads((path / ADAPTER_CONFIG).read_text()) if (
+            path / ADAPTER_CONFIG).is_file() else {}
+        if config.get("r", self.rank) != self.rank:
+            raise ValueError(f"adapter {str(path)!r} has rank r={config['r']} but this run uses "
+                             f"lora_rank={self.rank}; set lora_rank={config['r']}")
+        tensors = load_file(str(weights))
+        for layer in self.layers.values():
+            for matrix, target in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                key = f"{PEFT_PREFIX}{layer.qualified_name}.{matrix}.weight"
+                alt = key.replace(".weight", ".default.weight")
+                value = tensors.get(key, tensors.get(alt))
+                if value is None:
+                    raise ValueError(f"adapter {str(path)!r} has no tensor {key!r}; was it "
+                                     "trained for the same model and target modules?")
+                if value.shape != target.shape:
+                    raise ValueError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(target.shape)}")
+                target.data.copy_(value.to(torch.float32))
+
+
+@dataclass
+class _Replacement:
+    parent: nn.Module
+    attr: str
+    qualified: str
+    peft_layer: nn.Module = field(repr=False)
+
+
+def attach_es_lora(model: nn.Module, target_modules: Sequence[str], rank: int, alpha: float,
+                   seed: int = 0, base_model_name_or_path: str | None = None) -> ESLoraModel:
+    """Put ES-LoRA layers on ``model``'s target linears, initialised exactly as PEFT does.
+
+    PEFT builds and initialises the adapter (A Kaiming-uniform, B = 0) under a seeded,
+    forked RNG so the global RNG is untouched; its LoRA layers are then swapped for
+    ES-LoRA layers holding fp32 copies, and the PEFT wrapper is dropped.
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    check_target_modules(model, target_modules)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    inner = peft_model.base_model.model
+    replacements = []
+    for qualified, module in inner.named_modules():
+        if isinstance(module, LoraLayer):
+            parent_name, _, attr = qualified.rpartition(".")
+            parent = inner.get_submodule(parent_name) if parent_name else inner
+            replacements.append(_Replacement(parent, attr, qualified, module))
+    slot = PopulationSlot()
+    layers: dict[str, ESLoraLinear] = {}
+    for rep in replacements:
+        peft_layer = rep.peft_layer
+        layer = ESLoraLinear(peft_layer.base_layer, rep.qualified,
+                             peft_layer.lora_A["default"].weight,
+                             peft_layer.lora_B["default"].weight,
+                             peft_layer.scaling["default"], slot)
+        setattr(rep.parent, rep.attr, layer)
+        layers[layer.name] = layer
+    for param in inner.parameters():
+        param.requires_grad_(False)
+    if hasattr(inner, "peft_config"):
+        del inner.peft_config
+    layers = dict(sorted(layers.items()))
+    return ESLoraModel(inner, layers, slot, rank, alpha, list(target_modules),
+                       base_model_name_or_path)
+
+
+def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> None:
+    """Raise a ValueError naming targets that match no linear layer, and listing the valid ones."""
+    linear_names = set()
+    for qualified, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not qualified.endswith("lm_head"):
+            linear_names.add(qualified.rpartition(".")[2])
+    missing = [t for t in target_modules if t not in linear_names]
+    if missing:
+        raise ValueError(f"`lora_target_modules` contains {missing}, which match no linear layer "
+                         f"of this model; valid names are {sorted(linear_names)}")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success fsync its files and rename it to path.
+
+    A crash leaves either the old directory or the new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
