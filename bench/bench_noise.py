@@ -6,7 +6,7 @@ the yardstick: it draws from the global generator, so it cannot give our contrac
 seeded, per-element values, but it is what an implementation that stores nothing would
 cost with PyTorch's own generator.
 
-    python bench/bench_noise.py [--numel 10000000] [--repeats 5]
+    python bench/bench_noise.py [--numel 10000000] [--repeats 5] [--chunk 65536]
 
 Prints a markdown table with the machine and the exact command.
 """
@@ -73,8 +73,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--numel", type=int, default=10_000_000, help="elements per draw")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
+    parser.add_argument("--chunk", type=int, default=noise.DEFAULT_CHUNK,
+                        help="elements per pass of the eager twin (to sweep DEFAULT_CHUNK)")
     args = parser.parse_args()
-    numel, repeats = args.numel, args.repeats
+    numel, repeats, chunk = args.numel, args.repeats, args.chunk
     key = noise.member_key(1234, 10, 3, noise.tensor_id("model.layers.0.self_attn.q_proj", "A"))
     shape = (numel,)
 
@@ -83,8 +85,9 @@ def main() -> None:
 
     cpu_randn = median_seconds(lambda: torch.randn(numel), repeats, "cpu")
     rows.append(("torch.randn", "cpu", cpu_randn, cpu_randn))
-    eager = median_seconds(lambda: noise.noise(key, shape, backend="eager"), repeats, "cpu")
-    rows.append(("twin, eager", "cpu", eager, cpu_randn))
+    eager = median_seconds(lambda: noise.noise(key, shape, chunk=chunk, backend="eager"),
+                           repeats, "cpu")
+    rows.append((f"twin, eager (chunk {chunk})", "cpu", eager, cpu_randn))
 
     start = time.perf_counter()
     backend = noise.set_backend("compiled")

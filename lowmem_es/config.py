@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 FITNESS_SHAPINGS = ("zscore", "centered_rank", "none")
 OPTIMIZERS = ("sgd", "adam")

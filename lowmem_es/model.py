@@ -34,7 +34,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def _check_model_path(path: str) -> None:
     local = Path(path).expanduser()
-    looks_local = path.startswith((".", "/", "~")) or os.sep in path and local.exists()
+    looks_local = path.startswith((".", "/", "~")) or (os.sep in path and local.exists())
     if looks_local and not local.exists():
         raise FileNotFoundError(f"model path {path!r} does not exist; pass a directory with "
                                 "config.json and *.safetensors weights, or a hub id")

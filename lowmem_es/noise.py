@@ -178,7 +178,7 @@ def _get_compiled():
             key = torch.tensor(1, dtype=torch.int64)
             fn(key, probe)
             _compiled["fn"] = fn
-        except Exception as error:  # noqa: BLE001 - any compiler failure means: use eager
+        except Exception as error:
             warnings.warn(f"torch.compile of the noise generator failed ({error!r}); "
                           "using the eager torch generator instead", stacklevel=3)
             _compiled["fn"] = None

@@ -13,3 +13,21 @@ os.environ.setdefault("LOWMEM_ES_NOISE_BACKEND", "eager")
 # eager noise twin measured 1.65 s per 1e5 elements instead of 0.013 s (2 threads, load
 # average 5). Sleeping threads remove that; read by OpenMP when torch starts, so set here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A random-init tiny Llama + character tokenizer saved as safetensors (built once)."""
+    from lowmem_es.example import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    """The same for a tiny Qwen2 (q/k/v biases, a different attention layout)."""
+    from lowmem_es.example import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")

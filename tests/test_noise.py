@@ -344,6 +344,19 @@ def test_twin_values_independent_of_chunking() -> None:
     assert torch.equal(noise.randn(key, some, backend="eager"), flat[some])
 
 
+@pytest.mark.parametrize("chunk", [100, 1 << 16])
+def test_noise_batch_rows_are_per_key_noise(chunk: int) -> None:
+    tids = [noise.tensor_id(f"model.layers.{layer}.mlp.up_proj", m) for layer in range(3)
+            for m in "AB"]
+    keys = [noise.member_key(99, 4, pair, tid) for pair in range(2) for tid in tids] + [2**63 - 1]
+    shape = (8, 37)
+    batch = noise.noise_batch(keys, shape, chunk=chunk, backend="eager")
+    assert batch.shape == (len(keys), *shape)
+    for row, key in zip(batch, keys, strict=True):
+        assert torch.equal(row, noise.noise(key, shape, backend="eager"))
+    assert noise.noise_batch([], shape, backend="eager").shape == (0, *shape)
+
+
 def test_twin_permuted_offsets_give_permuted_values() -> None:
     key = KEYS["2**47+12345"]
     offsets = _offsets("random_2**62")

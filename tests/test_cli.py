@@ -1,0 +1,208 @@
+"""Tests of the ``lowmem-es`` command line (lowmem_es/cli.py).
+
+Flags come from ESConfig fields; precedence is defaults < config file < flags; user errors
+exit with code 2 and one message on stderr. One end-to-end smoke runs the tiny built-in
+example for 2 iterations (~10 s on 2 CPU cores). CPU only.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lowmem_es.cli import build_parser, main, read_jsonl, resolve_config
+from lowmem_es.config import ESConfig
+
+
+def _parse(*args: str):
+    return build_parser().parse_args(["train", *args])
+
+
+# --- flags and precedence ---
+
+def test_no_flags_gives_defaults():
+    assert resolve_config(_parse()) == ESConfig()
+
+
+def test_precedence_defaults_file_flags(tmp_path):
+    config_file = tmp_path / "run.toml"
+    config_file.write_text("sigma = 0.2\nlearning_rate = 0.3\nlora_rank = 2\n")
+    defaults = {"sigma": 0.1, "learning_rate": 0.1, "seed": 5, "batch_size": 2}
+    ns = _parse("--config", str(config_file), "--learning-rate", "0.4", "--batch-size", "3")
+    config = resolve_config(ns, defaults=defaults)
+    assert config.seed == 5  # defaults dict only
+    assert config.sigma == 0.2  # file beats defaults dict
+    assert config.lora_rank == 2  # file beats ESConfig defaults
+    assert config.learning_rate == 0.4  # flag beats file
+    assert config.batch_size == 3  # flag beats defaults dict
+    assert config.population_size == ESConfig().population_size  # untouched
+
+
+def test_es_table_config_file(tmp_path):
+    config_file = tmp_path / "run.toml"
+    config_file.write_text("[es]\npopulation_size = 4\n")
+    assert resolve_config(_parse("--config", str(config_file))).population_size == 4
+
+
+def test_typed_flags():
+    ns = _parse("--population-size", "12", "--sigma", "0.05", "--lora-alpha", "32",
+                "--lora-target-modules", "q_proj", "v_proj", "--reward-weights", "1", "0.5",
+                "--antithetic", "false", "--load-in-4bit", "no", "--device", "cpu",
+                "--profile", "h200")
+    config = resolve_config(ns)
+    assert config.population_size == 12 and type(config.population_size) is int
+    assert config.sigma == 0.05
+    assert config.lora_alpha == 32.0 and type(config.lora_alpha) is float
+    assert config.lora_target_modules == ["q_proj", "v_proj"]
+    assert config.reward_weights == [1.0, 0.5]
+    assert config.antithetic is False and config.load_in_4bit is False
+    assert (config.device, config.profile) == ("cpu", "h200")
+
+
+@pytest.mark.parametrize(("text", "value"), [("true", True), ("False", False), ("1", True),
+                                             ("0", False), ("yes", True), ("off", False)])
+def test_bool_flag_values(text, value):
+    assert resolve_config(_parse("--antithetic", text)).antithetic is value
+
+
+def test_false_flag_overrides_true_in_file(tmp_path):
+    config_file = tmp_path / "run.toml"
+    config_file.write_text("antithetic = true\npopulation_size = 5\n")
+    # population_size = 5 alone is invalid; the flag's antithetic=False makes it valid.
+    config = resolve_config(_parse("--config", str(config_file), "--antithetic", "false"))
+    assert (config.antithetic, config.population_size) == (False, 5)
+
+
+def test_every_field_has_a_flag():
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for name in ESConfig.field_names():
+        assert "--" + name.replace("_", "-") in help_text
+
+
+@pytest.mark.parametrize("args", [["--antithetic", "maybe"], ["--population-size", "ten"],
+                                  ["--sigma", "big"]])
+def test_unparseable_flag_exits_2(capsys, args):
+    with pytest.raises(SystemExit) as caught:
+        main(["train", *args])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert args[0] in err and repr(args[1]) in err
+
+
+# --- user errors: exit code 2, message on stderr ---
+
+def _error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("lowmem-es: error: ")
+    return captured.err
+
+
+def test_model_without_dataset(capsys):
+    assert "--dataset" in _error(capsys, ["train", "--model", "X"])
+
+
+def test_model_without_reward(capsys, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    assert "--reward" in _error(capsys, ["train", "--model", "X", "--dataset", str(data)])
+
+
+def test_dataset_without_model(capsys):
+    err = _error(capsys, ["train", "--dataset", "f.jsonl"])
+    assert "--dataset needs --model" in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    missing = tmp_path / "missing.toml"
+    err = _error(capsys, ["train", "--config", str(missing)])
+    assert str(missing) in err and "does not exist" in err
+
+
+def test_missing_dataset_file(capsys, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    err = _error(capsys, ["train", "--model", "X", "--dataset", str(missing),
+                          "--reward", "exact_match"])
+    assert str(missing) in err
+
+
+def test_bad_jsonl_line_names_file_and_line(capsys, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a"}\n\n{"prompt": "b",}\n')
+    err = _error(capsys, ["train", "--model", "X", "--dataset", str(data),
+                          "--reward", "exact_match"])
+    assert f"{data}:3" in err
+
+
+def test_invalid_config_value_names_field(capsys, tmp_path):
+    err = _error(capsys, ["train", "--population-size", "3",
+                          "--output-dir", str(tmp_path / "run")])
+    assert "`population_size`" in err and "3" in err
+    assert not (tmp_path / "run").exists()  # nothing written before the config is valid
+
+
+def test_invalid_config_file_value(capsys, tmp_path):
+    config_file = tmp_path / "run.toml"
+    config_file.write_text("sigma = -1.0\n")
+    err = _error(capsys, ["train", "--config", str(config_file)])
+    assert "`sigma`" in err and "-1.0" in err
+
+
+# --- read_jsonl ---
+
+def test_read_jsonl_rows_skip_blank_lines(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "answer": 1}\n\n  \n{"prompt": "b"}\n')
+    assert read_jsonl(str(data)) == [{"prompt": "a", "answer": 1}, {"prompt": "b"}]
+
+
+@pytest.mark.parametrize(("bad_line", "what"), [('{"prompt": ', "not valid JSON"),
+                                                ('["a", "b"]', "not a JSON object"),
+                                                ('"text"', "not a JSON object")])
+def test_read_jsonl_bad_line_names_file_and_line(tmp_path, bad_line, what):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a"}\n\n' + bad_line + '\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match=rf"{data}:3 is {what}"):
+        read_jsonl(str(data))
+
+
+def test_read_jsonl_missing_file(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_jsonl(str(missing))
+
+
+# --- end to end ---
+
+def test_train_tiny_example_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--output-dir", str(out), "--iterations", "2",
+                 "--population-size", "4"]) == 0
+
+    saved = ESConfig.from_toml(out / "run.toml")
+    assert (saved.iterations, saved.population_size, saved.output_dir) == (2, 4, str(out))
+    assert saved.sigma == 0.05  # the example's tuned value, not the ESConfig default
+
+    journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    assert len(journal) == 2
+    for record in journal:
+        assert len(record["fitness"]) == 4
+        assert all(0.0 <= f <= 1.0 for f in record["fitness"])  # target_fraction range
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics
+
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_module_help_subprocess(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lowmem_es.cli", "train", "--help"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert "--population-size" in result.stdout
+    assert "--lora-target-modules" in result.stdout

@@ -1,0 +1,268 @@
+"""Tests of ESConfig (lowmem_es/config.py): validation messages, TOML round trips, result_hash.
+
+Every user-facing error must name the field in backticks, quote the bad value and say what
+to do instead (../shared/STYLE.md). CPU only, no model, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import tomllib
+
+from lowmem_es.config import (
+    DEFAULT_TARGET_MODULES,
+    NON_RESULT_FIELDS,
+    ESConfig,
+    read_toml_values,
+    to_toml,
+)
+
+
+def test_defaults_are_valid_and_documented():
+    config = ESConfig()
+    config.validate()  # idempotent: validating a valid config again changes nothing
+    assert config.antithetic and config.population_size % 2 == 0
+    assert config.lora_target_modules == list(DEFAULT_TARGET_MODULES)
+    # Each instance owns its list: mutating one must not leak into the next default.
+    config.lora_target_modules.append("gate_proj")
+    assert ESConfig().lora_target_modules == list(DEFAULT_TARGET_MODULES)
+    for field in dataclasses.fields(ESConfig):
+        assert field.metadata.get("help"), f"field {field.name} has no help text"
+
+
+# (overrides, field named in backticks, the bad value as repr'd, words of the fix)
+BAD_VALUES = [
+    ({"population_size": 1}, "population_size", "1", "at least 2"),
+    ({"population_size": 0}, "population_size", "0", "positive integer"),
+    ({"population_size": -4}, "population_size", "-4", "positive integer"),
+    ({"sigma": 0.0}, "sigma", "0.0", "positive number"),
+    ({"sigma": -0.01}, "sigma", "-0.01", "positive number"),
+    ({"sigma": math.nan}, "sigma", "nan", "positive number"),
+    ({"learning_rate": 0}, "learning_rate", "0", "positive number"),
+    ({"learning_rate": -1e-3}, "learning_rate", "-0.001", "positive number"),
+    ({"fitness_shaping": "rank"}, "fitness_shaping", "'rank'", "centered_rank"),
+    ({"optimizer": "adamw"}, "optimizer", "'adamw'", "'sgd', 'adam'"),
+    ({"compute_dtype": "fp16"}, "compute_dtype", "'fp16'", "bfloat16"),
+    ({"num_generations": 4}, "num_generations", "4", "temperature > 0"),
+    ({"lora_target_modules": []}, "lora_target_modules", "[]", "non-empty list"),
+    ({"lora_target_modules": ["q_proj", ""]}, "lora_target_modules", "['q_proj', '']",
+     "non-empty list"),
+    ({"population_size": True}, "population_size", "True", "positive integer"),
+    ({"iterations": True}, "iterations", "True", "positive integer"),
+    ({"seed": False}, "seed", "False", "non-negative integer"),
+    ({"batch_size": 8.0}, "batch_size", "8.0", "positive integer"),
+    ({"save_steps": -1}, "save_steps", "-1", "non-negative integer"),
+    ({"temperature": -0.5}, "temperature", "-0.5", "0 means greedy"),
+    ({"weight_decay": -0.1}, "weight_decay", "-0.1", ">= 0"),
+    ({"device": "gpu"}, "device", "'gpu'", "'cpu' or 'cuda[:index]'"),
+    ({"device": "tpu:0"}, "device", "'tpu:0'", "'cpu' or 'cuda[:index]'"),
+    ({"noise_backend": "triton"}, "noise_backend", "'triton'", "compiled"),
+    ({"reward_weights": [1.0, "2"]}, "reward_weights", "[1.0, '2']", "list of numbers"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "name", "shown", "fix"), BAD_VALUES,
+                         ids=[f"{next(iter(o))}={next(iter(o.values()))!r}"
+                              for o, *_ in BAD_VALUES])
+def test_bad_value_names_field_value_and_fix(overrides, name, shown, fix):
+    with pytest.raises(ValueError) as caught:
+        ESConfig(**overrides)
+    message = str(caught.value)
+    assert f"`{name}`" in message
+    assert f"the value passed is {shown}" in message
+    assert fix in message
+
+
+def test_odd_population_with_antithetic_suggests_even_or_antithetic_false():
+    with pytest.raises(ValueError) as caught:
+        ESConfig(population_size=7)
+    message = str(caught.value)
+    assert "`population_size`" in message and "7" in message
+    assert "antithetic=False" in message
+    suggested = [int(word) for word in message.replace(",", " ").split() if word.isdigit()]
+    assert any(n % 2 == 0 and n >= 7 for n in suggested), message
+    # The fix it prescribes works both ways.
+    assert ESConfig(population_size=7, antithetic=False).population_size == 7
+    assert ESConfig(population_size=8).population_size == 8
+
+
+def test_sampling_fixes_num_generations():
+    config = ESConfig(num_generations=4, temperature=0.7)
+    assert (config.num_generations, config.temperature) == (4, 0.7)
+
+
+def test_single_target_module_string_becomes_list():
+    assert ESConfig(lora_target_modules="q_proj").lora_target_modules == ["q_proj"]
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_good_devices_are_accepted(device):
+    assert ESConfig(device=device).device == device
+
+
+@pytest.mark.xfail(strict=True, raises=AttributeError, reason="config.py:120 calls self.device.startswith on a "
+                   "non-str device: AttributeError instead of a ValueError naming `device`")
+def test_non_string_device_is_a_value_error():
+    with pytest.raises(ValueError, match="`device`"):
+        ESConfig(device=0)  # e.g. `device = 0` in a TOML file
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="config.py:122 iterates reward_weights without checking "
+                   "it is a list: a bare number gives TypeError, not a ValueError")
+def test_scalar_reward_weights_is_a_value_error():
+    with pytest.raises(ValueError, match="`reward_weights`"):
+        ESConfig(reward_weights=1.0)  # e.g. `reward_weights = 1.0` in a TOML file
+
+
+def test_validate_catches_later_mutation():
+    config = ESConfig()
+    config.sigma = -1.0
+    with pytest.raises(ValueError, match="`sigma`"):
+        config.validate()
+
+
+# --- from_dict / TOML ---
+
+def test_from_dict_unknown_keys_lists_them_and_the_valid_keys():
+    with pytest.raises(ValueError) as caught:
+        ESConfig.from_dict({"sigma": 0.1, "lr": 0.5, "popsize": 4})
+    message = str(caught.value)
+    assert "['lr', 'popsize']" in message
+    for name in ("population_size", "learning_rate", "sigma", "output_dir"):
+        assert name in message
+
+
+def test_from_dict_builds_and_validates():
+    assert ESConfig.from_dict({"sigma": 0.2}).sigma == 0.2
+    with pytest.raises(ValueError, match="`sigma`"):
+        ESConfig.from_dict({"sigma": -0.2})
+
+
+def _non_default_config() -> ESConfig:
+    return ESConfig(population_size=6, sigma=0.025, learning_rate=1e-4, antithetic=False,
+                    fitness_shaping="centered_rank", optimizer="adam", weight_decay=0.01,
+                    num_generations=2, temperature=0.7, reward_weights=[1.0, 0.5, 2],
+                    lora_alpha=32.0, lora_target_modules=["q_proj", "v_proj"],
+                    load_in_4bit=False, device="cuda:1", output_dir='runs/with "quotes"\\é',
+                    profile="h200", seed=12345678901)
+
+
+@pytest.mark.parametrize("config", [ESConfig(), _non_default_config()],
+                         ids=["defaults", "non-defaults"])
+def test_toml_round_trip(tmp_path, config):
+    path = tmp_path / "run.toml"
+    path.write_text(to_toml(config.to_dict()))
+    loaded = ESConfig.from_toml(path)
+    assert loaded == config
+    assert loaded.to_dict() == config.to_dict()
+    # Types survive, not just values that compare equal (True == 1, 2.0 == 2).
+    for name, value in config.to_dict().items():
+        assert type(getattr(loaded, name)) is type(value), name
+
+
+def test_to_toml_omits_none_and_writes_toml_types():
+    text = to_toml({"profile": None, "antithetic": False, "sigma": 0.01, "seed": 3,
+                    "lora_target_modules": ["q_proj", "v_proj"], "output_dir": "a b"})
+    assert "profile" not in text
+    assert tomllib.loads(text) == {"antithetic": False, "sigma": 0.01, "seed": 3,
+                                   "lora_target_modules": ["q_proj", "v_proj"],
+                                   "output_dir": "a b"}
+    # None fields are omitted and come back as their default (None).
+    config = ESConfig()
+    assert config.profile is None and config.reward_weights is None
+    assert "profile" not in to_toml(config.to_dict())
+    assert "reward_weights" not in to_toml(config.to_dict())
+
+
+def test_to_toml_rejects_unsupported_types():
+    with pytest.raises(TypeError, match="dict"):
+        to_toml({"nested": {"a": 1}})
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="config.py:192 writes strings with json.dumps, which "
+                   "escapes non-BMP characters as UTF-16 surrogate pairs (\\ud83d\\ude00) that "
+                   "TOML rejects; run.toml of such an output_dir cannot be read back")
+def test_toml_round_trip_non_bmp_string(tmp_path):
+    config = ESConfig(output_dir="runs/\U0001f600")
+    path = tmp_path / "run.toml"
+    path.write_text(to_toml(config.to_dict()), encoding="utf-8")
+    assert ESConfig.from_toml(path) == config
+
+
+def test_es_table_and_overrides(tmp_path):
+    path = tmp_path / "es.toml"
+    path.write_text('[es]\npopulation_size = 10\nsigma = 0.2\nantithetic = false\n'
+                    'lora_target_modules = ["q_proj"]\n')
+    assert read_toml_values(path) == {"population_size": 10, "sigma": 0.2,
+                                      "antithetic": False, "lora_target_modules": ["q_proj"]}
+    config = ESConfig.from_toml(path, overrides={"sigma": 0.3})
+    assert (config.population_size, config.sigma, config.antithetic) == (10, 0.3, False)
+    assert config.lora_target_modules == ["q_proj"]
+    assert config.learning_rate == ESConfig().learning_rate  # unset keys keep defaults
+
+
+def test_toml_unknown_key_names_file_and_valid_keys(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text("sigam = 0.1\n")
+    with pytest.raises(ValueError) as caught:
+        read_toml_values(path)
+    message = str(caught.value)
+    assert "['sigam']" in message and str(path) in message and "sigma" in message
+
+
+def test_toml_bad_value_names_field(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("population_size = 5\n")
+    with pytest.raises(ValueError, match="`population_size`.*5"):
+        ESConfig.from_toml(path)
+
+
+def test_invalid_toml_names_file_and_position(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("sigma = 0.1\npopulation_size = = 4\n")
+    with pytest.raises(ValueError) as caught:
+        read_toml_values(path)
+    message = str(caught.value)
+    assert str(path) in message and "not valid TOML" in message and "line 2" in message
+    assert isinstance(caught.value.__cause__, tomllib.TOMLDecodeError)
+
+
+def test_missing_toml_is_file_not_found(tmp_path):
+    path = tmp_path / "nowhere.toml"
+    with pytest.raises(FileNotFoundError) as caught:
+        ESConfig.from_toml(path)
+    assert str(path) in str(caught.value) and "--config" in str(caught.value)
+    with pytest.raises(FileNotFoundError):
+        read_toml_values(tmp_path)  # a directory is not a config file
+
+
+# --- result_hash ---
+
+def test_result_hash_tracks_result_fields_only():
+    base = ESConfig()
+    assert base.result_hash() == ESConfig().result_hash()
+    assert len(base.result_hash()) == 16
+    assert ESConfig(sigma=0.02).result_hash() != base.result_hash()
+    assert ESConfig(seed=1).result_hash() != base.result_hash()
+    assert ESConfig(lora_target_modules=["q_proj"]).result_hash() != base.result_hash()
+    assert ESConfig(output_dir="elsewhere", logging_steps=10, save_steps=5, eval_steps=5,
+                    iterations=7).result_hash() == base.result_hash()
+
+
+def test_every_result_field_changes_the_hash():
+    base = ESConfig(population_size=4, temperature=0.5)
+    changed = dict(population_size=6, sigma=0.5, learning_rate=0.5, antithetic=False,
+                   fitness_shaping="none", optimizer="adam", weight_decay=0.1, seed=9,
+                   batch_size=3, num_generations=2, max_prompt_length=9,
+                   max_completion_length=9, temperature=0.9, rows_per_chunk=2,
+                   reward_weights=[2.0], lora_rank=2, lora_alpha=3.0,
+                   lora_target_modules=["v_proj"], load_in_4bit=False,
+                   compute_dtype="float32", device="cpu", profile="x")
+    # A new field must be classified: either it changes results or it is in NON_RESULT_FIELDS.
+    assert set(changed) | NON_RESULT_FIELDS == set(ESConfig.field_names())
+    for name, value in changed.items():
+        other = dataclasses.replace(base, **{name: value})
+        assert other.result_hash() != base.result_hash(), name
