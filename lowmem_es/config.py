@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 FITNESS_SHAPINGS = ("zscore", "centered_rank", "none")
 OPTIMIZERS = ("sgd", "adam")
@@ -98,11 +97,11 @@ class ESConfig:
                       f"in +/- pairs); use {self.population_size + 1} or set antithetic=False")
         for name in ("sigma", "learning_rate", "lora_alpha"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
+            if not _is_number(value) or not value > 0:
                 raise bad(name, "should be a positive number")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
             raise bad("weight_decay", "should be >= 0")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not _is_number(self.temperature) or self.temperature < 0:
             raise bad("temperature", "should be >= 0 (0 means greedy)")
         if self.num_generations > 1 and self.temperature == 0:
             raise bad("num_generations", "needs sampling to give different completions; set "
@@ -118,10 +117,12 @@ class ESConfig:
                 isinstance(m, str) and m for m in self.lora_target_modules):
             raise bad("lora_target_modules", "should be a non-empty list of module names "
                       "such as ['q_proj', 'v_proj']")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not isinstance(self.device, str) or (self.device not in ("auto", "cpu") and not (
+                self.device.startswith("cuda"))):
             raise bad("device", "should be 'auto', 'cpu' or 'cuda[:index]'")
-        if self.reward_weights is not None and not all(
-                isinstance(w, (int, float)) for w in self.reward_weights):
+        if self.reward_weights is not None and (
+                not isinstance(self.reward_weights, (list, tuple))
+                or not all(_is_number(w) for w in self.reward_weights)):
             raise bad("reward_weights", "should be a list of numbers, one per reward function")
 
     # --- serialisation ---
@@ -154,6 +155,11 @@ class ESConfig:
         """Hash of the fields that change results (not logging/output fields)."""
         relevant = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_FIELDS}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is not a bool (bool is an int subclass)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_toml_values(path: str | Path) -> dict[str, Any]:
@@ -190,7 +196,25 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return _toml_string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: escape backslash, quote and control characters; keep the rest.
+
+    (json.dumps would write non-BMP characters as UTF-16 surrogate pairs, which TOML rejects.)
+    """
+    short = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
+             "\f": "\\f", "\r": "\\r"}
+    out = []
+    for ch in text:
+        if ch in short:
+            out.append(short[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -116,13 +117,14 @@ def compute_rewards(reward_funcs: Sequence[RewardFunc], *, prompts: list, comple
                              "completions; it must return one float (or None) per completion")
         clean: list[float | None] = []
         for value in values:
-            if value is None or (isinstance(value, float) and math.isnan(value)):
+            if value is None:
                 clean.append(None)
                 continue
-            if not isinstance(value, (int, float)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise ValueError(f"reward function {name!r} returned {value!r}; rewards must "
                                  "be numbers or None")
-            clean.append(float(value))
+            value = float(value)  # numpy / torch scalars too, as TRL accepts
+            clean.append(None if math.isnan(value) else value)
         per_func[name] = clean
         for i, value in enumerate(clean):
             if value is not None:

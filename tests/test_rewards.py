@@ -148,9 +148,6 @@ def test_non_number_names_function_and_value():
         _call([textual])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="rewards.py:122 accepts only "
-                   "int/float; numpy scalars (which TRL accepts: it builds a tensor) are "
-                   "rejected. Fix: isinstance(value, numbers.Real) and a NaN check for it")
 def test_numpy_scalar_rewards_are_numbers():
     def numpy_rewards(completions, **kwargs):
         return list(np.array([len(c) for c in completions], dtype=np.float32))
