@@ -214,6 +214,10 @@ def _normal_ks_statistic(x: torch.Tensor) -> float:
     return max(float((rank / n - cdf).max()), float((cdf - (rank - 1) / n).max()))
 
 
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+
 def _ks_bound(n: int, alpha: float = 1e-6) -> float:
     """KS distance a true sample of size n exceeds with probability ~alpha (asymptotic)."""
     return math.sqrt(math.log(2 / alpha) / (2 * n))
@@ -251,10 +255,6 @@ def test_same_element_across_pairs_is_uniform_and_uncorrelated() -> None:
             assert ks < _ks_bound(pairs) + 1 / pairs
             assert abs(_corr(u[:-1], u[1:])) < 5 / math.sqrt(pairs)  # adjacent pairs
         assert abs(_corr(word0.double(), word1.double())) < 5 / math.sqrt(pairs)
-
-
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
 
 
 def test_streams_of_neighbouring_keys_are_uncorrelated() -> None:
