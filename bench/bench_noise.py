@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from lowmem_es.kernels import noise as knoise
 
 from lowmem_es import noise
+from lowmem_es.kernels import noise as knoise
 
 ENV_SHOWN = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "TRITON_INTERPRET", "LOWMEM_ES_NOISE_BACKEND")
 

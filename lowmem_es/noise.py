@@ -47,8 +47,10 @@ _TWO_PI = 6.283185307179586
 # intermediate int64 tensors of one pass stay in cache (see bench/bench_noise.py).
 DEFAULT_CHUNK = 1 << 16
 
-# Prefixes PEFT and transformers put in front of a module's own name.
-_NAME_PREFIXES = ("base_model.model.", "base_model.", "model.model.")
+# The prefix PEFT's PeftModel puts in front of the wrapped model's module names. Only this
+# one is stripped: stripping more (e.g. a leading "model.") would make ids depend on how
+# deep the causal LM sits, and two different modules could collide.
+_PEFT_PREFIX = "base_model.model."
 
 
 def _splitmix64(value: int) -> int:
@@ -66,8 +68,8 @@ def member_key(run_seed: int, iteration: int, pair: int, tensor_id: int) -> int:
     """
     for name, value in (("run_seed", run_seed), ("iteration", iteration), ("pair", pair),
                         ("tensor_id", tensor_id)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MASK64:
+            raise ValueError(f"`{name}` must be an integer in [0, 2**64), got {value!r}")
     h = _splitmix64(run_seed & MASK64)
     for value in (iteration, pair, tensor_id):
         h = _splitmix64(h ^ (value & MASK64))
@@ -75,15 +77,8 @@ def member_key(run_seed: int, iteration: int, pair: int, tensor_id: int) -> int:
 
 
 def canonical_module_name(name: str) -> str:
-    """A module's name without PEFT/transformers wrapper prefixes, so ids survive wrapping."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _NAME_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                changed = True
-    return name
+    """A module's name as inside the causal LM: PEFT's wrapper prefix removed, if present."""
+    return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
 
 
 def tensor_id(module_name: str, matrix: str) -> int:
@@ -211,6 +206,8 @@ def _fill(out: torch.Tensor, key: int, start: int, numel: int, offsets: torch.Te
 def randn(key: int, offsets: torch.Tensor, chunk: int = DEFAULT_CHUNK,
           backend: str | None = None) -> torch.Tensor:
     """Standard normals ``tl.randn(key, offsets)`` (float32, same shape/device as offsets)."""
+    if offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool:
+        raise TypeError(f"noise offsets must be an integer tensor, got {offsets.dtype}")
     flat = offsets.reshape(-1).to(torch.int64)
     if flat.numel() and int(flat.min()) < 0:
         raise ValueError("noise offsets must be non-negative element indices")

@@ -16,9 +16,9 @@ import warnings
 
 import pytest
 import torch
-from lowmem_es.kernels import noise as knoise
 
 from lowmem_es import noise
+from lowmem_es.kernels import noise as knoise
 
 if knoise.INTERPRETED:
     KERNEL_DEVICE: str | None = "cpu"
@@ -322,10 +322,14 @@ def test_member_key_deterministic_in_range_and_validated() -> None:
     for position in range(4):
         args = [1, 2, 3, 4]
         args[position] = -1
-        with pytest.raises(ValueError, match="non-negative"):
+        with pytest.raises(ValueError, match=r"in \[0, 2\*\*64\)"):
             noise.member_key(*args)
-    with pytest.raises(ValueError):
-        noise.member_key(1, 2.0, 3, 4)
+        args[position] = 2**64  # would alias field value 0 if reduced modulo 2**64
+        with pytest.raises(ValueError, match=r"in \[0, 2\*\*64\)"):
+            noise.member_key(*args)
+    for bad in (2.0, True):
+        with pytest.raises(ValueError):
+            noise.member_key(1, bad, 3, 4)
 
 
 # ---------------------------------------------------------------- tiling independence
