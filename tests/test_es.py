@@ -7,9 +7,10 @@ autograd gradients (with the sqrt(N' / (N' + d + 1)) cosine law). CPU only, no c
 
 from __future__ import annotations
 
-import math
 import statistics
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,9 @@ from lowmem_es.es import (
 )
 from lowmem_es.noise import member_key, noise, tensor_id
 
-RUN_SEED = 1234
+# The gradient-quality measurement is shared with the benchmark that reports it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from es_cosine import RUN_SEED, classifier, cosine, es_direction, predicted_cosine, quadratic
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -367,106 +370,42 @@ def test_update_draws_one_tensor_sized_noise_at_a_time(monkeypatch):
 # once sigma is small enough that third-order terms vanish. (Monte Carlo of this estimator
 # gives mean cosines within 0.006 of the formula at dim=200, N' >= 16.)
 
-def _predicted_cosine(num_pairs: int, dim: int) -> float:
-    return math.sqrt(num_pairs / (num_pairs + dim + 1))
-
-
-def _es_direction(theta, ids, objective, num_pairs, sigma, iteration):
-    """ES direction at ``theta`` (name -> fp32 tensor), fitness from ``objective`` (member
-    weights name -> (N, *shape) float64 -> (N,) rewards) and es_update on zeros, lr=1."""
-    schedule = member_schedule(2 * num_pairs, antithetic=True)
-    signs = torch.tensor([sign for _, sign in schedule], dtype=torch.float64)
-    pairs = torch.tensor([pair for pair, _ in schedule])
-    members = {}
-    for name, value in theta.items():
-        pair_noise = torch.stack([noise(member_key(RUN_SEED, iteration, k, ids[name]),
-                                        value.shape) for k in range(num_pairs)]).double()
-        sign = signs.view(-1, *([1] * value.dim()))
-        members[name] = value.double() + sigma * sign * pair_noise[pairs]
-    fitness = shape_fitness(objective(members), "none")
-    direction = {name: torch.zeros_like(value) for name, value in theta.items()}
-    es_update(direction, ids, run_seed=RUN_SEED, iteration=iteration, shaped_fitness=fitness,
-              schedule=schedule, learning_rate=1.0)
-    return direction
-
-
-def _cosine(first: dict, second: dict) -> float:
-    a = torch.cat([first[n].double().flatten() for n in sorted(first)])
-    b = torch.cat([second[n].double().flatten() for n in sorted(first)])
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-
-
 QUAD_DIM = 200
 
 
-def _quadratic():
-    g = _generator(11)
-    theta = {"theta": torch.randn(QUAD_DIM, generator=g)}
-    target = torch.randn(QUAD_DIM, generator=g, dtype=torch.float64)
-
-    def objective(members):  # (N, dim) -> (N,)
-        return -0.5 * ((members["theta"] - target) ** 2).sum(-1)
-
-    gradient = {"theta": target - theta["theta"].double()}
-    return theta, {"theta": tensor_id("quadratic", "A")}, objective, gradient
-
-
-def _tiny_classifier():
-    """Softmax regression, 24 features -> 10 classes (250 params), labels from a teacher."""
-    g = _generator(12)
-    features, classes, samples = 24, 10, 64
-    inputs = torch.randn(samples, features, generator=g, dtype=torch.float64)
-    teacher = torch.randn(classes, features, generator=g, dtype=torch.float64)
-    labels = (inputs @ teacher.T).argmax(-1)
-    theta = {"weight": 0.1 * torch.randn(classes, features, generator=g),
-             "bias": 0.1 * torch.randn(classes, generator=g)}
-    ids = {"weight": tensor_id("head", "A"), "bias": tensor_id("head", "B")}
-
-    def objective(members):  # weight (N, C, F), bias (N, C) -> log-likelihood (N,)
-        logits = torch.einsum("ncf,bf->nbc", members["weight"], inputs)
-        log_probs = (logits + members["bias"][:, None, :]).log_softmax(-1)
-        index = labels.view(1, -1, 1).expand(log_probs.shape[0], -1, 1)
-        return log_probs.gather(-1, index).sum((1, 2))
-
-    leaves = {name: value.double().requires_grad_() for name, value in theta.items()}
-    objective({name: value[None] for name, value in leaves.items()}).sum().backward()
-    gradient = {name: value.grad for name, value in leaves.items()}
-    return theta, ids, objective, gradient, features * classes + classes
-
-
 def test_es_direction_matches_gradient_on_quadratic():
-    theta, ids, objective, gradient = _quadratic()
+    theta, ids, objective, gradient, _ = quadratic(QUAD_DIM)
     num_pairs = 2048  # population 4096
-    cosine = _cosine(_es_direction(theta, ids, objective, num_pairs, 1e-2, 0), gradient)
-    predicted = _predicted_cosine(num_pairs, QUAD_DIM)
-    print(f"\nquadratic dim={QUAD_DIM} N={2 * num_pairs}: cos={cosine:.4f} "
+    measured = cosine(es_direction(theta, ids, objective, num_pairs, 1e-2, 0), gradient)
+    predicted = predicted_cosine(num_pairs, QUAD_DIM)
+    print(f"\nquadratic dim={QUAD_DIM} N={2 * num_pairs}: cos={measured:.4f} "
           f"predicted={predicted:.4f}")
-    assert cosine > 0.8
-    assert abs(cosine - predicted) < 0.03
+    assert measured > 0.8
+    assert abs(measured - predicted) < 0.03
 
 
 def test_es_direction_matches_gradient_on_tiny_model():
-    theta, ids, objective, gradient, dim = _tiny_classifier()
+    theta, ids, objective, gradient, dim = classifier()
     num_pairs = 2048
-    cosine = _cosine(_es_direction(theta, ids, objective, num_pairs, 1e-3, 0), gradient)
-    predicted = _predicted_cosine(num_pairs, dim)
-    print(f"\nclassifier dim={dim} N={2 * num_pairs}: cos={cosine:.4f} "
+    measured = cosine(es_direction(theta, ids, objective, num_pairs, 1e-3, 0), gradient)
+    predicted = predicted_cosine(num_pairs, dim)
+    print(f"\nclassifier dim={dim} N={2 * num_pairs}: cos={measured:.4f} "
           f"predicted={predicted:.4f}")
     # Predicted ~0.944; per-draw spread at this N' is ~0.005, so 0.9 leaves room only for
     # estimator noise, not for a wrong sign, scale mix-up across tensors or reused noise.
-    assert cosine > 0.9
-    assert abs(cosine - predicted) < 0.03
+    assert measured > 0.9
+    assert abs(measured - predicted) < 0.03
 
 
 def test_es_cosine_follows_sqrt_law_on_quadratic():
-    theta, ids, objective, gradient = _quadratic()
+    theta, ids, objective, gradient, _ = quadratic(QUAD_DIM)
     seeds = 12
     measured = {}
     for num_pairs in (16, 64, 256):
-        cosines = [_cosine(_es_direction(theta, ids, objective, num_pairs, 1e-2, it), gradient)
+        cosines = [cosine(es_direction(theta, ids, objective, num_pairs, 1e-2, it), gradient)
                    for it in range(seeds)]
         measured[num_pairs] = statistics.fmean(cosines)
-        predicted = _predicted_cosine(num_pairs, QUAD_DIM)
+        predicted = predicted_cosine(num_pairs, QUAD_DIM)
         print(f"\nN'={num_pairs:4d}: mean cos over {seeds} seeds={measured[num_pairs]:.4f} "
               f"(sd {statistics.stdev(cosines):.4f}) predicted={predicted:.4f}")
         # Per-draw sd is ~0.046 / 0.037 / 0.022 (Monte Carlo), so the mean of 12 has sd
