@@ -22,8 +22,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # Fields that only change logging or where files go: a resumed run may change them.
-NON_RESULT_FIELDS = frozenset({"output_dir", "save_steps", "eval_steps", "logging_steps",
-                               "iterations", "noise_backend"})
+NON_RESULT_FIELDS = frozenset({"output_dir", "save_steps", "save_total_limit", "eval_steps",
+                               "logging_steps", "iterations"})
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -54,6 +54,12 @@ class ESConfig:
     temperature: float = _help("0 = greedy (default); > 0 samples.", 0.0)
     rows_per_chunk: int = _help("Max generation rows per forward pass (0 = all at once).", 0)
     reward_weights: list[float] | None = _help("One weight per reward function.", None)
+    pass_at_k: bool = _help("Score a prompt by whether its num_generations samples solve it "
+                            "(pass@k, k = num_generations) instead of their mean reward.", False)
+    pass_at_k_fraction: float = _help("With pass_at_k: fraction of the k samples that must be "
+                                      "correct (0 = any one).", 0.0)
+    correct_threshold: float = _help("A completion counts as correct when its total reward "
+                                     "is >= this (pass@k and accuracy).", 1.0)
     # --- LoRA ---
     lora_rank: int = _help("LoRA rank r.", 8)
     lora_alpha: float = _help("LoRA scaling numerator: scale = alpha / r.", 16.0)
@@ -67,7 +73,8 @@ class ESConfig:
                                "eager")
     # --- output ---
     output_dir: str = _help("Where adapters, journal and metrics go.", "runs/lowmem-es")
-    save_steps: int = _help("Save the adapter every N iterations (0 = only at the end).", 0)
+    save_steps: int = _help("Checkpoint every N iterations (0 = only at the end).", 0)
+    save_total_limit: int = _help("Keep the newest N checkpoints (0 = keep all).", 3)
     eval_steps: int = _help("Evaluate the centre every N iterations (0 = never).", 0)
     logging_steps: int = _help("Print a progress line every N iterations.", 1)
     profile: str | None = _help("VRAM profile name or path (recorded; planner pending).", None)
@@ -85,7 +92,8 @@ class ESConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, "should be a positive integer")
-        for name in ("save_steps", "eval_steps", "logging_steps", "rows_per_chunk", "seed"):
+        for name in ("save_steps", "save_total_limit", "eval_steps", "logging_steps",
+                     "rows_per_chunk", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise bad(name, "should be a non-negative integer")
@@ -101,6 +109,10 @@ class ESConfig:
                 raise bad(name, "should be a positive number")
         if not _is_number(self.weight_decay) or self.weight_decay < 0:
             raise bad("weight_decay", "should be >= 0")
+        if not _is_number(self.pass_at_k_fraction) or not 0 <= self.pass_at_k_fraction <= 1:
+            raise bad("pass_at_k_fraction", "should be in [0, 1] (0 means any sample)")
+        if not _is_number(self.correct_threshold):
+            raise bad("correct_threshold", "should be a number")
         if not _is_number(self.temperature) or self.temperature < 0:
             raise bad("temperature", "should be >= 0 (0 means greedy)")
         if self.num_generations > 1 and self.temperature == 0:

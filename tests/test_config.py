@@ -254,7 +254,8 @@ def test_every_result_field_changes_the_hash():
                    max_completion_length=9, temperature=0.9, rows_per_chunk=2,
                    reward_weights=[2.0], lora_rank=2, lora_alpha=3.0,
                    lora_target_modules=["v_proj"], load_in_4bit=False,
-                   compute_dtype="float32", device="cpu", profile="x")
+                   compute_dtype="float32", device="cpu", profile="x", pass_at_k=True,
+                   pass_at_k_fraction=0.5, correct_threshold=0.5, noise_backend="compiled")
     # A new field must be classified: either it changes results or it is in NON_RESULT_FIELDS.
     assert set(changed) | NON_RESULT_FIELDS == set(ESConfig.field_names())
     for name, value in changed.items():
