@@ -73,7 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reward functions: built-in names or module:function")
     train.add_argument("--trust-remote-code", action="store_true",
                        help="allow the model's own Python code to run (off by default)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --output-dir from its newest checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in --output-dir and start over")
+    train.add_argument("--force", action="store_true",
+                       help="with --resume: accept config changes that alter results")
     add_config_flags(train)
+
+    replay = sub.add_parser("replay", help="rebuild an adapter from the initial adapter and "
+                            "the journal, and verify it against the checkpoint")
+    replay.add_argument("output_dir", help="a run's output directory")
+    replay.add_argument("--step", type=int, default=None,
+                        help="iterations to replay (default: the whole journal)")
+    replay.add_argument("--from", dest="start", choices=("initial", "nearest"),
+                        default="initial", help="replay from step 0 (default, checks the "
+                        "whole journal) or from the nearest valid checkpoint")
+    replay.add_argument("--out", default=None,
+                        help="write the rebuilt adapter here (default: OUTPUT_DIR/replay/"
+                        "step_NNNNNN)")
     return parser
 
 
@@ -126,7 +144,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         base = example.build_tiny_model(Path(config.output_dir) / "base-model")
         data = example.tiny_dataset()
         trainer = ESTrainer(str(base), [target_fraction], train_dataset=data,
-                            eval_dataset=data, args=config)
+                            eval_dataset=data, args=config, **_run_flags(ns))
     else:
         if not ns.dataset:
             raise ValueError("--model needs --dataset FILE.jsonl (rows with a 'prompt')")
@@ -137,14 +155,48 @@ def cmd_train(ns: argparse.Namespace) -> int:
         eval_rows = read_jsonl(ns.eval_dataset) if ns.eval_dataset else None
         trainer = ESTrainer(ns.model, ns.reward, train_dataset=train_rows,
                             eval_dataset=eval_rows, args=config,
-                            trust_remote_code=ns.trust_remote_code)
-    before = trainer.evaluate()["eval_reward"]
-    logger.info("eval reward before training: %.4f", before)
+                            trust_remote_code=ns.trust_remote_code, **_run_flags(ns))
+    before = None if ns.resume else trainer.evaluate()["eval_reward"]
+    if before is not None:
+        logger.info("eval reward before training: %.4f", before)
     trainer.train()
+    if trainer.stopped_early:
+        command = " ".join(["lowmem-es", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else (
+            "lowmem-es train ...")
+        if "--resume" not in command:
+            command += " --resume"
+        logger.warning("stopped early after %d iterations; continue with:\n  %s",
+                       trainer.iteration, command)
+        return 0
     after = trainer.evaluate()["eval_reward"]
-    logger.info("eval reward after training: %.4f (before %.4f); adapter in %s", after, before,
+    logger.info("eval reward after training: %.4f%s; adapter in %s", after,
+                "" if before is None else f" (before {before:.4f})",
                 Path(config.output_dir) / "adapter")
     return 0
+
+
+def _run_flags(ns: argparse.Namespace) -> dict[str, bool]:
+    return {"resume": ns.resume, "overwrite": ns.overwrite, "force": ns.force}
+
+
+def cmd_replay(ns: argparse.Namespace) -> int:
+    from lowmem_es import checkpoint
+
+    out = Path(ns.output_dir)
+    if not (out / "journal.jsonl").is_file():
+        raise FileNotFoundError(f"{str(out)!r} has no journal.jsonl; pass a run's output_dir")
+    result = checkpoint.replay_journal(out, ns.step, start=ns.start)
+    destination = Path(ns.out) if ns.out else out / "replay" / f"step_{result.step:06d}"
+    source = checkpoint.step_dir(out, result.start_step)
+    checkpoint.write_adapter_tensors(result.params, source, destination)
+    print(f"replayed iterations {result.start_step}..{result.step} -> {destination}")
+    if result.verified_against is None:
+        print(f"no checkpoint at step {result.step} to compare with")
+        return 0
+    identical = result.max_abs_diff == 0.0
+    print(f"vs {result.verified_against}: max |difference| = {result.max_abs_diff:.3g} "
+          f"({'bit-identical' if identical else 'DIFFERS'})")
+    return 0 if identical else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command == "train":
             return cmd_train(ns)
-    except (ValueError, FileNotFoundError) as error:
+        if ns.command == "replay":
+            return cmd_replay(ns)
+    except (ValueError, OSError) as error:
         print(f"lowmem-es: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # Fields that only change logging or where files go: a resumed run may change them.
 NON_RESULT_FIELDS = frozenset({"output_dir", "save_steps", "save_total_limit", "eval_steps",
-                               "logging_steps", "iterations"})
+                               "logging_steps", "iterations", "max_hours"})
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -73,10 +73,13 @@ class ESConfig:
                                "eager")
     # --- output ---
     output_dir: str = _help("Where adapters, journal and metrics go.", "runs/lowmem-es")
-    save_steps: int = _help("Checkpoint every N iterations (0 = only at the end).", 0)
+    save_steps: int = _help("Checkpoint every N iterations (0 = only at the end); the "
+                            "journal replays the iterations in between on resume.", 25)
     save_total_limit: int = _help("Keep the newest N checkpoints (0 = keep all).", 3)
     eval_steps: int = _help("Evaluate the centre every N iterations (0 = never).", 0)
     logging_steps: int = _help("Print a progress line every N iterations.", 1)
+    max_hours: float = _help("Stop cleanly (with a checkpoint) before this many hours "
+                             "(0 = no limit).", 0.0)
     profile: str | None = _help("VRAM profile name or path (recorded; planner pending).", None)
 
     def __post_init__(self) -> None:
@@ -111,6 +114,8 @@ class ESConfig:
             raise bad("weight_decay", "should be >= 0")
         if not _is_number(self.pass_at_k_fraction) or not 0 <= self.pass_at_k_fraction <= 1:
             raise bad("pass_at_k_fraction", "should be in [0, 1] (0 means any sample)")
+        if not _is_number(self.max_hours) or self.max_hours < 0:
+            raise bad("max_hours", "should be >= 0 (0 means no limit)")
         if not _is_number(self.correct_threshold):
             raise bad("correct_threshold", "should be a number")
         if not _is_number(self.temperature) or self.temperature < 0:

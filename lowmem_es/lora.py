@@ -217,18 +217,22 @@ class ESLoraModel:
 
     def save_adapter(self, path: str | os.PathLike) -> Path:
         """Write a standard PEFT adapter directory atomically; returns its path."""
+        path = Path(path)
+        with atomic_directory(path) as tmp:
+            self.write_adapter(tmp)
+        return path
+
+    def write_adapter(self, directory: Path) -> None:
+        """Write the PEFT adapter files (weights + adapter_config.json) into ``directory``."""
         from peft import LoraConfig
 
-        path = Path(path)
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha,
                             target_modules=sorted(self.target_modules), lora_dropout=0.0,
                             bias="none", task_type="CAUSAL_LM",
                             base_model_name_or_path=self.base_model_name_or_path)
-        with atomic_directory(path) as tmp:
-            save_file(self.state_dict_peft(), str(tmp / ADAPTER_WEIGHTS),
-                      metadata={"format": "pt", "producer": "lowmem-es"})
-            config.save_pretrained(str(tmp))
-        return path
+        save_file(self.state_dict_peft(), str(Path(directory) / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt", "producer": "lowmem-es"})
+        config.save_pretrained(str(directory))
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         """Load master weights from a PEFT adapter directory (safetensors only, no pickle)."""

@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,8 +24,8 @@ from typing import Any
 import psutil
 import torch
 
-from lowmem_es import es, noise
-from lowmem_es.config import ESConfig, to_toml
+from lowmem_es import __version__, checkpoint, es, noise
+from lowmem_es.config import NON_RESULT_FIELDS, ESConfig, to_toml
 from lowmem_es.generate import Completion, generate_population, render_prompt
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
 from lowmem_es.model import load_model
@@ -57,7 +61,14 @@ class ESTrainer:
                  reward_funcs: Sequence[RewardFunc | str] | RewardFunc | str,
                  train_dataset: Sequence[dict], eval_dataset: Sequence[dict] | None = None,
                  args: ESConfig | None = None, tokenizer: object | None = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, resume: bool = False,
+                 overwrite: bool = False, force: bool = False) -> None:
+        if resume and overwrite:
+            raise ValueError("`resume` and `overwrite` exclude each other: resume continues "
+                             "the run in output_dir, overwrite deletes it")
+        self.resume, self.overwrite, self.force = resume, overwrite, force
+        self.stopped_early = False
+        self._signal: int | None = None
         self.args = args or ESConfig()
         self.args.validate()
         if callable(reward_funcs) or isinstance(reward_funcs, str):
@@ -145,31 +156,40 @@ class ESTrainer:
             max_completion_length=args.max_completion_length, temperature=args.temperature,
             rows_per_chunk=args.rows_per_chunk, device=self.device)
         generated = time.perf_counter()
-        totals, _ = self.score(rows, [p for _, p in row_spec], completions)
+        totals, per_func = self.score(rows, [p for _, p in row_spec], completions)
         per_member = len(rows) * args.num_generations
         fitness = [sum(totals[m * per_member:(m + 1) * per_member]) / per_member
                    for m in range(len(self.members))]
-        shaped = es.shape_fitness(fitness, args.fitness_shaping)
-        stats = es.es_update(self.es_model.parameters(), self.es_model.tensor_ids(),
-                             run_seed=args.seed, iteration=iteration, shaped_fitness=shaped,
-                             schedule=self.schedule, learning_rate=args.learning_rate,
-                             optimizer=args.optimizer, adam_state=self.adam_state,
-                             weight_decay=args.weight_decay, noise_backend=args.noise_backend)
+        record: dict[str, Any] = {
+            "iteration": iteration, "run_seed": args.seed, "sigma": args.sigma,
+            "learning_rate": args.learning_rate, "fitness_shaping": args.fitness_shaping,
+            "optimizer": args.optimizer, "weight_decay": args.weight_decay,
+            "members": [[m.pair, m.sign] for m in self.members],
+            "prompt_indices": self.batch_indices(iteration), "fitness": fitness,
+        }
+        if all(v is None for values in per_func.values() for v in values):
+            # TRL semantics: None means "no opinion". With no opinion at all there is no
+            # signal; skip the update rather than step on zeros (replay skips it too).
+            logger.warning("iteration %d: every reward function returned None for every "
+                           "completion; skipping the update", iteration + 1)
+            record.update(skipped=True, reward_mean=None, reward_max=None, reward_min=None)
+        else:
+            shaped = es.shape_fitness(fitness, args.fitness_shaping)
+            stats = es.es_update(self.es_model.parameters(), self.es_model.tensor_ids(),
+                                 run_seed=args.seed, iteration=iteration, shaped_fitness=shaped,
+                                 schedule=self.schedule, learning_rate=args.learning_rate,
+                                 optimizer=args.optimizer, adam_state=self.adam_state,
+                                 weight_decay=args.weight_decay,
+                                 noise_backend=args.noise_backend)
+            record.update(shaped_fitness=[float(f) for f in shaped],
+                          reward_mean=sum(fitness) / len(fitness), reward_max=max(fitness),
+                          reward_min=min(fitness), **stats)
         finished = time.perf_counter()
         tokens = sum(len(c.ids) for c in completions)
-        record = {
-            "iteration": iteration, "run_seed": args.seed, "sigma": args.sigma,
-            "learning_rate": args.learning_rate,
-            "members": [[m.pair, m.sign] for m in self.members],
-            "prompt_indices": self.batch_indices(iteration),
-            "fitness": fitness, "shaped_fitness": [float(f) for f in shaped],
-            "reward_mean": sum(fitness) / len(fitness), "reward_max": max(fitness),
-            "reward_min": min(fitness), **stats,
-            "tokens": tokens, "generate_s": generated - started,
-            "update_s": finished - generated, "iteration_s": finished - started,
-            "tokens_per_s": tokens / max(generated - started, 1e-9),
-            "peak_memory_mb": peak_memory_mb(self.device),
-        }
+        record.update(tokens=tokens, generate_s=generated - started,
+                      update_s=finished - generated, iteration_s=finished - started,
+                      tokens_per_s=tokens / max(generated - started, 1e-9),
+                      peak_memory_mb=peak_memory_mb(self.device))
         self.iteration = iteration + 1
         return record
 
@@ -196,51 +216,242 @@ class ESTrainer:
     # --- the loop ---
     def train(self, callback: Callable[[dict[str, Any]], None] | None = None
               ) -> list[dict[str, Any]]:
-        """Run ``args.iterations`` iterations; writes run.toml, journal, metrics and adapter."""
+        """Run up to ``args.iterations`` iterations, resumable and interruptible.
+
+        Writes run.toml, journal.jsonl (fsynced per iteration), metrics.jsonl, checkpoints
+        every ``save_steps`` (and step 0, the initial adapter), reward.png and adapter/.
+        The first SIGINT/SIGTERM finishes the iteration in flight, checkpoints and returns
+        (``self.stopped_early`` is then True); a second one aborts at once, which is safe
+        because every file is written atomically and the journal replays on resume.
+        """
         args = self.args
         out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "run.toml", to_toml(args.to_dict()))
-        logger.info("training %d LoRA values (%d tensors), population %d, %d iterations -> %s",
-                    self.es_model.num_parameters(), len(self.es_model.tensor_ids()),
-                    args.population_size, args.iterations, out)
+        self._prepare_output_dir(out)
+        logger.info("training %d LoRA values (%d tensors), population %d, iterations %d..%d "
+                    "-> %s", self.es_model.num_parameters(), len(self.es_model.tensor_ids()),
+                    args.population_size, self.iteration + 1, args.iterations, out)
+        self.stopped_early = False
+        self._signal = None
         started = time.perf_counter()
         first = self.iteration
-        with open(out / "journal.jsonl", "a") as journal, \
-                open(out / "metrics.jsonl", "a") as metrics:
-            for iteration in range(self.iteration, args.iterations):
-                record = self.step(iteration)
-                journal.write(json.dumps(record) + "\n")
-                journal.flush()
-                entry = {k: record[k] for k in ("iteration", "reward_mean", "reward_max",
-                                                "update_norm", "param_norm", "iteration_s",
-                                                "tokens_per_s", "peak_memory_mb")}
-                if args.eval_steps and (iteration + 1) % args.eval_steps == 0:
-                    entry.update(self.evaluate())
-                metrics.write(json.dumps(entry) + "\n")
-                metrics.flush()
-                self.history.append(entry)
-                if callback is not None:
-                    callback(entry)
-                if args.logging_steps and (iteration + 1) % args.logging_steps == 0:
+        progress = _Progress(args.iterations, first, args.logging_steps)
+        previous_handlers = self._install_signal_handlers()
+        try:
+            with open(out / "journal.jsonl", "a") as journal, \
+                    open(out / "metrics.jsonl", "a") as metrics:
+                for iteration in range(self.iteration, args.iterations):
+                    record = self.step(iteration)
+                    journal.write(json.dumps(record) + "\n")
+                    journal.flush()
+                    os.fsync(journal.fileno())  # the update is durable once this returns
+                    entry = {k: record.get(k) for k in _METRIC_KEYS}
+                    if args.eval_steps and (iteration + 1) % args.eval_steps == 0:
+                        entry.update(self.evaluate())
+                    metrics.write(json.dumps(entry) + "\n")
+                    metrics.flush()
+                    self.history.append(entry)
+                    if callback is not None:
+                        callback(entry)
+                    progress.update(entry, record)
+                    done = iteration + 1
                     elapsed = time.perf_counter() - started
-                    eta = elapsed / (iteration + 1 - first) * (args.iterations - iteration - 1)
-                    extra = (f" | eval {entry['eval_reward']:.3f}" if "eval_reward" in entry
-                             else "")
-                    logger.info("iter %d/%d | reward mean %.3f max %.3f%s | %.1f s/it | "
-                                "%.0f tok/s | ETA %s", iteration + 1, args.iterations,
-                                entry["reward_mean"], entry["reward_max"], extra,
-                                record["iteration_s"], record["tokens_per_s"],
-                                _format_seconds(eta))
-                if args.save_steps and (iteration + 1) % args.save_steps == 0:
-                    self.save_adapter(out / "checkpoints" / f"step_{iteration + 1:06d}")
-        self.save_adapter(out / "adapter")
-        logger.info("done: adapter written to %s", out / "adapter")
+                    out_of_time = bool(args.max_hours) and elapsed + elapsed / (
+                        done - first) > args.max_hours * 3600
+                    if self._signal is not None or out_of_time:
+                        reason = (f"signal {self._signal}" if self._signal is not None
+                                  else f"--max-hours {args.max_hours}")
+                        self._checkpoint(out, done)
+                        self.stopped_early = True
+                        logger.warning("stopped after iteration %d/%d (%s); checkpoint written."
+                                       " Resume with --resume", done, args.iterations, reason)
+                        break
+                    if args.save_steps and done % args.save_steps == 0:
+                        self._checkpoint(out, done)
+        finally:
+            progress.close()
+            self._restore_signal_handlers(previous_handlers)
+        if not self.stopped_early:
+            if not (out / "checkpoints" / f"step_{self.iteration:06d}").is_dir():
+                self._checkpoint(out, self.iteration)
+            self.save_adapter(out / "adapter")
+            logger.info("done: adapter written to %s", out / "adapter")
         return self.history
+
+    def _checkpoint(self, out: Path, step: int) -> None:
+        checkpoint.save_checkpoint(out, step, self.es_model, {
+            "config_hash": self.args.result_hash(), "run_seed": self.args.seed,
+            "lowmem_es_version": __version__}, self.adam_state)
+        checkpoint.rotate_checkpoints(out, self.args.save_total_limit)
+        plot_rewards(out)
+
+    def _prepare_output_dir(self, out: Path) -> None:
+        """Start fresh, refuse to clobber another run, or restore for --resume."""
+        has_run = (out / "journal.jsonl").is_file() or (out / "checkpoints").is_dir()
+        if has_run and self.overwrite:
+            for name in ("journal.jsonl", "metrics.jsonl", "run.toml", "reward.png"):
+                (out / name).unlink(missing_ok=True)
+            for name in ("checkpoints", "adapter"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            has_run = False
+        if has_run and not self.resume:
+            raise ValueError(f"output_dir {str(out)!r} already holds a run; pass --resume "
+                             "(resume=True) to continue it or --overwrite (overwrite=True) to "
+                             "start over")
+        out.mkdir(parents=True, exist_ok=True)
+        if has_run:
+            self._restore(out)
+        else:
+            self.iteration = 0
+            self._checkpoint(out, 0)  # the initial adapter: the origin of journal replay
+        _atomic_write(out / "run.toml", to_toml(self.args.to_dict()))
+
+    def _restore(self, out: Path) -> None:
+        """Newest valid checkpoint + replay of the journal lines after it."""
+        saved_config = out / "run.toml"
+        if saved_config.is_file():
+            saved = ESConfig.from_toml(saved_config).to_dict()
+            current = self.args.to_dict()
+            differing = sorted(k for k in current if k not in NON_RESULT_FIELDS
+                               and saved.get(k) != current[k])
+            if differing and not self.force:
+                details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}"
+                                    for k in differing)
+                raise ValueError(f"cannot resume {str(out)!r}: the configuration changed in "
+                                 f"fields that change results ({details}). Restore them, or "
+                                 "pass --force (force=True) to resume anyway")
+        records = checkpoint.read_journal(out / "journal.jsonl", repair=True)
+        expected = list(range(len(records)))
+        if [r["iteration"] for r in records] != expected:
+            raise checkpoint.CheckpointError(
+                f"journal {out / 'journal.jsonl'} does not hold iterations 0..{len(records) - 1}"
+                " in order; it was edited or mixes two runs")
+        found = checkpoint.newest_valid_checkpoint(out)
+        if found is None:
+            raise checkpoint.CheckpointError(f"{str(out)!r} has no valid checkpoint to resume "
+                                             "from; start over with --overwrite")
+        step, path, _ = found
+        if step > len(records):
+            raise checkpoint.CheckpointError(f"checkpoint {path} is at step {step} but the "
+                                             f"journal has only {len(records)} iterations")
+        self.es_model.load_adapter(path)
+        self.adam_state = checkpoint.load_adam(path) or self.adam_state
+        params, ids = self.es_model.parameters(), self.es_model.tensor_ids()
+        for record in records[step:]:
+            checkpoint.apply_journal_record(params, ids, record, self.adam_state,
+                                            self.args.noise_backend)
+        self.iteration = len(records)
+        metrics = checkpoint.read_journal(out / "metrics.jsonl", repair=True)
+        checkpoint.rewrite_jsonl(out / "metrics.jsonl",
+                                 [m for m in metrics if m.get("iteration", -1) < self.iteration])
+        self.history = [m for m in metrics if m.get("iteration", -1) < self.iteration]
+        logger.info("resuming %s at iteration %d (checkpoint step %d + %d journal lines "
+                    "replayed)", out, self.iteration + 1, step, len(records) - step)
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: object) -> None:
+            if self._signal is not None:
+                raise KeyboardInterrupt(f"second signal {signum}: stopping now")
+            self._signal = signum
+            logger.warning("received signal %d: finishing this iteration, then checkpointing"
+                           " (send it again to stop at once)", signum)
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     def save_adapter(self, path: str | os.PathLike) -> Path:
         """Write the current (centre) adapter as a PEFT adapter directory."""
         return self.es_model.save_adapter(path)
+
+
+_METRIC_KEYS = ("iteration", "reward_mean", "reward_max", "update_norm", "param_norm",
+                "iteration_s", "tokens_per_s", "peak_memory_mb", "skipped")
+
+
+class _Progress:
+    """A tqdm bar on a terminal; one concise log line per ``every`` iterations otherwise."""
+
+    def __init__(self, total: int, initial: int, every: int) -> None:
+        self.total, self.every, self.started = total, max(every, 1), time.perf_counter()
+        self.initial = initial
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True)
+
+    def update(self, entry: dict[str, Any], record: dict[str, Any]) -> None:
+        stats = ("skipped (no rewards)" if entry.get("skipped") else
+                 f"reward {entry['reward_mean']:.3f}/{entry['reward_max']:.3f}")
+        if "eval_reward" in entry:
+            stats += f" eval {entry['eval_reward']:.3f}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{stats} | {record['tokens_per_s']:.0f} tok/s | "
+                                     f"{record['peak_memory_mb']:.0f} MiB")
+            self.bar.update(1)
+            return
+        done = entry["iteration"] + 1
+        if done % self.every == 0 or done == self.total:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / (done - self.initial) * (self.total - done)
+            logger.info("iter %d/%d | %s (mean/max) | %.1f s/it | %.0f tok/s | %.0f MiB | "
+                        "ETA %s", done, self.total, stats, record["iteration_s"],
+                        record["tokens_per_s"], record["peak_memory_mb"],
+                        _format_seconds(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+_plot_warned = False
+
+
+def plot_rewards(out: Path) -> Path | None:
+    """reward.png: train mean/max reward and eval reward against iteration (matplotlib)."""
+    global _plot_warned
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _plot_warned:
+            logger.info("matplotlib is not installed: reward.png is off "
+                        "(pip install 'lowmem-es[plot]')")
+            _plot_warned = True
+        return None
+    metrics = checkpoint.read_journal(out / "metrics.jsonl")
+    if not metrics:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    its = [m["iteration"] + 1 for m in metrics if m.get("reward_mean") is not None]
+    axis.plot(its, [m["reward_mean"] for m in metrics if m.get("reward_mean") is not None],
+              label="train mean")
+    axis.plot(its, [m["reward_max"] for m in metrics if m.get("reward_max") is not None],
+              label="train max", alpha=0.4)
+    evals = [(m["iteration"] + 1, m["eval_reward"]) for m in metrics if "eval_reward" in m]
+    if evals:
+        axis.plot(*zip(*evals, strict=True), "o-", label="eval (centre)")
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("reward")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    tmp = out / f".reward.png.tmp-{os.getpid()}.png"
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, out / "reward.png")
+    return out / "reward.png"
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,0 +1,308 @@
+"""Checkpoints and the journal: what makes a run survive a power cut.
+
+Layout (../shared/DESIGN.md, "Output directory"):
+
+    output_dir/checkpoints/step_000012/
+        adapter_model.safetensors  adapter_config.json   PEFT adapter (fp32 masters)
+        optimizer.safetensors                            Adam moments, when Adam is on
+        trainer_state.json                               step, config hash, sha256 of files
+
+``step`` is the number of iterations already applied (the next iteration to run).
+``step_000000`` is the initial adapter; it is never rotated away, so the journal can
+always be replayed from it. A checkpoint is written into a temporary sibling directory,
+fsynced and renamed (lowmem_es.lora.atomic_directory), so it is complete or absent.
+
+The journal (``journal.jsonl``) holds one line per applied iteration with everything the
+update needs (seed, iteration, member schedule, fitness, learning rate, optimizer
+settings). Resume = newest valid checkpoint + replay of the journal lines after it, so a
+kill costs at most the iteration in flight. ``replay_journal`` is also the recovery path
+when checkpoints are corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowmem_es import es
+from lowmem_es.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, atomic_directory
+from lowmem_es.noise import tensor_id
+
+logger = logging.getLogger("lowmem_es")
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+CHECKPOINTS = "checkpoints"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing files, truncated or fails its checksums."""
+
+
+def step_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step_{step:06d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete-looking checkpoint directory, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            name = child.name
+            if child.is_dir() and name.startswith("step_") and name[5:].isdigit():
+                found.append((int(name[5:]), child))
+    return sorted(found)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_free_space(directory: Path, needed_bytes: int) -> None:
+    """Refuse to start writing when the disk cannot hold the checkpoint (plus 10%)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes * 1.1:
+        raise OSError(f"not enough free disk space in {str(directory)!r} for a checkpoint: "
+                      f"{needed_bytes / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free. "
+                      "Free some space (older checkpoints can go: lower save_total_limit) "
+                      "and resume with --resume; nothing was lost")
+
+
+def save_checkpoint(output_dir: Path, step: int, es_model: Any, state: dict[str, Any],
+                    adam_state: es.AdamState | None = None) -> Path:
+    """Write checkpoint ``step`` atomically with sha256 checksums of its files."""
+    path = step_dir(output_dir, step)
+    params = es_model.parameters()
+    needed = sum(t.numel() * 4 for t in params.values()) * (3 if adam_state else 1) + 65536
+    check_free_space(path.parent, needed)
+    with atomic_directory(path) as tmp:
+        es_model.write_adapter(tmp)
+        if adam_state is not None:
+            save_file(adam_state.state_dict(), str(tmp / OPTIMIZER_FILE))
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        full_state = dict(state, format=FORMAT_VERSION, step=step, files=files)
+        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint, verified against its file checksums."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r}: cannot read {STATE_FILE} "
+                              f"({error})") from error
+    for name, digest in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r}: {name} is missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {name} fails its sha256 "
+                                  "checksum (truncated or corrupted)")
+    if ADAPTER_WEIGHTS not in state.get("files", {}):
+        raise CheckpointError(f"checkpoint {str(path)!r} lists no {ADAPTER_WEIGHTS}")
+    return state
+
+
+def load_adam(path: Path) -> es.AdamState | None:
+    file = Path(path) / OPTIMIZER_FILE
+    return es.AdamState.from_state_dict(load_file(str(file))) if file.is_file() else None
+
+
+def newest_valid_checkpoint(output_dir: Path) -> tuple[int, Path, dict[str, Any]] | None:
+    """The newest checkpoint whose checksums verify; corrupt ones are skipped with a warning."""
+    for step, path in reversed(list_checkpoints(output_dir)):
+        try:
+            return step, path, read_state(path)
+        except CheckpointError as error:
+            warnings.warn(f"{error}; falling back to the previous checkpoint and the journal",
+                          stacklevel=2)
+    return None
+
+
+def rotate_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (step 0, the replay origin, stays)."""
+    if keep <= 0:
+        return
+    removable = [(s, p) for s, p in list_checkpoints(output_dir) if s != 0]
+    for _, path in removable[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --- adapter tensors without a model (replay) ---
+
+def adapter_params(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 masters of a PEFT adapter dir keyed like ESLoraModel.parameters()."""
+    tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    params = {}
+    for key, value in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if not name.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise CheckpointError(f"adapter {str(path)!r}: unexpected tensor {key!r}")
+        params[name[: -len(".weight")]] = value.to(torch.float32).contiguous()
+    return params
+
+
+def param_tensor_ids(params: Iterable[str]) -> dict[str, int]:
+    """Noise-contract tensor id of each ``<module>.lora_A|B`` name (as lowmem_es.lora does)."""
+    ids = {}
+    for name in params:
+        module, _, matrix = name.rpartition(".lora_")
+        ids[name] = tensor_id(module, matrix)
+    return ids
+
+
+def write_adapter_tensors(params: dict[str, torch.Tensor], config_source: Path,
+                          destination: Path) -> Path:
+    """Write replayed masters as a PEFT adapter dir, copying adapter_config.json."""
+    with atomic_directory(Path(destination)) as tmp:
+        tensors = {f"{PEFT_PREFIX}{name}.weight": t.contiguous() for name, t in params.items()}
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt", "producer": "lowmem-es replay"})
+        shutil.copyfile(Path(config_source) / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+    return Path(destination)
+
+
+# --- journal ---
+
+def read_journal(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Journal records in order. A torn last line (a kill mid-write) is dropped, and with
+    ``repair`` cut from the file; a bad line elsewhere is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records = []
+    good_bytes = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            good_bytes += len(line) + 1
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number >= len(lines) - 1 and not any(x.strip() for x in lines[number:]):
+                logger.warning("journal %s: dropping a torn last line (a kill mid-write)", path)
+                if repair:
+                    with open(path, "r+b") as handle:
+                        handle.truncate(good_bytes)
+                break
+            raise CheckpointError(f"{path}:{number} is not valid JSON ({error}); the journal "
+                                  "is damaged in the middle, not just at its end") from error
+        good_bytes += len(line) + 1
+    return records
+
+
+def rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Atomically replace a JSONL file with ``records``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def apply_journal_record(params: dict[str, torch.Tensor], ids: dict[str, int],
+                         record: dict[str, Any], adam_state: es.AdamState | None,
+                         noise_backend: str | None = None) -> None:
+    """Redo one journaled update exactly as the trainer did it."""
+    if record.get("skipped"):
+        return
+    schedule = [tuple(m) for m in record["members"]]
+    shaped = es.shape_fitness(record["fitness"], record["fitness_shaping"])
+    es.es_update(params, ids, run_seed=record["run_seed"], iteration=record["iteration"],
+                 shaped_fitness=shaped, schedule=schedule,
+                 learning_rate=record["learning_rate"], optimizer=record["optimizer"],
+                 adam_state=adam_state, weight_decay=record["weight_decay"],
+                 noise_backend=noise_backend)
+
+
+@dataclass
+class ReplayResult:
+    """Masters rebuilt by replay, the step they correspond to and the checkpoint compared."""
+
+    params: dict[str, torch.Tensor]
+    step: int
+    start_step: int
+    verified_against: Path | None
+    max_abs_diff: float | None
+
+
+def replay_journal(output_dir: Path, step: int | None = None, start: str = "initial",
+                   noise_backend: str | None = None) -> ReplayResult:
+    """Rebuild the adapter after ``step`` iterations from a checkpoint and the journal.
+
+    ``start="initial"`` replays from step_000000 (the initial adapter), the full check of
+    the journal; ``"nearest"`` starts from the newest valid checkpoint at or before
+    ``step``. If a checkpoint exists for ``step``, the result is compared with it.
+    """
+    output_dir = Path(output_dir)
+    records = read_journal(output_dir / "journal.jsonl")
+    last = records[-1]["iteration"] + 1 if records else 0
+    step = last if step is None else step
+    if step > last:
+        raise ValueError(f"`--step {step}` is beyond the journal, which ends after iteration "
+                         f"{last}")
+    candidates = [(s, p) for s, p in list_checkpoints(output_dir) if s <= step]
+    if start == "initial":
+        candidates = [(s, p) for s, p in candidates if s == 0]
+    origin = None
+    for s, p in reversed(candidates):
+        try:
+            read_state(p)
+            origin = (s, p)
+            break
+        except CheckpointError as error:
+            warnings.warn(f"{error}; trying an older checkpoint", stacklevel=2)
+    if origin is None:
+        raise CheckpointError(f"no valid checkpoint at or before step {step} in "
+                              f"{str(output_dir)!r} to replay from (step_000000 holds the "
+                              "initial adapter)")
+    start_step, start_path = origin
+    params = adapter_params(start_path)
+    ids = param_tensor_ids(params)
+    adam_state = load_adam(start_path)
+    by_iteration = {r["iteration"]: r for r in records}
+    for iteration in range(start_step, step):
+        if iteration not in by_iteration:
+            raise CheckpointError(f"journal has no line for iteration {iteration}; cannot "
+                                  "replay past it")
+        record = by_iteration[iteration]
+        if record["optimizer"] == "adam" and adam_state is None:
+            adam_state = es.AdamState()
+        apply_journal_record(params, ids, record, adam_state, noise_backend)
+    verified, diff = None, None
+    target = step_dir(output_dir, step)
+    if target.is_dir() and target != start_path:
+        try:
+            read_state(target)
+            saved = adapter_params(target)
+            diff = max(float((saved[n] - params[n]).abs().max()) for n in params)
+            verified = target
+        except CheckpointError as error:
+            warnings.warn(f"{error}; cannot verify the replay against it", stacklevel=2)
+    return ReplayResult(params, step, start_step, verified, diff)

@@ -1,0 +1,283 @@
+"""Checkpoints, exact resume, journal replay, signals and the guards around output_dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem_es import ESTrainer, checkpoint
+from lowmem_es.cli import main
+from lowmem_es.example import example_config, tiny_dataset
+from lowmem_es.rewards import target_fraction
+
+SMALL = dict(population_size=4, batch_size=2, max_completion_length=4, lora_rank=2,
+             lora_alpha=4.0, sigma=0.05, learning_rate=0.1, iterations=9, save_steps=3)
+
+
+def _trainer(model_dir, out, reward=target_fraction, resume=False, **overrides):
+    values = dict(SMALL, **overrides)
+    return ESTrainer(str(model_dir), [reward], train_dataset=tiny_dataset(8),
+                     args=example_config(str(out), **values), resume=resume)
+
+
+def _adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _assert_same_adapter(first: Path, second: Path) -> None:
+    a, b = _adapter(first), _adapter(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _iterations(out: Path, name: str = "journal.jsonl") -> list[int]:
+    return [json.loads(line)["iteration"] for line in (out / name).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir, tmp_path_factory):
+    """An uninterrupted run of SMALL, with Adam (so optimizer state must resume too)."""
+    out = tmp_path_factory.mktemp("reference")
+    trainer = _trainer(tiny_llama_dir, out, optimizer="adam")
+    trainer.train()
+    return out
+
+
+def test_layout_and_checksums(reference):
+    steps = [s for s, _ in checkpoint.list_checkpoints(reference)]
+    assert steps == [0, 3, 6, 9]  # initial adapter kept; save_total_limit=3 keeps 3, 6, 9
+    state = checkpoint.read_state(checkpoint.step_dir(reference, 9))
+    assert state["step"] == 9
+    assert set(state["files"]) == {"adapter_model.safetensors", "adapter_config.json",
+                                   "optimizer.safetensors"}
+    for name in ("run.toml", "journal.jsonl", "metrics.jsonl", "adapter"):
+        assert (reference / name).exists(), name
+    assert _iterations(reference) == list(range(9))
+    _assert_same_adapter(reference / "adapter", checkpoint.step_dir(reference, 9))
+
+
+def test_resume_after_graceful_signal_is_exact(tiny_llama_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    trainer = _trainer(tiny_llama_dir, out, optimizer="adam")
+
+    def interrupt(entry):
+        if entry["iteration"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.getsignal(signal.SIGINT)
+    trainer.train(callback=interrupt)
+    assert signal.getsignal(signal.SIGINT) is previous  # handlers restored
+    assert trainer.stopped_early
+    assert _iterations(out) == list(range(5))
+    assert checkpoint.list_checkpoints(out)[-1][0] == 5  # checkpoint of the stop
+    assert not (out / "adapter").exists()
+    resumed = _trainer(tiny_llama_dir, out, optimizer="adam", resume=True)
+    resumed.train()
+    assert _iterations(out) == list(range(9))
+    assert _iterations(out, "metrics.jsonl") == list(range(9))
+    _assert_same_adapter(out / "adapter", reference / "adapter")
+
+
+def test_second_signal_aborts_at_once(tiny_llama_dir, tmp_path):
+    trainer = _trainer(tiny_llama_dir, tmp_path / "run")
+
+    def double(entry):
+        if entry["iteration"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt, match="second signal"):
+        trainer.train(callback=double)
+    assert _iterations(tmp_path / "run") == [0, 1]  # nothing torn
+
+
+def test_resume_replays_journal_past_newest_checkpoint(tiny_llama_dir, reference, tmp_path):
+    """Kill after iteration 7 (checkpoint at 6): resume replays line 7 without re-running."""
+    out = tmp_path / "run"
+    trainer = _trainer(tiny_llama_dir, out, optimizer="adam", iterations=8)
+    trainer.train()
+    shutil.rmtree(checkpoint.step_dir(out, 8))  # as if it died before its final checkpoint
+    resumed = _trainer(tiny_llama_dir, out, optimizer="adam", resume=True)
+    calls = []
+    original = resumed.step
+    resumed.step = lambda it: calls.append(it) or original(it)
+    resumed.train()
+    assert calls == [8]  # iterations 6 and 7 came from the checkpoint + journal
+    _assert_same_adapter(out / "adapter", reference / "adapter")
+
+
+def test_corrupt_checkpoint_falls_back(tiny_llama_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, optimizer="adam", iterations=6).train()
+    weights = checkpoint.step_dir(out, 6) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated by a crash of the disk
+    with pytest.warns(UserWarning, match="sha256"):
+        resumed = _trainer(tiny_llama_dir, out, optimizer="adam", resume=True)
+        resumed.train()
+    _assert_same_adapter(out / "adapter", reference / "adapter")
+
+
+def test_torn_journal_line_is_repaired(tiny_llama_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, optimizer="adam", iterations=5).train()
+    with open(out / "journal.jsonl", "a") as journal:
+        journal.write('{"iteration": 5, "run_se')  # killed mid-write
+    _trainer(tiny_llama_dir, out, optimizer="adam", resume=True).train()
+    assert _iterations(out) == list(range(9))
+    _assert_same_adapter(out / "adapter", reference / "adapter")
+
+
+def test_damaged_journal_middle_is_an_error(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"iteration": 0}\nnot json\n{"iteration": 2}\n')
+    with pytest.raises(checkpoint.CheckpointError, match=r"journal\.jsonl:2"):
+        checkpoint.read_journal(path)
+
+
+def test_replay_matches_checkpoints(reference, tmp_path, capsys):
+    for step in (3, 9):
+        result = checkpoint.replay_journal(reference, step)
+        assert result.start_step == 0
+        assert result.max_abs_diff == 0.0
+    nearest = checkpoint.replay_journal(reference, 8, start="nearest")
+    assert nearest.start_step == 6 and nearest.verified_against is None
+    assert main(["replay", str(reference), "--out", str(tmp_path / "r")]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+    _assert_same_adapter(tmp_path / "r", reference / "adapter")
+    with pytest.raises(ValueError, match="beyond the journal"):
+        checkpoint.replay_journal(reference, 99)
+
+
+def test_changed_config_is_refused_unless_forced(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, iterations=2).train()
+    with pytest.raises(ValueError, match=r"sigma: 0\.05 -> 0\.07.*--force"):
+        _trainer(tiny_llama_dir, out, resume=True, sigma=0.07, iterations=3).train()
+    _trainer(tiny_llama_dir, out, resume=True, iterations=3, logging_steps=5).train()  # harmless
+    assert _iterations(out) == [0, 1, 2]
+    forced = ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(8),
+                       args=example_config(str(out), **dict(SMALL, sigma=0.07, iterations=4)),
+                       resume=True, force=True)
+    forced.train()
+    assert _iterations(out) == [0, 1, 2, 3]
+
+
+def test_existing_run_is_not_clobbered(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, iterations=2).train()
+    before = (out / "journal.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run"):
+        _trainer(tiny_llama_dir, out, iterations=2).train()
+    assert (out / "journal.jsonl").read_text() == before
+    ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(8),
+              args=example_config(str(out), **dict(SMALL, iterations=1)),
+              overwrite=True).train()
+    assert _iterations(out) == [0]
+    with pytest.raises(ValueError, match="exclude each other"):
+        ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(8),
+                  args=example_config(str(out)), resume=True, overwrite=True)
+
+
+def test_max_hours_stops_with_a_checkpoint(tiny_llama_dir, tmp_path):
+    trainer = _trainer(tiny_llama_dir, tmp_path / "run", max_hours=1e-7)
+    trainer.train()
+    assert trainer.stopped_early and trainer.iteration == 1
+    assert checkpoint.list_checkpoints(tmp_path / "run")[-1][0] == 1
+
+
+def test_full_disk_fails_before_writing(tiny_llama_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = _trainer(tiny_llama_dir, out, iterations=3)
+    trainer.train()
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+
+    class Usage:
+        free = 10
+
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: Usage)
+    resumed = _trainer(tiny_llama_dir, out, resume=True, iterations=6)
+    with pytest.raises(OSError, match=r"not enough free disk space.*--resume"):
+        resumed.train()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == saved
+
+
+def test_all_none_rewards_skip_the_update(tiny_llama_dir, tmp_path):
+    def abstain(completions, **kwargs):
+        return [None] * len(completions)
+
+    trainer = _trainer(tiny_llama_dir, tmp_path / "run", reward=abstain, iterations=2)
+    before = {k: v.clone() for k, v in trainer.es_model.parameters().items()}
+    trainer.train()
+    for key, value in trainer.es_model.parameters().items():
+        assert torch.equal(value, before[key])
+    lines = [json.loads(x) for x in (tmp_path / "run" / "journal.jsonl").read_text().split("\n")
+             if x]
+    assert all(line["skipped"] for line in lines)
+    assert checkpoint.replay_journal(tmp_path / "run").max_abs_diff == 0.0
+
+
+def test_reward_plot_is_written(reference):
+    pytest.importorskip("matplotlib")
+    checkpoint_plot = reference / "reward.png"
+    assert checkpoint_plot.is_file() and checkpoint_plot.stat().st_size > 1000
+
+
+def _spawn(out: Path, resume: bool) -> subprocess.Popen:
+    args = [sys.executable, "-m", "lowmem_es.cli", "train", "--output-dir", str(out),
+            "--iterations", "24", "--population-size", "4", "--batch-size", "2",
+            "--max-completion-length", "6", "--save-steps", "5", "--optimizer", "adam"]
+    if resume:
+        args.append("--resume")
+    return subprocess.Popen(args, cwd=out.parent, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _journal_lines(out: Path) -> int:
+    try:
+        return (out / "journal.jsonl").read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
+    """Six SIGKILLs at random moments (mid-iteration, mid-checkpoint, at startup): each run
+    resumed; the final adapter equals an uninterrupted run's, and the journal has every
+    iteration exactly once."""
+    rng = random.Random(20261129)
+    reference_out = tmp_path / "uninterrupted"
+    done = _spawn(reference_out, resume=False)
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+    out = tmp_path / "killed"
+    kills = 0
+    resume = False
+    while kills < 6:
+        process = _spawn(out, resume=resume)
+        target = min(_journal_lines(out) + rng.randint(1, 4), 23)
+        deadline = time.monotonic() + 240
+        while _journal_lines(out) < target and process.poll() is None:
+            assert time.monotonic() < deadline, "training made no progress"
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.05))  # land anywhere inside the next iteration
+        if process.poll() is not None:
+            break  # finished before we could kill it
+        process.kill()
+        process.wait()
+        kills += 1
+        resume = True
+    final = _spawn(out, resume=True)
+    assert final.wait(timeout=300) == 0, final.stderr.read()
+    assert kills >= 5
+    assert _iterations(out) == list(range(24))
+    _assert_same_adapter(out / "adapter", reference_out / "adapter")
