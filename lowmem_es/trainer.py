@@ -46,6 +46,14 @@ def validate_rows(rows: Sequence[dict], name: str) -> list[dict]:
             raise ValueError(f"`{name}` row {index} has no 'prompt' key (got "
                              f"{row if not isinstance(row, dict) else sorted(row)}); every row "
                              "needs a 'prompt' plus the columns the reward functions read")
+        prompt = row["prompt"]
+        chat = isinstance(prompt, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in prompt)
+        if not (isinstance(prompt, str) and prompt) and not (chat and prompt):
+            raise ValueError(f"`{name}` row {index}: field 'prompt' must be a non-empty string "
+                             "or a list of chat messages {'role': str, 'content': str}, got "
+                             f"{type(prompt).__name__} {str(prompt)[:60]!r}")
     return rows
 
 

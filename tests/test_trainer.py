@@ -92,6 +92,9 @@ def test_batches_cover_the_dataset_each_epoch(tiny_llama_dir, tmp_path):
     ([], "empty"),
     ([{"text": "no prompt"}], "row 0 has no 'prompt'"),
     ("prompts.jsonl", "list of dicts"),
+    ([{"prompt": "ok"}, {"prompt": 7}], "row 1: field 'prompt' must be"),
+    ([{"prompt": ""}], "row 0: field 'prompt'"),
+    ([{"prompt": [{"role": "user"}]}], "row 0: field 'prompt'"),
 ])
 def test_bad_dataset_is_named(tiny_llama_dir, tmp_path, rows, message):
     with pytest.raises(ValueError, match=message):
