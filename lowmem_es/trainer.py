@@ -9,6 +9,7 @@ kernels; it hands seeds and fitnesses to ``lowmem_es.es``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from lowmem_es.config import NON_RESULT_FIELDS, ESConfig, to_toml
 from lowmem_es.generate import Completion, generate_population, render_prompt
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
 from lowmem_es.model import load_model
-from lowmem_es.rewards import RewardFunc, compute_rewards, load_reward
+from lowmem_es.rewards import RewardFunc, compute_rewards, load_reward, reward_name
 
 logger = logging.getLogger("lowmem_es")
 
@@ -83,7 +84,7 @@ class ESTrainer:
             reward_funcs = [reward_funcs]
         if not reward_funcs:
             raise ValueError("`reward_funcs` is empty; pass at least one reward function")
-        self.reward_funcs = [load_reward(f) for f in reward_funcs]
+        self.reward_funcs = [_guard_reward(load_reward(f)) for f in reward_funcs]
         if self.args.reward_weights is not None and len(self.args.reward_weights) != len(
                 self.reward_funcs):
             raise ValueError(f"`reward_weights` has {len(self.args.reward_weights)} entries for "
@@ -460,6 +461,41 @@ def plot_rewards(out: Path) -> Path | None:
     plt.close(figure)
     os.replace(tmp, out / "reward.png")
     return out / "reward.png"
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised; the message names it and shows the completion that did it."""
+
+
+def _guard_reward(func: RewardFunc) -> RewardFunc:
+    """Wrap a reward function so that an exception names the function and the completion.
+
+    On failure the batch is re-scored one completion at a time to find the first one that
+    raises, so the user sees the offending text, not just a traceback from deep inside.
+    Nothing has been written for the iteration yet, so the last checkpoint is intact.
+    """
+    @functools.wraps(func)
+    def guarded(**kwargs: Any) -> list:
+        try:
+            return func(**kwargs)
+        except Exception as error:
+            name = reward_name(func)
+            culprit = None
+            for i in range(len(kwargs.get("completions", []))):
+                single = {k: v[i:i + 1] if isinstance(v, list) else v for k, v in kwargs.items()}
+                try:
+                    func(**single)
+                except Exception:
+                    culprit = (i, kwargs["completions"][i])
+                    break
+            where = (f" on completion {culprit[0]}: {str(culprit[1])[:200]!r}" if culprit
+                     else " on the batch (no single completion fails alone)")
+            raise RewardFunctionError(f"reward function {name!r} raised "
+                                      f"{type(error).__name__}: {error}{where}. Fix the "
+                                      "function and resume with --resume; the last "
+                                      "checkpoint and the journal are intact") from error
+
+    return guarded
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -281,3 +281,23 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
     assert kills >= 5
     assert _iterations(out) == list(range(24))
     _assert_same_adapter(out / "adapter", reference_out / "adapter")
+
+
+def test_raising_reward_names_function_and_completion(tiny_llama_dir, tmp_path):
+    state = {"calls": 0, "poison": None}
+
+    def fragile(completions, **kwargs):
+        state["calls"] += 1
+        if state["calls"] == 3:  # fine for two iterations, then chokes on one text
+            state["poison"] = completions[-1]
+        if state["poison"] is not None and state["poison"] in completions:
+            raise ZeroDivisionError("boom")
+        return [0.0] * len(completions)
+
+    out = tmp_path / "run"
+    trainer = _trainer(tiny_llama_dir, out, reward=fragile, iterations=5, save_steps=1)
+    with pytest.raises(RuntimeError, match=r"'fragile' raised ZeroDivisionError: boom on "
+                       r"completion \d+: '.*'.*--resume"):
+        trainer.train()
+    assert _iterations(out) == [0, 1]
+    assert checkpoint.read_state(checkpoint.step_dir(out, 2))["step"] == 2
