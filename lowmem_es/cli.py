@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_es.config import ESConfig, read_toml_values
+from lowmem_es.errors import USER_ERRORS
 
 logger = logging.getLogger("lowmem_es")
 
@@ -128,6 +129,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from lowmem_es import distributed
+    from lowmem_es.model import resolve_device
     from lowmem_es.trainer import ESTrainer
 
     if ns.model is None:
@@ -141,7 +144,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
                                                   output_dir="runs/tiny-example"))
         logger.info("no --model given: running the tiny built-in example (random tiny Llama "
                     "learns to emit %r) in %s", example.TARGET, config.output_dir)
-        base = example.build_tiny_model(Path(config.output_dir) / "base-model")
+        base = Path(config.output_dir) / "base-model"
+        distributed.setup(config.distributed_timeout, resolve_device(config.device))
+        if distributed.is_main():  # under torchrun one rank writes, the others wait
+            example.build_tiny_model(base)
+        distributed.barrier()
         data = example.tiny_dataset()
         trainer = ESTrainer(str(base), [target_fraction], train_dataset=data,
                             eval_dataset=data, args=config, **_run_flags(ns))
@@ -156,7 +163,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         trainer = ESTrainer(ns.model, ns.reward, train_dataset=train_rows,
                             eval_dataset=eval_rows, args=config,
                             trust_remote_code=ns.trust_remote_code, **_run_flags(ns))
-    before = None if ns.resume else trainer.evaluate()["eval_reward"]
+    main = distributed.is_main()  # under torchrun, rank 0 evaluates and reports
+    before = None if ns.resume or not main else trainer.evaluate()["eval_reward"]
     if before is not None:
         logger.info("eval reward before training: %.4f", before)
     trainer.train()
@@ -167,6 +175,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
             command += " --resume"
         logger.warning("stopped early after %d iterations; continue with:\n  %s",
                        trainer.iteration, command)
+        return 0
+    if not main:
         return 0
     after = trainer.evaluate()["eval_reward"]
     logger.info("eval reward after training: %.4f%s; adapter in %s", after,
@@ -209,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # bitsandbytes logs a failed probe for an optional CPU kernel package on every start.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -221,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(ns)
         if ns.command == "replay":
             return cmd_replay(ns)
-    except (ValueError, OSError) as error:
+    except USER_ERRORS as error:
         print(f"lowmem-es: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,7 +23,8 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # Fields that only change logging or where files go: a resumed run may change them.
 NON_RESULT_FIELDS = frozenset({"output_dir", "save_steps", "save_total_limit", "eval_steps",
-                               "logging_steps", "iterations", "max_hours"})
+                               "logging_steps", "iterations", "max_hours",
+                               "distributed_timeout"})
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -78,6 +79,8 @@ class ESConfig:
     save_total_limit: int = _help("Keep the newest N checkpoints (0 = keep all).", 3)
     eval_steps: int = _help("Evaluate the centre every N iterations (0 = never).", 0)
     logging_steps: int = _help("Print a progress line every N iterations.", 1)
+    distributed_timeout: float = _help("Seconds a torchrun rank waits for a dead or stuck "
+                                       "peer before failing.", 600.0)
     max_hours: float = _help("Stop cleanly (with a checkpoint) before this many hours "
                              "(0 = no limit).", 0.0)
     profile: str | None = _help("VRAM profile name or path (recorded; planner pending).", None)
@@ -114,6 +117,8 @@ class ESConfig:
             raise bad("weight_decay", "should be >= 0")
         if not _is_number(self.pass_at_k_fraction) or not 0 <= self.pass_at_k_fraction <= 1:
             raise bad("pass_at_k_fraction", "should be in [0, 1] (0 means any sample)")
+        if not _is_number(self.distributed_timeout) or not self.distributed_timeout > 0:
+            raise bad("distributed_timeout", "should be a positive number of seconds")
         if not _is_number(self.max_hours) or self.max_hours < 0:
             raise bad("max_hours", "should be >= 0 (0 means no limit)")
         if not _is_number(self.correct_threshold):

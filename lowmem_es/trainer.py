@@ -9,6 +9,7 @@ kernels; it hands seeds and fitnesses to ``lowmem_es.es``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -25,11 +26,12 @@ from typing import Any
 import psutil
 import torch
 
-from lowmem_es import __version__, checkpoint, es, noise
+from lowmem_es import __version__, checkpoint, distributed, es, noise
 from lowmem_es.config import NON_RESULT_FIELDS, ESConfig, to_toml
+from lowmem_es.errors import RewardFunctionError
 from lowmem_es.generate import Completion, generate_population, render_prompt
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
-from lowmem_es.model import load_model
+from lowmem_es.model import load_model, resolve_device
 from lowmem_es.rewards import RewardFunc, compute_rewards, load_reward, reward_name
 
 logger = logging.getLogger("lowmem_es")
@@ -93,6 +95,7 @@ class ESTrainer:
         self.eval_dataset = (validate_rows(eval_dataset, "eval_dataset")
                              if eval_dataset is not None else None)
         noise.set_backend(self.args.noise_backend)
+        distributed.setup(self.args.distributed_timeout, resolve_device(self.args.device))
         if isinstance(model, ESLoraModel):
             if tokenizer is None:
                 raise ValueError("`tokenizer` is required when `model` is an ESLoraModel")
@@ -111,6 +114,9 @@ class ESTrainer:
                                            base_model_name_or_path=str(model))
         self.schedule = es.member_schedule(self.args.population_size, self.args.antithetic)
         self.members = [Member(pair, sign) for pair, sign in self.schedule]
+        # Under torchrun each rank evaluates a block of whole antithetic pairs.
+        self.local_members = distributed.shard_members(self.schedule, distributed.world_size(),
+                                                       distributed.rank())
         self.adam_state = es.AdamState(0, {}, {}) if self.args.optimizer == "adam" else None
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
@@ -156,19 +162,24 @@ class ESTrainer:
         started = time.perf_counter()
         rows = [self.train_dataset[i] for i in self.batch_indices(iteration)]
         prompts = self._prompts(rows)
-        row_spec = [(m, p) for m in range(len(self.members)) for p in range(len(rows))
+        local = [self.members[m] for m in self.local_members]
+        row_spec = [(i, p) for i in range(len(local)) for p in range(len(rows))
                     for _ in range(args.num_generations)]
         completions = generate_population(
-            self.es_model, self.tokenizer, prompts, row_spec, members=self.members,
+            self.es_model, self.tokenizer, prompts, row_spec, members=local,
             run_seed=args.seed, iteration=iteration, sigma=args.sigma,
             max_prompt_length=args.max_prompt_length,
             max_completion_length=args.max_completion_length, temperature=args.temperature,
             rows_per_chunk=args.rows_per_chunk, device=self.device)
         generated = time.perf_counter()
-        totals, per_func = self.score(rows, [p for _, p in row_spec], completions)
+        totals, per_func = (self.score(rows, [p for _, p in row_spec], completions)
+                            if completions else ([], {}))
         per_member = len(rows) * args.num_generations
-        fitness = [sum(totals[m * per_member:(m + 1) * per_member]) / per_member
-                   for m in range(len(self.members))]
+        local_fitness = {m: sum(totals[i * per_member:(i + 1) * per_member]) / per_member
+                         for i, m in enumerate(self.local_members)}
+        fitness = distributed.gather_fitness(local_fitness, len(self.members), self.device)
+        all_missing = all(v is None for values in per_func.values() for v in values)
+        all_missing = not distributed.any_rank(not all_missing)
         record: dict[str, Any] = {
             "iteration": iteration, "run_seed": args.seed, "sigma": args.sigma,
             "learning_rate": args.learning_rate, "fitness_shaping": args.fitness_shaping,
@@ -176,7 +187,7 @@ class ESTrainer:
             "members": [[m.pair, m.sign] for m in self.members],
             "prompt_indices": self.batch_indices(iteration), "fitness": fitness,
         }
-        if all(v is None for values in per_func.values() for v in values):
+        if all_missing:
             # TRL semantics: None means "no opinion". With no opinion at all there is no
             # signal; skip the update rather than step on zeros (replay skips it too).
             logger.warning("iteration %d: every reward function returned None for every "
@@ -235,39 +246,47 @@ class ESTrainer:
         """
         args = self.args
         out = Path(args.output_dir)
+        main = distributed.is_main()  # under torchrun only rank 0 writes files
         self._prepare_output_dir(out)
-        logger.info("training %d LoRA values (%d tensors), population %d, iterations %d..%d "
-                    "-> %s", self.es_model.num_parameters(), len(self.es_model.tensor_ids()),
-                    args.population_size, self.iteration + 1, args.iterations, out)
+        logger.info("training %d LoRA values (%d tensors), population %d%s, iterations "
+                    "%d..%d -> %s", self.es_model.num_parameters(),
+                    len(self.es_model.tensor_ids()), args.population_size,
+                    f" over {distributed.world_size()} ranks"
+                    if distributed.world_size() > 1 else "",
+                    self.iteration + 1, args.iterations, out)
         self.stopped_early = False
         self._signal = None
         started = time.perf_counter()
         first = self.iteration
-        progress = _Progress(args.iterations, first, args.logging_steps)
+        progress = _Progress(args.iterations, first, args.logging_steps) if main else None
         previous_handlers = self._install_signal_handlers()
         try:
-            with open(out / "journal.jsonl", "a") as journal, \
-                    open(out / "metrics.jsonl", "a") as metrics:
+            with contextlib.ExitStack() as files:
+                if main:
+                    journal = files.enter_context(open(out / "journal.jsonl", "a"))
+                    metrics = files.enter_context(open(out / "metrics.jsonl", "a"))
                 for iteration in range(self.iteration, args.iterations):
                     record = self.step(iteration)
-                    journal.write(json.dumps(record) + "\n")
-                    journal.flush()
-                    os.fsync(journal.fileno())  # the update is durable once this returns
                     entry = {k: record.get(k) for k in _METRIC_KEYS}
-                    if args.eval_steps and (iteration + 1) % args.eval_steps == 0:
-                        entry.update(self.evaluate())
-                    metrics.write(json.dumps(entry) + "\n")
-                    metrics.flush()
+                    if main:
+                        journal.write(json.dumps(record) + "\n")
+                        journal.flush()
+                        os.fsync(journal.fileno())  # the update is durable once this returns
+                        if args.eval_steps and (iteration + 1) % args.eval_steps == 0:
+                            entry.update(self.evaluate())
+                        metrics.write(json.dumps(entry) + "\n")
+                        metrics.flush()
+                        progress.update(entry, record)
                     self.history.append(entry)
                     if callback is not None:
                         callback(entry)
-                    progress.update(entry, record)
                     done = iteration + 1
                     elapsed = time.perf_counter() - started
                     out_of_time = bool(args.max_hours) and elapsed + elapsed / (
                         done - first) > args.max_hours * 3600
-                    if self._signal is not None or out_of_time:
-                        reason = (f"signal {self._signal}" if self._signal is not None
+                    # Unanimous: a rank that stops alone would leave the others waiting.
+                    if distributed.any_rank(self._signal is not None or out_of_time):
+                        reason = ("a signal" if not out_of_time
                                   else f"--max-hours {args.max_hours}")
                         self._checkpoint(out, done)
                         self.stopped_early = True
@@ -277,16 +296,21 @@ class ESTrainer:
                     if args.save_steps and done % args.save_steps == 0:
                         self._checkpoint(out, done)
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
             self._restore_signal_handlers(previous_handlers)
         if not self.stopped_early:
-            if not (out / "checkpoints" / f"step_{self.iteration:06d}").is_dir():
+            if not checkpoint.step_dir(out, self.iteration).is_dir():
                 self._checkpoint(out, self.iteration)
-            self.save_adapter(out / "adapter")
+            if main:
+                self.save_adapter(out / "adapter")
             logger.info("done: adapter written to %s", out / "adapter")
+        distributed.barrier()
         return self.history
 
     def _checkpoint(self, out: Path, step: int) -> None:
+        if not distributed.is_main():
+            return
         checkpoint.save_checkpoint(out, step, self.es_model, {
             "config_hash": self.args.result_hash(), "run_seed": self.args.seed,
             "lowmem_es_version": __version__}, self.adam_state)
@@ -296,23 +320,29 @@ class ESTrainer:
     def _prepare_output_dir(self, out: Path) -> None:
         """Start fresh, refuse to clobber another run, or restore for --resume."""
         has_run = (out / "journal.jsonl").is_file() or (out / "checkpoints").is_dir()
-        if has_run and self.overwrite:
+        main = distributed.is_main()
+        if has_run and self.overwrite and main:
             for name in ("journal.jsonl", "metrics.jsonl", "run.toml", "reward.png"):
                 (out / name).unlink(missing_ok=True)
             for name in ("checkpoints", "adapter"):
                 shutil.rmtree(out / name, ignore_errors=True)
+        if self.overwrite:
             has_run = False
         if has_run and not self.resume:
             raise ValueError(f"output_dir {str(out)!r} already holds a run; pass --resume "
                              "(resume=True) to continue it or --overwrite (overwrite=True) to "
                              "start over")
-        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()  # nobody reads while rank 0 clears
         if has_run:
             self._restore(out)
         else:
             self.iteration = 0
             self._checkpoint(out, 0)  # the initial adapter: the origin of journal replay
-        _atomic_write(out / "run.toml", to_toml(self.args.to_dict()))
+        if main:
+            _atomic_write(out / "run.toml", to_toml(self.args.to_dict()))
+        distributed.barrier()  # ranks start together; rank 0's files exist
 
     def _restore(self, out: Path) -> None:
         """Newest valid checkpoint + replay of the journal lines after it."""
@@ -328,7 +358,7 @@ class ESTrainer:
                 raise ValueError(f"cannot resume {str(out)!r}: the configuration changed in "
                                  f"fields that change results ({details}). Restore them, or "
                                  "pass --force (force=True) to resume anyway")
-        records = checkpoint.read_journal(out / "journal.jsonl", repair=True)
+        records = checkpoint.read_journal(out / "journal.jsonl", repair=distributed.is_main())
         expected = list(range(len(records)))
         if [r["iteration"] for r in records] != expected:
             raise checkpoint.CheckpointError(
@@ -349,9 +379,11 @@ class ESTrainer:
             checkpoint.apply_journal_record(params, ids, record, self.adam_state,
                                             self.args.noise_backend)
         self.iteration = len(records)
-        metrics = checkpoint.read_journal(out / "metrics.jsonl", repair=True)
-        checkpoint.rewrite_jsonl(out / "metrics.jsonl",
-                                 [m for m in metrics if m.get("iteration", -1) < self.iteration])
+        metrics = checkpoint.read_journal(out / "metrics.jsonl", repair=distributed.is_main())
+        if distributed.is_main():
+            checkpoint.rewrite_jsonl(
+                out / "metrics.jsonl",
+                [m for m in metrics if m.get("iteration", -1) < self.iteration])
         self.history = [m for m in metrics if m.get("iteration", -1) < self.iteration]
         logger.info("resuming %s at iteration %d (checkpoint step %d + %d journal lines "
                     "replayed)", out, self.iteration + 1, step, len(records) - step)
@@ -461,10 +493,6 @@ def plot_rewards(out: Path) -> Path | None:
     plt.close(figure)
     os.replace(tmp, out / "reward.png")
     return out / "reward.png"
-
-
-class RewardFunctionError(RuntimeError):
-    """A reward function raised; the message names it and shows the completion that did it."""
 
 
 def _guard_reward(func: RewardFunc) -> RewardFunc:

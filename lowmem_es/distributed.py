@@ -1,0 +1,146 @@
+"""Scale-out with torchrun: the population sharded across ranks, only fitnesses cross.
+
+Every rank holds the full model and the same fp32 masters. Iteration t: rank r evaluates
+the members of its share of antithetic pairs, the member fitnesses are all-gathered, and
+every rank applies the identical update (the noise comes from seeds, so no weights
+travel). Rank 0 alone writes files. Decisions that must be unanimous (stop on a signal,
+--max-hours) are all-reduced, so no rank waits for a peer that already left.
+
+torchrun (or any launcher setting RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) starts the
+processes; NCCL is used on CUDA, gloo on CPU. Multi-node is torchrun's own rendezvous.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from lowmem_es.errors import DistributedError
+
+logger = logging.getLogger("lowmem_es")
+
+
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the one that writes files and logs."""
+    return rank() == 0
+
+
+def launched_distributed() -> bool:
+    """Whether a launcher (torchrun) asked for more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(timeout_s: float = 600.0, device: torch.device | None = None) -> bool:
+    """Join the process group when launched by torchrun; idempotent. Returns True if joined.
+
+    The backend is NCCL when this rank uses CUDA, gloo otherwise. ``timeout_s`` bounds how
+    long a collective waits for a dead or stuck peer before failing.
+    """
+    if not launched_distributed():
+        return False
+    if not torch.distributed.is_available():
+        raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if torch.distributed.is_initialized():
+        return True
+    use_cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend=backend,
+                                         timeout=datetime.timedelta(seconds=timeout_s))
+    if rank() != 0:
+        # Other ranks stay quiet except for errors (rank 0 reports progress).
+        logging.getLogger("lowmem_es").setLevel(logging.ERROR)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
+    logger.info("distributed: %d ranks, backend %s", world_size(), backend)
+    return True
+
+
+def shard_members(schedule: Sequence[tuple[int, int]], world: int, this_rank: int
+                  ) -> list[int]:
+    """Member indices of this rank: a contiguous block of whole antithetic pairs.
+
+    Pairs are split as evenly as possible (the first ``pairs % world`` ranks get one
+    more); a rank may get none when there are more ranks than pairs.
+    """
+    pairs = sorted({pair for pair, _ in schedule})
+    start = this_rank * len(pairs) // world
+    stop = (this_rank + 1) * len(pairs) // world
+    mine = set(pairs[start:stop])
+    return [m for m, (pair, _) in enumerate(schedule) if pair in mine]
+
+
+def gather_fitness(local: dict[int, float], population_size: int,
+                   device: torch.device | None = None) -> list[float]:
+    """All ranks' member fitnesses in member order (float64, exact: no reduction math)."""
+    if world_size() == 1:
+        return [local[m] for m in range(population_size)]
+    device = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    values = torch.full((population_size,), float("nan"), dtype=torch.float64, device=device)
+    owned = torch.zeros(population_size, dtype=torch.float64, device=device)
+    for member, value in local.items():
+        values[member] = value
+        owned[member] = 1.0
+    values = torch.where(owned.bool(), values, torch.zeros_like(values))
+    try:
+        torch.distributed.all_reduce(values)  # each member is owned by exactly one rank
+        torch.distributed.all_reduce(owned)
+    except Exception as error:  # gloo/NCCL raise RuntimeError subclasses of many kinds
+        raise DistributedError(_lost_peer(error)) from error
+    if not torch.equal(owned, torch.ones_like(owned)):
+        raise DistributedError("member fitnesses were not covered exactly once by the ranks; "
+                               "all ranks must run the same configuration")
+    return values.cpu().tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True when any rank says True (for unanimous stop decisions)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    try:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    except Exception as error:
+        raise DistributedError(_lost_peer(error)) from error
+    return bool(value.item())
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        try:
+            torch.distributed.barrier()
+        except Exception as error:
+            raise DistributedError(_lost_peer(error)) from error
+
+
+def _lost_peer(error: BaseException) -> str:
+    return (f"rank {rank()}/{world_size()}: a collective failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Another rank probably died "
+            "or hung past the timeout; the last checkpoint and the journal are intact: "
+            "restart the job with --resume (any number of ranks)")
+
+
+def cleanup() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,133 @@
+"""Scale-out: torchrun runs (gloo, CPU) equal the single-process run bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem_es import distributed, es
+from lowmem_es.cli import main
+
+RUN = ["--iterations", "6", "--population-size", "6", "--batch-size", "2",
+       "--max-completion-length", "5", "--save-steps", "2", "--optimizer", "adam"]
+
+
+def _torchrun(nproc: int, out: Path, *extra: str, timeout: float = 300) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}", "-m", "lowmem_es.cli", "train",
+               "--output-dir", str(out), *RUN, *extra]
+    result = subprocess.run(command, cwd=out.parent, capture_output=True, text=True,
+                            timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _single(out: Path, *extra: str) -> None:
+    assert main(["train", "--output-dir", str(out), *RUN, *extra]) == 0
+
+
+def _journal(out: Path) -> list[dict]:
+    keep = ("iteration", "members", "prompt_indices", "fitness", "shaped_fitness")
+    lines = (out / "journal.jsonl").read_text().splitlines()
+    return [{k: json.loads(line)[k] for k in keep} for line in lines]
+
+
+def _same_adapter(first: Path, second: Path) -> None:
+    a = load_file(str(first / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(second / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    _single(out)
+    return out
+
+
+def test_shard_members_splits_whole_pairs():
+    schedule = es.member_schedule(6, antithetic=True)  # pairs 0, 1, 2
+    assert [distributed.shard_members(schedule, 2, r) for r in range(2)] == [[0, 1],
+                                                                            [2, 3, 4, 5]]
+    shards = [distributed.shard_members(schedule, 3, r) for r in range(3)]
+    assert shards == [[0, 1], [2, 3], [4, 5]]
+    many = [distributed.shard_members(schedule, 5, r) for r in range(5)]
+    assert sorted(m for shard in many for m in shard) == list(range(6))
+    assert [] in many  # more ranks than pairs: some ranks idle
+    plain = es.member_schedule(5, antithetic=False)
+    assert sorted(m for r in range(2) for m in distributed.shard_members(plain, 2, r)) == list(
+        range(5))
+
+
+def test_single_process_helpers():
+    assert distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.gather_fitness({1: 0.5, 0: 0.25}, 2) == [0.25, 0.5]
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_matches_single_process(single_run, tmp_path, nproc):
+    out = tmp_path / "run"
+    _torchrun(nproc, out)
+    assert _journal(out) == _journal(single_run)
+    _same_adapter(out, single_run)
+    assert not (out / "replay").exists()
+
+
+def test_resume_with_another_world_size(single_run, tmp_path):
+    """2 ranks for 3 iterations, then 1 process; and 1 process, then 2 ranks."""
+    two_then_one = tmp_path / "a"
+    _torchrun(2, two_then_one, "--iterations", "3")
+    _single(two_then_one, "--resume")
+    one_then_two = tmp_path / "b"
+    _single(one_then_two, "--iterations", "3")
+    _torchrun(2, one_then_two, "--resume")
+    for out in (two_then_one, one_then_two):
+        assert _journal(out) == _journal(single_run)
+        _same_adapter(out, single_run)
+
+
+def test_dead_rank_stops_the_job_with_a_clear_error(tmp_path):
+    """SIGKILL one rank mid-run: rank 0 exits non-zero with a message, within the timeout."""
+    out = tmp_path / "run"
+    out.mkdir()
+    port = _free_port()
+    processes = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        command = [sys.executable, "-m", "lowmem_es.cli", "train", "--output-dir",
+                   str(out / "out"), *RUN, "--iterations", "400", "--distributed-timeout", "30"]
+        processes.append(subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True))
+    journal = out / "out" / "journal.jsonl"
+    deadline = time.monotonic() + 240
+    while not (journal.is_file() and journal.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and processes[0].poll() is None, (
+            processes[0].stderr.read() if processes[0].poll() is not None else "no progress")
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGKILL)
+    processes[1].wait()
+    killed_at = time.monotonic()
+    code = processes[0].wait(timeout=120)
+    stderr = processes[0].stderr.read()
+    assert code != 0
+    assert time.monotonic() - killed_at < 60
+    assert "collective failed" in stderr and "--resume" in stderr, stderr[-2000:]
