@@ -1,0 +1,152 @@
+"""Decode speed: model.generate() vs the lowmem-es static-cache loop (vs CUDA-graph replay).
+
+CPU (default): a small random Llama (hidden 256, 4 layers, vocab 1000) in NF4 + LoRA with
+mixed-member rows. CUDA: a Qwen2.5-7B-shaped model (real widths, --layers of them) in
+NF4, and the step time as a multiple of its weight-read floor (packed bytes read per
+step / measured device copy bandwidth, both measured in the same run).
+
+    python bench/bench_decode.py [--rows 8 32 128] [--new-tokens 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def build(device: torch.device, layers: int, tmp: str):
+    """A random-weight NF4 model with LoRA on q/k/v/o, and its byte-level tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from lowmem_es.example import char_tokenizer
+    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.model import load_model
+
+    tokenizer = char_tokenizer()
+    if device.type == "cuda":  # Qwen2.5-7B widths
+        config = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                             num_hidden_layers=layers, num_attention_heads=28,
+                             num_key_value_heads=4, max_position_embeddings=4096,
+                             tie_word_embeddings=False)
+    else:
+        config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512,
+                             num_hidden_layers=layers, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512,
+                             tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device.type ==
+                                             "cuda" else torch.float32)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    del model
+    base, tokenizer, _ = load_model(tmp, device=str(device))
+    es_model = attach_es_lora(base, ["q_proj", "k_proj", "v_proj", "o_proj"], 8, 16.0)
+    return es_model, tokenizer
+
+
+def packed_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step must read: every parameter and buffer (NF4 weights packed)."""
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize(device)
+    return 2 * x.numel() * 10 / (time.perf_counter() - start)
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    from lowmem_es.decode import decode
+    from lowmem_es.lora import Member
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        es_model, tokenizer = build(device, args.layers, tmp)
+    model = es_model.model
+    floor_s = None
+    if device.type == "cuda":
+        floor_s = packed_bytes(model) / (copy_bandwidth(device) / 2)
+    print(f"### Decode: generate() vs static-cache loop, {args.new_tokens} new tokens\n")
+    print(f"Command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`\n")
+    print(f"- {platform.platform()}, Python {platform.python_version()}, torch "
+          f"{torch.__version__}, {os.cpu_count()} CPUs, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"- model: {type(model).__name__}, {args.layers} layers, packed weights "
+          f"{packed_bytes(model) / 2**20:.1f} MiB" + (
+              f", weight-read floor {floor_s * 1e3:.3f} ms/step" if floor_s else ""))
+    print("\n| rows | provider | ms / step | tokens/s | x generate | x floor |")
+    print("|---:|---|---:|---:|---:|---:|")
+    members = [Member(k // 2, 1 if k % 2 == 0 else -1) for k in range(8)]
+    for rows in args.rows:
+        ids = torch.randint(4, 40, (rows, args.prompt_tokens), device=device)
+        mask = torch.ones_like(ids)
+        segments = [(m, rows // 8 + (1 if m < rows % 8 else 0)) for m in range(8)]
+        segments = [(m, c) for m, c in segments if c]
+        providers = {
+            "generate()": lambda ids=ids, mask=mask: model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id),
+            "loop": lambda ids=ids, mask=mask: decode(
+                model, ids, mask, args.new_tokens, [], tokenizer.pad_token_id, capture=False),
+        }
+        if device.type == "cuda":
+            providers["loop + CUDA graph"] = lambda ids=ids, mask=mask: decode(
+                model, ids, mask, args.new_tokens, [], tokenizer.pad_token_id, capture=True)
+        baseline = None
+        with torch.no_grad(), es_model.population(0, 0, 0.01, members, segments):
+            for name, fn in providers.items():
+                seconds = timed(fn, device, args.repeats)
+                baseline = baseline or seconds
+                step_ms = seconds / args.new_tokens * 1e3
+                floor = f"{step_ms / (floor_s * 1e3):.2f}" if floor_s else "-"
+                print(f"| {rows} | {name} | {step_ms:.2f} | "
+                      f"{rows * args.new_tokens / seconds:.0f} | {seconds / baseline:.2f} | "
+                      f"{floor} |")
+
+
+if __name__ == "__main__":
+    main()
