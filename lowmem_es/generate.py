@@ -4,18 +4,25 @@ A generation request is a list of rows ``(member index, prompt index)``; rows of
 member are contiguous. Rows are cut into chunks of at most ``rows_per_chunk``; each
 chunk is one ``generate`` call whose rows carry their members' perturbations through
 the ES-LoRA layers (lowmem_es.lora). Prompts are left-padded once for the whole
-request, so every chunk sees the same token layout whatever its size.
+request, so every chunk sees the same token layout whatever its size, and sampling is
+keyed per row, so completions do not depend on the chunking. That is what makes the
+out-of-memory backoff lossless: a chunk that runs out of CUDA memory is re-run in halves
+with the same seeds and gives the same completions.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lowmem_es.lora import ESLoraModel, Member
 from lowmem_es.noise import MASK63, member_key
+
+logger = logging.getLogger("lowmem_es")
 
 
 @dataclass
@@ -50,18 +57,32 @@ def _segments(row_members: Sequence[int]) -> list[tuple[int, int]]:
     return segments
 
 
+SAMPLE_STREAM = 0x5A11 << 32  # tensor-id slot of sampling keys: disjoint from LoRA tensor ids
+
+
 @torch.no_grad()
 def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Sequence[str],
                         rows: Sequence[tuple[int | None, int]], *,
                         members: Sequence[Member] = (), run_seed: int = 0, iteration: int = 0,
                         sigma: float = 0.0, max_prompt_length: int = 256,
                         max_completion_length: int = 64, temperature: float = 0.0,
-                        rows_per_chunk: int = 0, device: torch.device | str = "cpu"
-                        ) -> list[Completion]:
+                        rows_per_chunk: int = 0, device: torch.device | str = "cpu",
+                        events: list[dict[str, Any]] | None = None) -> list[Completion]:
     """Generate one completion per row; row member ``None`` means the unperturbed centre.
 
-    Sampling (temperature > 0) is seeded from (run_seed, iteration, first row of the
-    chunk) in a forked RNG, so it is reproducible and leaves the global RNG alone.
+    Rows are generated ``rows_per_chunk`` at a time (0 = all at once). When a chunk runs
+    out of CUDA memory, the chunk size is halved and the same rows are generated again
+    (same members, same seeds, so the same completions); later chunks keep the smaller
+    size. Each backoff is appended to ``events`` (when given) and logged. A single row
+    that does not fit re-raises the OutOfMemoryError.
+
+    Sampling (temperature > 0) is exact temperature sampling by the Gumbel-max trick with
+    per-row noise keyed by (run_seed, iteration, prompt index, generation index, step):
+    a row's completion does not depend on the chunking, on the other rows, or on the
+    global RNG (which is never read). Rows of different members with the same prompt and
+    generation index share that noise (common random numbers: fitness differences then
+    come from the perturbations, not from sampling luck). The noise comes from a
+    ``torch.Generator`` on the logits' device, so CPU and CUDA sample differently.
     """
     if not rows:
         return []
@@ -73,33 +94,103 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
     attention = encoded["attention_mask"].to(device)
     prompt_len = input_ids.shape[1]
     eos_ids = _eos_ids(tokenizer)
+    sample_keys = _sample_keys(rows, run_seed, iteration) if temperature > 0 else []
     chunk = rows_per_chunk or len(rows)
     results: list[Completion] = []
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
+    start = 0
+    while start < len(rows):
+        size = min(chunk, len(rows) - start)
+        part = rows[start:start + size]
         prompt_index = torch.tensor([p for _, p in part], device=input_ids.device)
-        row_members = [m for m, _ in part]
         kwargs = {"input_ids": input_ids[prompt_index], "attention_mask": attention[prompt_index],
                   "max_new_tokens": max_completion_length, "pad_token_id": tokenizer.pad_token_id,
-                  "eos_token_id": eos_ids or None}
+                  "eos_token_id": eos_ids or None, "do_sample": False, "temperature": None,
+                  "top_k": None, "top_p": None}
         if temperature > 0:
-            kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+            kwargs["logits_processor"] = _sampler(sample_keys[start:start + size], prompt_len,
+                                                  float(temperature))
+        try:
+            output = _generate_chunk(es_model, kwargs, [m for m, _ in part], members,
+                                     run_seed, iteration, sigma)
+        except torch.cuda.OutOfMemoryError as error:
+            if size == 1:
+                error.add_note(f"lowmem-es: one generation row (prompt {prompt_len} + "
+                               f"{max_completion_length} new tokens) does not fit; run "
+                               "`lowmem-es plan` for what fits this card")
+                raise
+            chunk = size // 2
+            event = {"event": "oom_backoff", "iteration": iteration, "first_row": start,
+                     "rows": size, "retry_rows": chunk,
+                     "message": (str(error).splitlines() or ["out of memory"])[0][:200]}
+            if events is not None:
+                events.append(event)
+            logger.warning("out of memory generating rows %d-%d of iteration %d; retrying "
+                           "them %d rows at a time", start, start + size - 1, iteration, chunk)
         else:
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        with torch.random.fork_rng(devices=_rng_devices(input_ids.device)):
-            torch.manual_seed(member_key(run_seed, iteration, start, 0x5A11) & MASK63)
-            if any(m is not None for m in row_members):
-                if any(m is None for m in row_members):
-                    raise ValueError("a chunk mixes centre rows and member rows")
-                segments = _segments(row_members)
-                with es_model.population(run_seed, iteration, sigma, members, segments):
-                    output = es_model.model.generate(**kwargs)
-            else:
-                output = es_model.model.generate(**kwargs)
-        for row in output[:, prompt_len:].tolist():
-            ids = _cut(row, eos_ids, tokenizer.pad_token_id)
-            results.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids))
+            for row in output[:, prompt_len:].tolist():
+                ids = _cut(row, eos_ids, tokenizer.pad_token_id)
+                results.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids))
+            start += size
+            continue
+        # Outside the except block, so the failed attempt's tensors are already released.
+        if input_ids.device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
+
+
+def _generate_chunk(es_model: ESLoraModel, kwargs: dict[str, Any],
+                    row_members: list[int | None], members: Sequence[Member], run_seed: int,
+                    iteration: int, sigma: float) -> torch.Tensor:
+    """One ``generate`` call with the chunk's members (only those) active."""
+    if all(m is None for m in row_members):
+        return es_model.model.generate(**kwargs)
+    if any(m is None for m in row_members):
+        raise ValueError("a chunk mixes centre rows and member rows")
+    # Only the chunk's members: the CPU path caches a perturbed adapter per listed member.
+    chunk_members = list(dict.fromkeys(row_members))
+    local = {member: index for index, member in enumerate(chunk_members)}
+    segments = [(local[member], count) for member, count in _segments(row_members)]
+    with es_model.population(run_seed, iteration, sigma, [members[m] for m in chunk_members],
+                             segments):
+        return es_model.model.generate(**kwargs)
+
+
+def _sample_keys(rows: Sequence[tuple[int | None, int]], run_seed: int, iteration: int
+                 ) -> list[int]:
+    """Sampling key of every row: (run_seed, iteration, prompt, generation index).
+
+    The generation index counts earlier rows of the same member and prompt, so the k-th
+    completion of a prompt gets the same key for every member.
+    """
+    seen: dict[tuple[int | None, int], int] = {}
+    keys = []
+    for member, prompt in rows:
+        generation = seen.get((member, prompt), 0)
+        seen[(member, prompt)] = generation + 1
+        keys.append(member_key(run_seed, iteration, prompt, SAMPLE_STREAM + generation))
+    return keys
+
+
+def _sampler(row_keys: list[int], prompt_len: int, temperature: float) -> list:
+    """A transformers logits processor that samples each row by Gumbel-max with its own key.
+
+    argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T), so greedy
+    decoding over the processed scores is exact temperature sampling.
+    """
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class RowGumbelSampler(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            step = input_ids.shape[1] - prompt_len
+            uniform = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+            generator = torch.Generator(device=scores.device)
+            for row, key in enumerate(row_keys):  # (rows, vocab)
+                generator.manual_seed(member_key(key, step, 0, 0) & MASK63)
+                uniform[row].uniform_(generator=generator)
+            gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(torch.float32).tiny)))
+            return scores.to(torch.float32) / temperature + gumbel
+
+    return LogitsProcessorList([RowGumbelSampler()])
 
 
 def _eos_ids(tokenizer: object) -> list[int]:
@@ -117,7 +208,3 @@ def _cut(row: list[int], eos_ids: list[int], pad_id: int | None) -> list[int]:
     while row and pad_id is not None and row[-1] == pad_id and pad_id not in eos_ids:
         row = row[:-1]
     return row
-
-
-def _rng_devices(device: torch.device) -> list:
-    return [device] if device.type == "cuda" else []

@@ -86,3 +86,112 @@ def test_render_prompt(model_and_tokenizer):
         render_prompt([{"role": "user", "content": "hi"}], tokenizer, 3)
     with pytest.raises(ValueError, match=r"row 1.*string or a list of chat messages"):
         render_prompt(42, tokenizer, 1)
+
+
+# --- chunk-invariant sampling, member lists per chunk, out-of-memory backoff ---
+
+def test_sampling_does_not_depend_on_chunking(model_and_tokenizer):
+    """Per-row sampling keys: the same samples whatever the chunk size or row subset."""
+    model, tokenizer = model_and_tokenizer
+    reference = _generate(model, tokenizer, temperature=1.0)
+    for chunk in (1, 5):
+        assert [c.ids for c in _generate(model, tokenizer, temperature=1.0,
+                                         rows_per_chunk=chunk)] == [c.ids for c in reference]
+    alone = _generate(model, tokenizer, rows=[(3, 2)], temperature=1.0)
+    assert alone[0].ids == reference[3 * 3 + 2].ids
+    greedy = _generate(model, tokenizer)
+    assert [c.ids for c in reference] != [c.ids for c in greedy]  # it really samples
+
+
+def test_repeated_rows_sample_different_completions(model_and_tokenizer):
+    """num_generations > 1: the k-th repeat of a (member, prompt) row has its own key."""
+    model, tokenizer = model_and_tokenizer
+    rows = [(0, 0)] * 6
+    texts = [c.ids for c in _generate(model, tokenizer, rows=rows, temperature=2.0)]
+    assert len({tuple(t) for t in texts}) > 1
+
+
+def test_gumbel_sampler_draws_from_softmax():
+    """argmax(logits / T + Gumbel) has the softmax(logits / T) distribution."""
+    from lowmem_es.generate import _sampler
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])
+    rows = 4000
+    processor = _sampler(list(range(1, rows + 1)), prompt_len=3, temperature=0.5)
+    scores = processor(torch.zeros(rows, 3, dtype=torch.long), logits.expand(rows, -1).clone())
+    frequencies = torch.bincount(scores.argmax(-1), minlength=5).float() / rows
+    expected = torch.softmax(logits / 0.5, dim=0)
+    torch.testing.assert_close(frequencies, expected, atol=0.02, rtol=0)
+    # The next step (one more input token) draws fresh noise.
+    again = processor(torch.zeros(rows, 4, dtype=torch.long), logits.expand(rows, -1).clone())
+    assert not torch.equal(again.argmax(-1), scores.argmax(-1))
+
+
+def test_each_chunk_lists_only_its_members(model_and_tokenizer, monkeypatch):
+    """The ES-LoRA layers cache a perturbed adapter per listed member: list only the chunk's."""
+    model, tokenizer = model_and_tokenizer
+    listed = []
+    original = model.population
+
+    def spy(run_seed, iteration, sigma, members, segments):
+        listed.append((list(members), list(segments)))
+        return original(run_seed, iteration, sigma, members, segments)
+
+    monkeypatch.setattr(model, "population", spy)
+    _generate(model, tokenizer, rows_per_chunk=4)
+    assert [len(members) for members, _ in listed] == [2, 2, 2]
+    assert listed[1] == ([MEMBERS[1], MEMBERS[2]], [(0, 2), (1, 2)])
+
+
+def _fail_once_above(model, monkeypatch, rows_limit):
+    """Make generate raise CUDA OOM once for a batch of more than ``rows_limit`` rows."""
+    original = model.model.generate
+    calls = []
+
+    def generate(**kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        calls.append(rows)
+        if rows > rows_limit and calls.count(rows) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(**kwargs)
+
+    monkeypatch.setattr(model.model, "generate", generate)
+    return calls
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_out_of_memory_halves_the_chunk_and_loses_nothing(model_and_tokenizer, monkeypatch,
+                                                          temperature):
+    model, tokenizer = model_and_tokenizer
+    reference = _generate(model, tokenizer, temperature=temperature)
+    calls = _fail_once_above(model, monkeypatch, rows_limit=6)
+    events = []
+    result = _generate(model, tokenizer, temperature=temperature, events=events)
+    assert [c.ids for c in result] == [c.ids for c in reference]
+    assert calls == [12, 6, 6]  # all 12 rows fail once, then two halves of 6
+    assert len(events) == 1
+    assert events[0]["event"] == "oom_backoff"
+    assert (events[0]["first_row"], events[0]["rows"], events[0]["retry_rows"]) == (0, 12, 6)
+    assert "Tried to allocate" in events[0]["message"]
+
+
+def test_out_of_memory_backoff_keeps_the_smaller_chunk(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    reference = _generate(model, tokenizer)
+    calls = _fail_once_above(model, monkeypatch, rows_limit=2)
+    events = []
+    result = _generate(model, tokenizer, rows_per_chunk=5, events=events)
+    assert [c.ids for c in result] == [c.ids for c in reference]
+    # 5 fails -> 2 rows at a time; 2 never fails again.
+    assert calls == [5, 2, 2, 2, 2, 2, 2]
+    assert [(e["rows"], e["retry_rows"]) for e in events] == [(5, 2)]
+
+
+def test_out_of_memory_at_one_row_is_raised(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    _fail_once_above(model, monkeypatch, rows_limit=0)
+    events = []
+    with pytest.raises(torch.cuda.OutOfMemoryError) as info:
+        _generate(model, tokenizer, rows=[(0, 0), (0, 1)], events=events)
+    assert "does not fit" in "\n".join(getattr(info.value, "__notes__", []))
+    assert [(e["rows"], e["retry_rows"]) for e in events] == [(2, 1)]

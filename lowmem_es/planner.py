@@ -1,0 +1,604 @@
+"""Memory planner: a run's peak memory from the model config alone, and the rows that fit.
+
+``plan(config, profile, ...)`` builds the model on the meta device (shapes only: no
+weights, no memory, no download), counts what stays resident and what one chunk of
+generation rows adds, and picks the largest rows-per-chunk under the profile's budget.
+If not even one row fits it raises ``PlanError`` before anything is loaded, saying by
+how much and what would fit.
+
+The model of memory (bytes; c = bytes of the compute dtype; T = tokens in one forward):
+
+resident for the whole run
+  nf4_linear_weights   every nn.Linear but lm_head, as bitsandbytes stores NF4 with double
+                       quant: 4 bits/value + 1 uint8 absmax per 64 values + 1 fp32 per 256
+                       absmax (= 4.127 bits/value) + the 16- and 256-entry code books
+  embedding, lm_head   vocab x hidden in c (once when tied; embedding 0 when kept on CPU)
+  norms_and_biases     everything else (norm weights, q/k/v biases) in c; fp32 buffers
+  lora_masters         fp32 A and B of every adapted linear
+  lora_member_copies   the CPU path of lowmem_es.lora caches each chunk member's perturbed
+                       A and B (fp32) for the whole generate call; the fused CUDA kernel
+                       (``lora_kernel=True``) regenerates noise in place and caches none
+  optimizer_state      Adam's two fp32 moments (0 for SGD)
+  workspace            the profile's allowance for what is not modelled term by term
+per chunk of R rows, prompt P and completion C tokens, at the larger of two moments:
+  prefill  KV cache of P tokens + the last layer's activations at T = R*P (residual stream,
+           RMSNorm in fp32, projections with the ES-LoRA fp32 term, repeat_kv'd K/V of the
+           masked SDPA, the MLP's gate/up/product, bitsandbytes' dequantized weight) +
+           the 4D boolean mask + the last position's logits
+  decode   KV cache of P + C tokens + one layer's K/V copy as the cache grows + one decode
+           step's activations (T = R) + its logits
+  logits   the model's output in c plus generate()'s fp32 copy and the sampling processor's
+           temporaries; transformers >= 4.45 computes prefill logits for the last position
+           only (``logits_to_keep=1``); models without it get R x P x vocab
+The activation walk assumes a Llama-style decoder layer (Llama, Qwen2, Mistral, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from lowmem_es.profiles import GIB, MIB, Profile
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+NF4_BLOCKSIZE = 64  # values per absmax (bitsandbytes default for 4-bit)
+NESTED_BLOCKSIZE = 256  # absmax values per fp32 scale of the double quantization
+NF4_BITS_PER_VALUE = 4 + 8 / NF4_BLOCKSIZE + 32 / (NF4_BLOCKSIZE * NESTED_BLOCKSIZE)  # 4.127
+LOGITS_TEMPORARIES = 16  # bytes per vocab entry per row: fp32 copy, /T, Gumbel noise, sum
+MIN_LENGTH = 8  # shortest prompt/completion the planner will shrink a profile's length to
+SHIPPED_FALLBACKS = ("8gb", "12gb", "16gb", "24gb")  # suggested, smallest first
+
+
+class PlanError(ValueError):
+    """Nothing fits the budget even at one row: ``over_bytes`` says by how much."""
+
+    def __init__(self, message: str, over_bytes: int, suggestions: list[str]) -> None:
+        super().__init__(message)
+        self.over_bytes = over_bytes
+        self.suggestions = suggestions
+
+
+def nf4_bytes(numel: int, cpu_packed: bool = False) -> int:
+    """Bytes bitsandbytes keeps for one NF4 weight of ``numel`` values (double quant).
+
+    ``cpu_packed``: bitsandbytes >= 0.48 repacks a weight for its CPU kernel at the first
+    inference forward (on CPUs with AVX512-BF16), un-nesting the absmax into bf16.
+    """
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    packed = math.ceil(numel / 2)  # two 4-bit codes per byte
+    if cpu_packed:
+        return packed + 2 * blocks + 4 * 16
+    absmax = blocks  # uint8 after the second quantization
+    nested_absmax = 4 * math.ceil(blocks / NESTED_BLOCKSIZE)  # fp32
+    code_books = 4 * 16 + 4 * 256 + 4  # NF4 code, nested dynamic code, fp32 offset
+    return packed + absmax + nested_absmax + code_books
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs from a model: layer sizes and where its parameters sit."""
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    linears: tuple[tuple[str, int, int], ...]  # (qualified name, in, out), quantized to NF4
+    embedding_params: int
+    lm_head_params: int  # 0 when tied to the embedding
+    other_params: int  # norms, biases
+    buffer_values: int  # rotary tables and other buffers (fp32, not parameters)
+    supports_logits_to_keep: bool
+
+    @property
+    def linear_params(self) -> int:
+        return sum(d_in * d_out for _, d_in, d_out in self.linears)
+
+    @property
+    def total_params(self) -> int:
+        """Parameters as transformers counts them (tied embedding once, buffers excluded)."""
+        return self.linear_params + self.embedding_params + self.lm_head_params + \
+            self.other_params
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V of every layer for one token: 2 x layers x kv_heads x head_dim x bytes."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def lora_values(self, rank: int, target_modules: list[str] | tuple[str, ...]) -> int:
+        """fp32 values of LoRA A (r x in) and B (out x r) on every targeted linear."""
+        return sum(rank * (d_in + d_out) for name, d_in, d_out in self.linears
+                   if name.rpartition(".")[2] in target_modules)
+
+
+def model_shape(config: Any) -> ModelShape:
+    """ModelShape of a transformers config (a dict as in config.json, or a PretrainedConfig)."""
+    if isinstance(config, dict):
+        if "model_type" not in config:
+            raise ValueError("the model config has no `model_type`; pass the model's "
+                             "config.json (its `model_type` names the architecture)")
+        text = json.dumps(config, sort_keys=True)
+    else:
+        text = config.to_json_string(use_diff=False)
+    return _model_shape(text)
+
+
+@lru_cache(maxsize=16)
+def _model_shape(config_json: str) -> ModelShape:
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    values = json.loads(config_json)
+    model_type = values.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except ValueError as error:
+        raise ValueError(f"transformers does not know `model_type` {model_type!r}: "
+                         f"{error}") from error
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no weights
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding.weight
+    linear_weights: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not output:
+            linear_weights[f"{name}.weight"] = (module.in_features, module.out_features)
+    embedding_params = lm_head_params = other_params = 0
+    for name, param in model.named_parameters():  # shared (tied) parameters appear once
+        if name in linear_weights:
+            continue
+        if param is embedding.weight:
+            embedding_params += param.numel()
+        elif output is not None and param is output.weight:
+            lm_head_params += param.numel()
+        else:
+            other_params += param.numel()
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return ModelShape(
+        architecture=type(model).__name__, hidden_size=hidden,
+        num_layers=config.num_hidden_layers, num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        intermediate_size=getattr(config, "intermediate_size", None) or 4 * hidden,
+        vocab_size=config.vocab_size, tied_embeddings=tied,
+        linears=tuple((name[: -len(".weight")], d_in, d_out)
+                      for name, (d_in, d_out) in linear_weights.items()),
+        embedding_params=embedding_params, lm_head_params=lm_head_params,
+        other_params=other_params,
+        buffer_values=sum(buffer.numel() for buffer in model.buffers()),
+        supports_logits_to_keep=model._supports_logits_to_keep())
+
+
+# --- activations of one forward pass (Llama-style decoder layer) ---
+
+def _linear_peak(tokens: int, d_in: int, d_out: int, c: int, lora: bool) -> int:
+    """Peak bytes of one linear's forward beyond its input (its output included)."""
+    out = tokens * d_out * c
+    base = out + d_in * d_out * c  # bitsandbytes dequantizes the weight for batched input
+    if not lora:
+        return base
+    # ES-LoRA: x in fp32 (a copy unless c is fp32), the fp32 rank-r result, its scaled copy
+    # and the cast back, next to the base output (lowmem_es.lora.ESLoraLinear.forward).
+    x32 = tokens * d_in * 4 if c != 4 else 0
+    return max(base, out + x32 + tokens * d_out * (8 + c))
+
+
+def _attention_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str],
+                    prefill: bool) -> int:
+    hidden = shape.hidden_size
+    q_width = shape.num_heads * shape.head_dim
+    kv_width = shape.num_kv_heads * shape.head_dim
+    q, kv = tokens * q_width * c, tokens * kv_width * c
+    projections = max(_linear_peak(tokens, hidden, q_width, c, "q_proj" in lora),
+                      q + _linear_peak(tokens, hidden, kv_width, c, "k_proj" in lora),
+                      q + kv + _linear_peak(tokens, hidden, kv_width, c, "v_proj" in lora))
+    rotary = q + 2 * kv + 3 * q  # q*cos, rotate_half(q), *sin before the sum replaces q
+    # Masked SDPA in prefill repeats K and V to every query head (transformers' repeat_kv);
+    # decode packs the query heads instead (pack_gqa) and repeats nothing.
+    repeated = 2 * q if prefill else 0
+    sdpa = q + 2 * kv + repeated + 2 * q  # output and its contiguous transpose
+    output = q + 2 * kv + q + _linear_peak(tokens, q_width, hidden, c, "o_proj" in lora)
+    return max(projections, rotary, sdpa, output)
+
+
+def _mlp_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str]) -> int:
+    hidden, inner = shape.hidden_size, shape.intermediate_size
+    g = tokens * inner * c
+    return max(_linear_peak(tokens, hidden, inner, c, "gate_proj" in lora),
+               2 * g,  # gate output and its activation
+               g + _linear_peak(tokens, hidden, inner, c, "up_proj" in lora),
+               3 * g,  # act(gate), up and their product
+               g + _linear_peak(tokens, inner, hidden, c, "down_proj" in lora))
+
+
+def _layer_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str],
+                prefill: bool) -> int:
+    stream = tokens * shape.hidden_size * c  # residual stream entering the layer
+    norm = tokens * shape.hidden_size * (8 + c)  # RMSNorm works in fp32
+    block = max(_attention_peak(shape, tokens, c, lora, prefill), _mlp_peak(shape, tokens, c,
+                                                                             lora))
+    return stream + max(norm, stream + block)  # + the normed input of the block
+
+
+# --- the plan ---
+
+@dataclass
+class Plan:
+    """Predicted peak memory of one ES iteration and the chunking that fits the profile."""
+
+    profile: str
+    device: str
+    architecture: str
+    total_params: int
+    lora_values: int
+    rows_per_chunk: int
+    num_chunks: int
+    members_per_chunk: int
+    total_rows: int
+    max_prompt_length: int
+    max_completion_length: int
+    kv_bytes_per_token: int
+    static: dict[str, int]
+    phases: dict[str, dict[str, int]]  # "prefill" / "decode": kv_cache, activations, logits
+    peak_phase: str
+    predicted_peak_bytes: int
+    target_bytes: int
+    usable_bytes: int
+    budget_bytes: int
+    reserve_bytes: int
+    limited_by: str  # "memory", "max_rows_in_flight", "rows_per_chunk" or "total_rows"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        """Every term at the peak moment; the values sum to ``predicted_peak_bytes``."""
+        return {**self.static, **self.phases[self.peak_phase]}
+
+    @property
+    def fits(self) -> bool:
+        return self.predicted_peak_bytes <= self.target_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (bytes as integers)."""
+        return {"profile": self.profile, "device": self.device,
+                "architecture": self.architecture, "total_params": self.total_params,
+                "lora_values": self.lora_values, "rows_per_chunk": self.rows_per_chunk,
+                "num_chunks": self.num_chunks, "members_per_chunk": self.members_per_chunk,
+                "total_rows": self.total_rows, "max_prompt_length": self.max_prompt_length,
+                "max_completion_length": self.max_completion_length,
+                "kv_bytes_per_token": self.kv_bytes_per_token, "breakdown": self.breakdown,
+                "static": dict(self.static), "phases": {k: dict(v) for k, v in
+                                                        self.phases.items()},
+                "peak_phase": self.peak_phase,
+                "predicted_peak_bytes": self.predicted_peak_bytes,
+                "target_bytes": self.target_bytes, "usable_bytes": self.usable_bytes,
+                "budget_bytes": self.budget_bytes, "reserve_bytes": self.reserve_bytes,
+                "fits": self.fits, "limited_by": self.limited_by, "notes": list(self.notes)}
+
+    def format(self) -> str:
+        """A human-readable table of the plan."""
+        gib = lambda n: f"{n / GIB:8.3f}"  # noqa: E731
+        row_tokens = self.max_prompt_length + self.max_completion_length
+        lines = [
+            f"model {self.architecture}: {self.total_params / 1e9:.2f} B parameters; LoRA "
+            f"{self.lora_values / 1e6:.2f} M fp32 values",
+            f"profile {self.profile} ({self.device}): budget {self.budget_bytes / GIB:.2f} GiB"
+            f" - reserve {self.reserve_bytes / GIB:.2f} = usable {self.usable_bytes / GIB:.2f}"
+            f" GiB; planning to {self.target_bytes / GIB:.2f} GiB",
+            f"rows per chunk {self.rows_per_chunk} ({self.num_chunks} chunks of "
+            f"{self.total_rows} rows, up to {self.members_per_chunk} members each; limited by "
+            f"{self.limited_by}); prompt {self.max_prompt_length} + completion "
+            f"{self.max_completion_length} tokens",
+            f"KV cache {self.kv_bytes_per_token / 1024:.1f} KiB/token = "
+            f"{self.kv_bytes_per_token * row_tokens / MIB:.1f} MiB per row",
+            "",
+            f"{'resident':<22}{'GiB':>8}",
+        ]
+        lines += [f"  {name:<20}{gib(value)}" for name, value in self.static.items()]
+        lines.append(f"{'per chunk':<22}{'prefill':>8}  {'decode':>8}")
+        for name in self.phases["prefill"]:
+            lines.append(f"  {name:<20}{gib(self.phases['prefill'][name])}  "
+                         f"{gib(self.phases['decode'][name])}")
+        lines.append(f"{'peak (' + self.peak_phase + ')':<22}{gib(self.predicted_peak_bytes)}"
+                     f"  of {self.target_bytes / GIB:.3f} planned: "
+                     f"{'fits' if self.fits else 'DOES NOT FIT'}")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Estimate:
+    static: dict[str, int]
+    phases: dict[str, dict[str, int]]
+    members: int
+
+    @property
+    def peak_phase(self) -> str:
+        prefill, decode = (sum(self.phases[p].values()) for p in ("prefill", "decode"))
+        return "prefill" if prefill >= decode else "decode"
+
+    @property
+    def peak(self) -> int:
+        return sum(self.static.values()) + sum(self.phases[self.peak_phase].values())
+
+
+class _Estimator:
+    """Predicted memory of one ES iteration at given rows and lengths (a model + a profile)."""
+
+    def __init__(self, config: Any, profile: Profile, lora_rank: int,
+                 target_modules: list[str], population_size: int, batch_size: int,
+                 num_generations: int, optimizer: str, lora_kernel: bool,
+                 full_prefill_logits: bool | None) -> None:
+        shape = model_shape(config)
+        if not target_modules:
+            raise ValueError("`lora_target_modules` is empty; name the linears to adapt, "
+                             "e.g. ['q_proj', 'v_proj']")
+        known = sorted({name.rpartition(".")[2] for name, _, _ in shape.linears})
+        missing = [t for t in target_modules if t not in known]
+        if missing:
+            raise ValueError(f"`lora_target_modules` contains {missing}, which match no "
+                             f"linear layer of {shape.architecture}; valid names are {known}")
+        for name, value in (("lora_rank", lora_rank), ("population_size", population_size),
+                            ("batch_size", batch_size), ("num_generations", num_generations)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` should be a positive integer, but the value "
+                                 f"passed is {value!r}")
+        self.config, self.shape, self.profile = config, shape, profile
+        self.args = dict(lora_rank=lora_rank, target_modules=list(target_modules),
+                         population_size=population_size, batch_size=batch_size,
+                         num_generations=num_generations, optimizer=optimizer,
+                         lora_kernel=lora_kernel, full_prefill_logits=full_prefill_logits)
+        self.c = c = DTYPE_BYTES[profile.compute_dtype]
+        self.kv_per_token = shape.kv_bytes_per_token(DTYPE_BYTES[profile.kv_dtype])
+        self.lora_values = shape.lora_values(lora_rank, target_modules)
+        self.largest_lora = max(lora_rank * max(d_in, d_out) for name, d_in, d_out
+                                in shape.linears if name.rpartition(".")[2] in target_modules)
+        self.lora = frozenset(target_modules)
+        self.population_size = population_size
+        self.rows_per_member = batch_size * num_generations
+        self.total_rows = population_size * self.rows_per_member
+        self.lora_kernel = lora_kernel
+        self.full_logits = (not shape.supports_logits_to_keep if full_prefill_logits is None
+                            else full_prefill_logits)
+        self.notes: list[str] = []
+        # On CPU, bitsandbytes repacks each weight at its first inference forward; the
+        # largest weight's repacking (int32 unpacked codes, uint8 copies) is a one-off peak.
+        cpu_packed = profile.device == "cpu"
+        self.repack = (7 * max(d_in * d_out for _, d_in, d_out in shape.linears)
+                       if cpu_packed else 0)
+        embedding = shape.embedding_params * c
+        if profile.embedding_on_cpu:
+            if shape.tied_embeddings:
+                self.notes.append("embedding_on_cpu has no effect: the embedding is tied to "
+                                  "lm_head, which must stay on the GPU")
+            else:
+                embedding = 0
+        self.base_static = {
+            "nf4_linear_weights": sum(nf4_bytes(d_in * d_out, cpu_packed)
+                                      for _, d_in, d_out in shape.linears),
+            "embedding": embedding,
+            "lm_head": shape.lm_head_params * c,
+            "norms_and_biases": shape.other_params * c + shape.buffer_values * 4,
+            "lora_masters": self.lora_values * 4,
+            "optimizer_state": 2 * self.lora_values * 4 if optimizer == "adam" else 0,
+        }
+
+    def members_per_chunk(self, rows: int) -> int:
+        """Members whose rows one chunk holds (chunks start at multiples of ``rows``)."""
+        per_member = self.rows_per_member
+        if rows % per_member == 0:
+            members = rows // per_member
+        elif per_member % rows == 0:
+            members = 1
+        else:  # a window of `rows` consecutive rows meets at most this many row blocks
+            members = math.ceil((rows - 1) / per_member) + 1
+        return min(self.population_size, members)
+
+    def __call__(self, rows: int, prompt: int, completion: int) -> _Estimate:
+        shape, c, kv_per_token = self.shape, self.c, self.kv_per_token
+        members = self.members_per_chunk(rows)
+        copies = 0 if self.lora_kernel else members * self.lora_values * 4
+        # Building the copies: noise, perturbed sum and transposed copy of one tensor.
+        build = 0 if self.lora_kernel else 3 * members * self.largest_lora * 4
+        tokens = rows * prompt
+        vocab = shape.vocab_size
+        step_logits = rows * vocab * (c + LOGITS_TEMPORARIES)
+        prefill = {
+            "kv_cache": rows * prompt * kv_per_token,
+            "activations": _layer_peak(shape, tokens, c, self.lora, prefill=True)
+            + rows * prompt * prompt  # boolean 4D attention mask
+            + 2 * tokens * shape.head_dim * c  # rotary cos and sin
+            + build + self.repack,
+            "logits": step_logits + (tokens * vocab * c if self.full_logits else 0),
+        }
+        layer_kv = kv_per_token // shape.num_layers
+        decode = {
+            "kv_cache": rows * (prompt + completion) * kv_per_token,
+            "activations": _layer_peak(shape, rows, c, self.lora, prefill=False)
+            + rows * (prompt + completion) * layer_kv,  # torch.cat copy as the cache grows
+            "logits": step_logits,
+        }
+        static = dict(self.base_static, lora_member_copies=copies,
+                      workspace=int(self.profile.workspace_mib * MIB))
+        return _Estimate(static, {"prefill": prefill, "decode": decode}, members)
+
+    def make_plan(self, rows: int, prompt: int, completion: int, limited_by: str,
+                  notes: list[str]) -> Plan:
+        best = self(rows, prompt, completion)
+        profile = self.profile
+        if not self.lora_kernel and best.static["lora_member_copies"] > 0.1 * \
+                profile.target_bytes:
+            notes.append(f"per-member LoRA copies take "
+                         f"{best.static['lora_member_copies'] / GIB:.2f} GiB: fewer target "
+                         "modules, a lower rank or the fused kernel free it")
+        return Plan(
+            profile=profile.name, device=profile.device, architecture=self.shape.architecture,
+            total_params=self.shape.total_params, lora_values=self.lora_values,
+            rows_per_chunk=rows, num_chunks=math.ceil(self.total_rows / rows),
+            members_per_chunk=best.members, total_rows=self.total_rows,
+            max_prompt_length=prompt, max_completion_length=completion,
+            kv_bytes_per_token=self.kv_per_token, static=best.static, phases=best.phases,
+            peak_phase=best.peak_phase, predicted_peak_bytes=best.peak,
+            target_bytes=profile.target_bytes, usable_bytes=profile.usable_bytes,
+            budget_bytes=int(profile.memory_budget_gib * GIB),
+            reserve_bytes=int(profile.reserve_gib * GIB), limited_by=limited_by,
+            notes=self.notes + notes)
+
+
+def predict(config: Any, profile: Profile, lora_rank: int, target_modules: list[str],
+            population_size: int, batch_size: int, num_generations: int = 1, *,
+            rows_per_chunk: int, max_prompt_length: int, max_completion_length: int,
+            optimizer: str = "sgd", lora_kernel: bool = False,
+            full_prefill_logits: bool | None = None) -> Plan:
+    """The prediction at exactly these rows and lengths, fitting or not (see ``plan``).
+
+    For benchmarks and checks: ``plan`` is what a run uses.
+    """
+    estimator = _Estimator(config, profile, lora_rank, target_modules, population_size,
+                           batch_size, num_generations, optimizer, lora_kernel,
+                           full_prefill_logits)
+    return estimator.make_plan(rows_per_chunk, max_prompt_length, max_completion_length,
+                               "rows_per_chunk", [])
+
+
+def plan(config: Any, profile: Profile, lora_rank: int, target_modules: list[str],
+         population_size: int, batch_size: int, num_generations: int = 1, *,
+         max_prompt_length: int | None = None, max_completion_length: int | None = None,
+         rows_per_chunk: int = 0, optimizer: str = "sgd", lora_kernel: bool = False,
+         full_prefill_logits: bool | None = None) -> Plan:
+    """Plan one ES iteration of ``population_size`` x ``batch_size`` x ``num_generations``
+    rows under ``profile``: the largest rows per chunk whose predicted peak fits.
+
+    Lengths given explicitly are kept (``PlanError`` if one row does not fit); lengths left
+    None come from the profile and are lowered together when one row would not fit.
+    ``rows_per_chunk`` > 0 caps the rows as the profile's ``max_rows_in_flight`` does.
+    ``lora_kernel``: the fused CUDA kernel regenerates noise, so no member copies.
+    ``full_prefill_logits``: None = R x P x vocab only if the model lacks logits_to_keep.
+    """
+    estimate = _Estimator(config, profile, lora_rank, target_modules, population_size,
+                          batch_size, num_generations, optimizer, lora_kernel,
+                          full_prefill_logits)
+    target = profile.target_bytes
+    prompt = max_prompt_length or profile.max_prompt_length
+    completion = max_completion_length or profile.max_completion_length
+    notes: list[str] = []
+    one = estimate(1, prompt, completion)
+    if one.peak > target:
+        fitting = _fitting_lengths(estimate, prompt, completion, target)
+        if max_prompt_length is None and max_completion_length is None and fitting:
+            notes.append(f"the profile's lengths ({prompt} + {completion} tokens) do not fit "
+                         f"one row; lowered to {fitting[0]} + {fitting[1]}")
+            prompt, completion = fitting
+        else:
+            raise _plan_error(estimate, one, prompt, completion, fitting)
+    caps = {"max_rows_in_flight": profile.max_rows_in_flight,
+            "total_rows": estimate.total_rows}
+    if rows_per_chunk:
+        caps["rows_per_chunk"] = rows_per_chunk
+    cap = min(caps.values())
+    low, high = 1, cap  # largest rows with peak <= target (the peak grows with rows)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if estimate(middle, prompt, completion).peak <= target:
+            low = middle
+        else:
+            high = middle - 1
+    limited_by = "memory" if low < cap else min(caps, key=caps.get)
+    rows = _balanced_rows(low, estimate.total_rows, estimate.rows_per_member)
+    return estimate.make_plan(rows, prompt, completion, limited_by, notes)
+
+
+def _balanced_rows(most: int, total_rows: int, rows_per_member: int) -> int:
+    """Rows per chunk: the fewest chunks of at most ``most`` rows, sized equally, and made
+    of whole members (equal segments take the batched-matmul path) when that costs no chunk.
+    """
+    chunks = math.ceil(total_rows / most)
+    if most >= rows_per_member:
+        whole = math.ceil(total_rows // rows_per_member / chunks) * rows_per_member
+        if whole <= most:
+            return whole
+    return math.ceil(total_rows / chunks)
+
+
+def _fitting_lengths(estimate: _Estimator, prompt: int, completion: int, target: int
+                     ) -> tuple[int, int] | None:
+    """Largest (prompt, completion), scaled together, that fits at one row; None if none."""
+    def lengths(fraction: float) -> tuple[int, int]:
+        return (max(MIN_LENGTH, int(prompt * fraction)),
+                max(MIN_LENGTH, int(completion * fraction)))
+
+    if estimate(1, *lengths(0.0)).peak > target:
+        return None
+    low, high = 0, 1024  # fraction in 1/1024 steps
+    while low < high:
+        middle = (low + high + 1) // 2
+        if estimate(1, *lengths(middle / 1024)).peak <= target:
+            low = middle
+        else:
+            high = middle - 1
+    return lengths(low / 1024)
+
+
+def _plan_error(estimate: _Estimator, one: _Estimate, prompt: int, completion: int,
+                fitting: tuple[int, int] | None) -> PlanError:
+    """The error for 'not even one row fits': by how much, and what would fit."""
+    profile, shape, c = estimate.profile, estimate.shape, estimate.c
+    target = profile.target_bytes
+    over = one.peak - target
+    static = sum(one.static.values())
+    needed_budget = one.peak / (1 - profile.headroom_fraction) + profile.reserve_gib * GIB
+    suggestions = []
+    if fitting:
+        suggestions.append(f"max_prompt_length={fitting[0]} and max_completion_length="
+                           f"{fitting[1]}")
+    if not profile.embedding_on_cpu and not shape.tied_embeddings and profile.device == "cuda":
+        saved = shape.embedding_params * c
+        if one.peak - saved <= target:
+            suggestions.append(f"embedding_on_cpu = true in the profile (frees "
+                               f"{saved / GIB:.2f} GiB)")
+    copies = one.static["lora_member_copies"]
+    if copies and one.peak - copies <= target:
+        suggestions.append("the fused LoRA kernel (no per-member copies) or fewer target "
+                           "modules / a lower rank")
+    if profile.device == "cuda":
+        from lowmem_es.profiles import load_profile
+
+        for name in SHIPPED_FALLBACKS:
+            bigger = load_profile(name)
+            if bigger.memory_budget_gib <= profile.memory_budget_gib:
+                continue
+            args = dict(estimate.args)
+            fits = predict(estimate.config, bigger, args.pop("lora_rank"),
+                           args.pop("target_modules"), args.pop("population_size"),
+                           args.pop("batch_size"), args.pop("num_generations"),
+                           rows_per_chunk=1, max_prompt_length=prompt,
+                           max_completion_length=completion, **args).fits
+            if fits:
+                suggestions.append(f"--profile {name}")
+                break
+    suggestions.append(f"a card with memory_budget_gib >= {needed_budget / GIB:.2f}")
+    resident = (f" (the resident part alone, weights + LoRA + workspace, is "
+                f"{static / GIB:.2f} GiB)" if static > target else "")
+    message = (f"{shape.architecture} does not fit profile {profile.name!r}: one row of "
+               f"{prompt} prompt + {completion} completion tokens peaks at "
+               f"{one.peak / GIB:.2f} GiB in {one.peak_phase}{resident}, {over / GIB:.2f} GiB "
+               f"over the {target / GIB:.2f} GiB it plans to (budget "
+               f"{profile.memory_budget_gib} GiB - reserve {profile.reserve_gib} GiB, "
+               f"{profile.headroom_fraction:.0%} headroom). To fit, use: "
+               + "; or ".join(suggestions))
+    return PlanError(message, over, suggestions)

@@ -1,0 +1,360 @@
+"""Memory planner: arithmetic on real model configs (written here: nothing is downloaded),
+the chunking it picks, PlanError's advice, and the ``plan`` command.
+
+Configs are the published config.json values of Qwen2.5-7B and Llama-3.1-8B; the models
+are built on the meta device, so no weights exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from lowmem_es.planner import (
+    NF4_BITS_PER_VALUE,
+    PlanError,
+    model_shape,
+    nf4_bytes,
+    plan,
+    predict,
+)
+from lowmem_es.profiles import GIB, Profile, load_profile
+
+QWEN25_7B = {
+    "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584,
+    "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+LLAMA31_8B = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+QWEN25_05B = {  # tied embeddings
+    "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+    "vocab_size": 151936, "tie_word_embeddings": True,
+}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEARS = [*ATTENTION, "gate_proj", "up_proj", "down_proj"]
+
+
+def _plan(config, profile="8gb", **kwargs):
+    options = dict(lora_rank=8, target_modules=ATTENTION, population_size=30, batch_size=8)
+    options.update(kwargs)
+    profile = load_profile(profile) if isinstance(profile, str) else profile
+    return plan(config, profile, **options)
+
+
+def _profile(**changes):
+    values = dict(name="test", memory_budget_gib=8.0, reserve_gib=0.8, workspace_mib=192,
+                  headroom_fraction=0.05, compute_dtype="bfloat16", max_rows_in_flight=64,
+                  max_prompt_length=256, max_completion_length=256)
+    values.update(changes)
+    return Profile(**values)
+
+
+# --- parameter counts and per-token arithmetic ---
+
+def _by_hand(hidden, inner, layers, heads, kv_heads, vocab, qkv_bias):
+    """Parameter groups of a Llama/Qwen2 decoder, from the published shapes."""
+    head_dim = hidden // heads
+    attention = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
+    linear = layers * (attention + 3 * hidden * inner)
+    bias = layers * (hidden + 2 * kv_heads * head_dim) if qkv_bias else 0
+    norms = layers * 2 * hidden + hidden
+    return linear, vocab * hidden, bias + norms
+
+
+@pytest.mark.parametrize(("config", "known_total", "dims", "qkv_bias"), [
+    (QWEN25_7B, 7_615_616_512, (3584, 18944, 28, 28, 4, 152064), True),
+    (LLAMA31_8B, 8_030_261_248, (4096, 14336, 32, 32, 8, 128256), False),
+])
+def test_parameter_counts_match_the_published_models(config, known_total, dims, qkv_bias):
+    shape = model_shape(config)
+    linear, embedding, other = _by_hand(*dims, qkv_bias)
+    assert shape.linear_params == linear
+    assert shape.embedding_params == shape.lm_head_params == embedding
+    assert shape.other_params == other
+    assert shape.total_params == known_total  # 7.62 B / 8.03 B as the model cards say
+    assert not shape.tied_embeddings and shape.supports_logits_to_keep
+
+
+def test_kv_cache_bytes_per_token():
+    assert model_shape(QWEN25_7B).kv_bytes_per_token(2) == 57_344  # 56 KiB
+    assert model_shape(LLAMA31_8B).kv_bytes_per_token(2) == 131_072  # 128 KiB
+    assert model_shape(LLAMA31_8B).kv_bytes_per_token(4) == 262_144
+
+
+def test_tied_embedding_is_counted_once():
+    shape = model_shape(QWEN25_05B)
+    assert shape.tied_embeddings and shape.lm_head_params == 0
+    assert shape.total_params == 494_032_768  # Qwen2.5-0.5B
+
+
+def test_pretrained_config_gives_the_same_shape():
+    from transformers import AutoConfig
+
+    values = dict(QWEN25_7B)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    assert model_shape(config).total_params == model_shape(QWEN25_7B).total_params
+
+
+def test_config_without_model_type_is_an_error():
+    with pytest.raises(ValueError, match="no `model_type`"):
+        model_shape({"hidden_size": 64})
+
+
+def test_nf4_bytes_match_bitsandbytes():
+    """Our byte count equals what bitsandbytes stores (blocksize 64, double quant)."""
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+
+    for shape in [(512, 3584), (37, 129), (64, 1000)]:
+        packed, state = quantize_4bit(torch.zeros(shape), blocksize=64,
+                                      compress_statistics=True, quant_type="nf4")
+        stored = sum(t.numel() * t.element_size() for t in (
+            packed, state.absmax, state.code, state.offset, state.state2.absmax,
+            state.state2.code))
+        assert nf4_bytes(shape[0] * shape[1]) == stored
+
+
+def test_nf4_is_4_127_bits_per_value():
+    assert NF4_BITS_PER_VALUE == pytest.approx(4.127, abs=5e-4)
+    numel = 3584 * 18944  # Qwen2.5-7B gate_proj
+    assert nf4_bytes(numel) * 8 / numel == pytest.approx(4.127, abs=1e-3)
+
+
+# --- the plan's terms on real configs ---
+
+@pytest.mark.parametrize(("config", "kv_per_token"), [(QWEN25_7B, 57_344),
+                                                      (LLAMA31_8B, 131_072)])
+@pytest.mark.parametrize("profile_name", ["8gb", "12gb"])
+def test_plan_terms(config, kv_per_token, profile_name):
+    profile = load_profile(profile_name)
+    result = _plan(config, profile)
+    shape = model_shape(config)
+    rows, prompt, completion = (result.rows_per_chunk, result.max_prompt_length,
+                                result.max_completion_length)
+    assert (prompt, completion) == (profile.max_prompt_length, profile.max_completion_length)
+    static, decode = result.static, result.phases["decode"]
+    assert static["nf4_linear_weights"] == pytest.approx(
+        shape.linear_params * 4.127 / 8, rel=1e-3)
+    assert static["embedding"] == static["lm_head"] == shape.embedding_params * 2
+    lora_per_layer = sum(8 * (d_in + d_out) for name, d_in, d_out in shape.linears
+                         if name.startswith("model.layers.0.") and name.endswith(
+                             tuple(ATTENTION)))
+    assert static["lora_masters"] == 4 * shape.num_layers * lora_per_layer
+    assert static["lora_member_copies"] == result.members_per_chunk * static["lora_masters"]
+    assert decode["kv_cache"] == rows * (prompt + completion) * kv_per_token
+    assert result.phases["prefill"]["kv_cache"] == rows * prompt * kv_per_token
+    assert decode["logits"] == rows * shape.vocab_size * (2 + 16)  # bf16 out + fp32 temps
+    # The breakdown sums to the peak, the peak fits, and one row more would not.
+    assert sum(result.breakdown.values()) == result.predicted_peak_bytes
+    assert result.fits and result.predicted_peak_bytes <= profile.target_bytes
+    assert result.limited_by == "memory"
+    assert not _fits_more(config, profile, rows, prompt, completion)
+    more = predict(config, profile, 8, ATTENTION, 30, 8, rows_per_chunk=rows + 1,
+                   max_prompt_length=prompt, max_completion_length=completion)
+    assert more.predicted_peak_bytes > result.predicted_peak_bytes
+
+
+def _fits_more(config, profile, rows, prompt, completion):
+    """Would one chunk fewer fit? (plan evens out chunk sizes, so it may use fewer rows
+    than fit; what must not fit is the row count that saves a chunk)."""
+    chunks = math.ceil(240 / rows)
+    if chunks == 1:
+        return False
+    fewer = math.ceil(240 / (chunks - 1))
+    return predict(config, profile, 8, ATTENTION, 30, 8, rows_per_chunk=fewer,
+                   max_prompt_length=prompt, max_completion_length=completion).fits
+
+
+def test_8gb_numbers_for_7b_models():
+    """The 7B-class targets of issue 4: both models run under 8gb with several rows."""
+    qwen, llama = _plan(QWEN25_7B), _plan(LLAMA31_8B)
+    for result in (qwen, llama):
+        assert result.predicted_peak_bytes <= 7.2 * GIB * 0.95
+        assert result.rows_per_chunk >= 8
+    # KV is 2.3x larger per token for Llama, so it gets fewer rows per chunk.
+    assert llama.rows_per_chunk < qwen.rows_per_chunk
+    assert llama.peak_phase == "decode"
+
+
+def test_rows_capped_by_profile_total_rows_and_request():
+    small = _plan(QWEN25_7B, "24gb", population_size=4, batch_size=2)
+    assert small.rows_per_chunk == 8 and small.limited_by == "total_rows"
+    assert small.num_chunks == 1 and small.members_per_chunk == 4
+    capped = _plan(QWEN25_7B, _profile(memory_budget_gib=80.0, max_rows_in_flight=24))
+    assert capped.rows_per_chunk == 24 and capped.limited_by == "max_rows_in_flight"
+    asked = _plan(QWEN25_7B, "24gb", rows_per_chunk=16)
+    assert asked.rows_per_chunk == 16 and asked.limited_by == "rows_per_chunk"
+
+
+def test_chunks_hold_whole_members_when_that_costs_no_chunk():
+    # 30 members x 8 rows; a cap of 44 rows needs 6 chunks, and 40 = 5 whole members does too.
+    result = _plan(QWEN25_7B, _profile(memory_budget_gib=80.0, max_rows_in_flight=44))
+    assert (result.rows_per_chunk, result.num_chunks, result.members_per_chunk) == (40, 6, 5)
+
+
+def test_fused_kernel_and_adam_terms():
+    base = _plan(QWEN25_7B, rows_per_chunk=8)
+    kernel = _plan(QWEN25_7B, rows_per_chunk=8, lora_kernel=True)
+    adam = _plan(QWEN25_7B, rows_per_chunk=8, optimizer="adam")
+    assert base.static["lora_member_copies"] > 0 and kernel.static["lora_member_copies"] == 0
+    assert adam.static["optimizer_state"] == 2 * base.static["lora_masters"]
+
+
+def test_all_linear_targets_and_full_logits_cost_more():
+    attention = _plan(QWEN25_7B, rows_per_chunk=8)
+    every = _plan(QWEN25_7B, rows_per_chunk=8, target_modules=ALL_LINEARS)
+    assert every.lora_values > 3 * attention.lora_values
+    assert every.phases["prefill"]["activations"] > attention.phases["prefill"]["activations"]
+    full = _plan(QWEN25_7B, rows_per_chunk=8, full_prefill_logits=True)
+    extra = 8 * 256 * 152064 * 2  # rows x prompt x vocab in bf16
+    assert full.phases["prefill"]["logits"] - attention.phases["prefill"]["logits"] == extra
+
+
+def test_embedding_on_cpu_frees_the_embedding_unless_tied():
+    off = _plan(LLAMA31_8B, _profile(embedding_on_cpu=True))
+    on = _plan(LLAMA31_8B, _profile())
+    assert off.static["embedding"] == 0 and on.static["embedding"] == 128256 * 4096 * 2
+    assert off.rows_per_chunk > on.rows_per_chunk
+    tied = _plan(QWEN25_05B, _profile(embedding_on_cpu=True))
+    assert tied.static["embedding"] > 0
+    assert any("tied" in note for note in tied.notes)
+
+
+def test_cpu_profile_counts_fp32_and_the_repacked_weights():
+    result = _plan(QWEN25_05B, "cpu", population_size=8, batch_size=2)
+    shape = model_shape(QWEN25_05B)
+    assert result.static["embedding"] == shape.embedding_params * 4
+    assert result.static["nf4_linear_weights"] > sum(nf4_bytes(i * o) for _, i, o in
+                                                     shape.linears)
+
+
+def test_invalid_inputs_name_the_field():
+    with pytest.raises(ValueError, match=r"`lora_target_modules` contains \['qkv'\].*valid "
+                                         r"names are \['down_proj'"):
+        _plan(QWEN25_7B, target_modules=["qkv"])
+    with pytest.raises(ValueError, match=r"`batch_size` should be a positive integer.*0"):
+        _plan(QWEN25_7B, batch_size=0)
+
+
+# --- when nothing fits ---
+
+def test_plan_error_says_how_far_over_and_what_fits():
+    with pytest.raises(PlanError) as info:
+        _plan(LLAMA31_8B, max_prompt_length=16384, max_completion_length=4096)
+    error = info.value
+    assert isinstance(error, ValueError)
+    message = str(error)
+    assert "GiB over the 6.84 GiB" in message and "16384 prompt + 4096 completion" in message
+    one_row = predict(LLAMA31_8B, load_profile("8gb"), 8, ATTENTION, 30, 8, rows_per_chunk=1,
+                      max_prompt_length=16384, max_completion_length=4096)
+    assert error.over_bytes == one_row.predicted_peak_bytes - one_row.target_bytes > 0
+    assert "--profile 12gb" in error.suggestions
+    # The suggested lengths really fit at one row.
+    lengths = error.suggestions[0]
+    assert lengths.startswith("max_prompt_length=")
+    prompt, completion = (int(part.split("=")[1]) for part in lengths.split(" and "))
+    fitted = _plan(LLAMA31_8B, max_prompt_length=prompt, max_completion_length=completion)
+    assert fitted.fits and fitted.rows_per_chunk >= 1
+
+
+def test_plan_error_when_the_weights_alone_do_not_fit():
+    with pytest.raises(PlanError, match=r"resident part alone.*To fit, use: --profile 8gb") \
+            as info:
+        _plan(LLAMA31_8B, _profile(memory_budget_gib=5.0))
+    assert info.value.suggestions[-1].startswith("a card with memory_budget_gib >= ")
+
+
+def test_profile_lengths_are_lowered_when_one_row_does_not_fit():
+    profile = _profile(max_prompt_length=32768, max_completion_length=8192)
+    result = _plan(LLAMA31_8B, profile)
+    assert result.fits and result.rows_per_chunk >= 1
+    assert result.max_prompt_length < 32768 and result.max_completion_length < 8192
+    assert result.max_prompt_length / result.max_completion_length == pytest.approx(4, rel=0.01)
+    assert any("lowered" in note for note in result.notes)
+
+
+def test_to_dict_and_format():
+    result = _plan(QWEN25_7B, "12gb")
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["fits"] is True and data["rows_per_chunk"] == result.rows_per_chunk
+    assert data["kv_bytes_per_token"] == 57_344
+    assert sum(data["breakdown"].values()) == data["predicted_peak_bytes"]
+    text = result.format()
+    for word in ("nf4_linear_weights", "kv_cache", "prefill", "decode", "56.0 KiB/token",
+                 "fits"):
+        assert word in text
+
+
+# --- the `plan` command ---
+
+def _cli(*argv):
+    from lowmem_es.cli_plan import add_plan_parsers
+
+    parser = argparse.ArgumentParser(prog="lowmem-es")
+    add_plan_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture
+def qwen_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B))
+    return tmp_path
+
+
+def test_plan_command_json(qwen_dir, capsys):
+    from lowmem_es.cli_plan import run_plan
+
+    assert run_plan(_cli("plan", "--model", str(qwen_dir), "--profile", "8gb", "--json")) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == _plan(QWEN25_7B).to_dict()
+
+
+def test_plan_command_precedence_and_text(qwen_dir, tmp_path, capsys):
+    from lowmem_es.cli_plan import run_plan
+
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('profile = "12gb"\npopulation_size = 8\nbatch_size = 4\n'
+                        "max_prompt_length = 300\n")
+    ns = _cli("plan", "--model", str(qwen_dir / "config.json"), "--config", str(run_file),
+              "--batch-size", "2", "--lora-target-modules", "q_proj", "v_proj")
+    assert run_plan(ns) == 0
+    out = capsys.readouterr().out
+    expected = _plan(QWEN25_7B, "12gb", population_size=8, batch_size=2,
+                     target_modules=["q_proj", "v_proj"], max_prompt_length=300,
+                     max_completion_length=512)
+    assert out.strip() == expected.format()
+    assert "profile 12gb" in out and "prompt 300 + completion 512" in out
+
+
+def test_plan_command_no_fit_exits_1(qwen_dir, capsys):
+    from lowmem_es.cli_plan import run_plan
+
+    ns = _cli("plan", "--model", str(qwen_dir), "--profile", "8gb", "--max-prompt-length",
+              "65536", "--json")
+    assert run_plan(ns) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is False and data["over_bytes"] > 0 and data["suggestions"]
+
+
+def test_plan_command_errors(tmp_path):
+    from lowmem_es.cli_plan import run_plan
+
+    with pytest.raises(FileNotFoundError, match="neither a local model directory nor"):
+        run_plan(_cli("plan", "--model", "Qwen/Qwen2.5-7B", "--profile", "8gb"))
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        run_plan(_cli("plan", "--model", str(tmp_path), "--profile", "8gb"))
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B))
+    with pytest.raises(ValueError, match="needs --profile"):
+        run_plan(_cli("plan", "--model", str(tmp_path)))
