@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --resume: accept config changes that alter results")
     add_config_flags(train)
 
+    from lowmem_es.cli_plan import add_plan_parsers
+
+    add_plan_parsers(sub)
     replay = sub.add_parser("replay", help="rebuild an adapter from the initial adapter and "
                             "the journal, and verify it against the checkpoint")
     replay.add_argument("output_dir", help="a run's output directory")
@@ -97,14 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(ns: argparse.Namespace, defaults: dict[str, Any] | None = None) -> ESConfig:
-    """ESConfig from (ESConfig defaults < ``defaults`` < config file < flags)."""
+    """ESConfig from (ESConfig defaults < ``defaults`` < profile < config file < flags)."""
+    file_values = read_toml_values(ns.config) if ns.config else {}
+    flag_values = {name: getattr(ns, name, None) for name in ESConfig.field_names()}
     values: dict[str, Any] = dict(defaults or {})
-    if ns.config:
-        values.update(read_toml_values(ns.config))
-    for name in ESConfig.field_names():
-        value = getattr(ns, name, None)
-        if value is not None:
-            values[name] = value
+    profile_name = flag_values.get("profile") or file_values.get("profile") or values.get(
+        "profile")
+    if profile_name:
+        from lowmem_es.profiles import load_profile
+
+        values.update(load_profile(profile_name).es_overrides())
+        values["profile"] = profile_name  # a path stays a path in run.toml
+    values.update(file_values)
+    values.update({k: v for k, v in flag_values.items() if v is not None})
     return ESConfig.from_dict(values, source="configuration")
 
 
@@ -233,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(ns)
         if ns.command == "replay":
             return cmd_replay(ns)
+        if ns.command in ("plan", "profiles"):
+            from lowmem_es.cli_plan import run_plan, run_profiles
+
+            return run_plan(ns) if ns.command == "plan" else run_profiles(ns)
     except USER_ERRORS as error:
         print(f"lowmem-es: error: {error}", file=sys.stderr)
         return 2

@@ -53,7 +53,10 @@ class ESConfig:
     max_prompt_length: int = _help("Prompts are left-truncated to this many tokens.", 256)
     max_completion_length: int = _help("New tokens generated per completion.", 64)
     temperature: float = _help("0 = greedy (default); > 0 samples.", 0.0)
-    rows_per_chunk: int = _help("Max generation rows per forward pass (0 = all at once).", 0)
+    rows_per_chunk: int = _help("Max generation rows per forward pass (0 = all at once; "
+                                "with a profile, the planner lowers it to what fits).", 0)
+    generation_backend: str = _help("'loop' (static-cache decode loop, CUDA graphs on GPU) or "
+                                    "'generate' (transformers generate()).", "loop")
     reward_weights: list[float] | None = _help("One weight per reward function.", None)
     pass_at_k: bool = _help("Score a prompt by whether its num_generations samples solve it "
                             "(pass@k, k = num_generations) instead of their mean reward.", False)
@@ -83,7 +86,8 @@ class ESConfig:
                                        "peer before failing.", 600.0)
     max_hours: float = _help("Stop cleanly (with a checkpoint) before this many hours "
                              "(0 = no limit).", 0.0)
-    profile: str | None = _help("VRAM profile name or path (recorded; planner pending).", None)
+    profile: str | None = _help("VRAM profile name or path (lowmem-es profiles): sets the "
+                                "budget the memory planner fits rows and lengths into.", None)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,7 +133,8 @@ class ESConfig:
             raise bad("num_generations", "needs sampling to give different completions; set "
                       "temperature > 0 (e.g. 0.7) or num_generations=1")
         choices = {"fitness_shaping": FITNESS_SHAPINGS, "optimizer": OPTIMIZERS,
-                   "compute_dtype": DTYPES, "noise_backend": ("eager", "compiled")}
+                   "compute_dtype": DTYPES, "noise_backend": ("eager", "compiled"),
+                   "generation_backend": ("loop", "generate")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise bad(name, f"should be one of {list(valid)}")

@@ -58,7 +58,8 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
            max_new_tokens: int, eos_token_ids: list[int], pad_token_id: int, *,
            temperature: float = 0.0, generator: torch.Generator | None = None,
            prefill_rows: int = 0, capture: bool | None = None,
-           stats: DecodeStats | None = None) -> torch.Tensor:
+           stats: DecodeStats | None = None, logits_processor: object | None = None
+           ) -> torch.Tensor:
     """Generate ``max_new_tokens`` tokens for every row; returns (rows, max_new_tokens).
 
     ``input_ids``/``attention_mask``: (rows, prompt_len), left-padded. Rows that produced
@@ -66,6 +67,8 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     when ``temperature == 0``; otherwise softmax(logits / temperature) sampled with
     ``generator``. ``prefill_rows`` > 0 prefills the prompts in chunks of that many rows.
     ``capture`` (default: on CUDA) replays the decode step as a CUDA graph.
+    ``logits_processor`` (a transformers ``LogitsProcessor(List)``) is applied to each
+    step's scores before the choice, with the sequence so far, as ``generate()`` does.
     """
     from transformers import StaticCache
 
@@ -92,6 +95,8 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     if use_capture and device.type == "cuda":
         step_fn = _captured_or_eager(step_fn, rows, device)
     for step in range(max_new_tokens):
+        if logits_processor is not None:
+            logits = logits_processor(torch.cat([input_ids, out[:, :step]], dim=1), logits)
         token = _choose(logits, temperature, generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         out[:, step] = token

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lowmem_es.decode import decode, supports_loop, warn_fallback
 from lowmem_es.lora import ESLoraModel, Member
 from lowmem_es.noise import MASK63, member_key
 
@@ -67,7 +68,8 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
                         sigma: float = 0.0, max_prompt_length: int = 256,
                         max_completion_length: int = 64, temperature: float = 0.0,
                         rows_per_chunk: int = 0, device: torch.device | str = "cpu",
-                        events: list[dict[str, Any]] | None = None) -> list[Completion]:
+                        events: list[dict[str, Any]] | None = None,
+                        backend: str = "loop") -> list[Completion]:
     """Generate one completion per row; row member ``None`` means the unperturbed centre.
 
     Rows are generated ``rows_per_chunk`` at a time (0 = all at once). When a chunk runs
@@ -83,7 +85,14 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
     generation index share that noise (common random numbers: fitness differences then
     come from the perturbations, not from sampling luck). The noise comes from a
     ``torch.Generator`` on the logits' device, so CPU and CUDA sample differently.
+
+    ``backend="loop"`` decodes with lowmem_es.decode's static-cache loop (same tokens as
+    ``generate()``, fewer per-step costs, CUDA-graph replay on GPU); ``"generate"`` uses
+    ``model.generate()``. Architectures without static-cache support fall back to
+    ``generate()`` with a one-time warning.
     """
+    if backend not in ("loop", "generate"):
+        raise ValueError(f"`generation_backend` must be 'loop' or 'generate', got {backend!r}")
     if not rows:
         return []
     tokenizer.padding_side = "left"
@@ -111,7 +120,7 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
                                                   float(temperature))
         try:
             output = _generate_chunk(es_model, kwargs, [m for m, _ in part], members,
-                                     run_seed, iteration, sigma)
+                                     run_seed, iteration, sigma, backend)
         except torch.cuda.OutOfMemoryError as error:
             if size == 1:
                 error.add_note(f"lowmem-es: one generation row (prompt {prompt_len} + "
@@ -138,12 +147,24 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
     return results
 
 
+def _run_model(model: torch.nn.Module, kwargs: dict[str, Any], backend: str) -> torch.Tensor:
+    """Prompt + completion ids of a chunk, by the decode loop or by ``generate()``."""
+    if backend == "loop" and supports_loop(model):
+        new = decode(model, kwargs["input_ids"], kwargs["attention_mask"],
+                     kwargs["max_new_tokens"], kwargs["eos_token_id"] or [],
+                     kwargs["pad_token_id"], logits_processor=kwargs.get("logits_processor"))
+        return torch.cat([kwargs["input_ids"], new], dim=1)
+    if backend == "loop":
+        warn_fallback(model)
+    return model.generate(**kwargs)
+
+
 def _generate_chunk(es_model: ESLoraModel, kwargs: dict[str, Any],
                     row_members: list[int | None], members: Sequence[Member], run_seed: int,
-                    iteration: int, sigma: float) -> torch.Tensor:
-    """One ``generate`` call with the chunk's members (only those) active."""
+                    iteration: int, sigma: float, backend: str = "loop") -> torch.Tensor:
+    """One generation call with the chunk's members (only those) active."""
     if all(m is None for m in row_members):
-        return es_model.model.generate(**kwargs)
+        return _run_model(es_model.model, kwargs, backend)
     if any(m is None for m in row_members):
         raise ValueError("a chunk mixes centre rows and member rows")
     # Only the chunk's members: the CPU path caches a perturbed adapter per listed member.
@@ -152,7 +173,7 @@ def _generate_chunk(es_model: ESLoraModel, kwargs: dict[str, Any],
     segments = [(local[member], count) for member, count in _segments(row_members)]
     with es_model.population(run_seed, iteration, sigma, [members[m] for m in chunk_members],
                              segments):
-        return es_model.model.generate(**kwargs)
+        return _run_model(es_model.model, kwargs, backend)
 
 
 def _sample_keys(rows: Sequence[tuple[int | None, int]], run_seed: int, iteration: int

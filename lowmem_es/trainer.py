@@ -96,6 +96,17 @@ class ESTrainer:
                              if eval_dataset is not None else None)
         noise.set_backend(self.args.noise_backend)
         distributed.setup(self.args.distributed_timeout, resolve_device(self.args.device))
+        self.schedule = es.member_schedule(self.args.population_size, self.args.antithetic)
+        self.members = [Member(pair, sign) for pair, sign in self.schedule]
+        # Under torchrun each rank evaluates a block of whole antithetic pairs.
+        self.local_members = distributed.shard_members(self.schedule, distributed.world_size(),
+                                                       distributed.rank())
+        self.rows_per_chunk = self.args.rows_per_chunk
+        self.plan = None
+        if self.args.profile:  # fit rows and lengths to the budget before loading weights
+            self.plan = self._make_plan(model)
+            self.rows_per_chunk = self.plan.rows_per_chunk
+            logger.info("memory plan (profile %s):\n%s", self.args.profile, self.plan.format())
         if isinstance(model, ESLoraModel):
             if tokenizer is None:
                 raise ValueError("`tokenizer` is required when `model` is an ESLoraModel")
@@ -112,15 +123,26 @@ class ESTrainer:
                                            self.args.lora_rank, self.args.lora_alpha,
                                            seed=self.args.seed,
                                            base_model_name_or_path=str(model))
-        self.schedule = es.member_schedule(self.args.population_size, self.args.antithetic)
-        self.members = [Member(pair, sign) for pair, sign in self.schedule]
-        # Under torchrun each rank evaluates a block of whole antithetic pairs.
-        self.local_members = distributed.shard_members(self.schedule, distributed.world_size(),
-                                                       distributed.rank())
         self.adam_state = es.AdamState(0, {}, {}) if self.args.optimizer == "adam" else None
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self._orders: dict[int, list[int]] = {}
+
+    def _make_plan(self, model: object) -> object:
+        """The memory plan of this rank's share of the population under ``args.profile``."""
+        from lowmem_es.cli_plan import read_model_config
+        from lowmem_es.planner import plan
+        from lowmem_es.profiles import load_profile
+
+        args = self.args
+        config = (model.model.config if isinstance(model, ESLoraModel)
+                  else read_model_config(str(model)))
+        return plan(config, load_profile(args.profile), args.lora_rank,
+                    list(args.lora_target_modules), max(1, len(self.local_members)),
+                    args.batch_size, args.num_generations,
+                    max_prompt_length=args.max_prompt_length,
+                    max_completion_length=args.max_completion_length,
+                    rows_per_chunk=args.rows_per_chunk, optimizer=args.optimizer)
 
     # --- data ---
     def batch_indices(self, iteration: int) -> list[int]:
@@ -160,6 +182,9 @@ class ESTrainer:
         """Run ES iteration ``iteration`` (evaluate the population, update the masters)."""
         args = self.args
         started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # peak memory per iteration
+        events: list[dict[str, Any]] = []
         rows = [self.train_dataset[i] for i in self.batch_indices(iteration)]
         prompts = self._prompts(rows)
         local = [self.members[m] for m in self.local_members]
@@ -170,7 +195,10 @@ class ESTrainer:
             run_seed=args.seed, iteration=iteration, sigma=args.sigma,
             max_prompt_length=args.max_prompt_length,
             max_completion_length=args.max_completion_length, temperature=args.temperature,
-            rows_per_chunk=args.rows_per_chunk, device=self.device)
+            rows_per_chunk=self.rows_per_chunk, device=self.device, events=events,
+            backend=args.generation_backend)
+        if events:  # an OOM backoff: keep the chunk size that worked
+            self.rows_per_chunk = min(e["retry_rows"] for e in events)
         generated = time.perf_counter()
         totals, per_func = (self.score(rows, [p for _, p in row_spec], completions)
                             if completions else ([], {}))
@@ -206,6 +234,10 @@ class ESTrainer:
                           reward_min=min(fitness), **stats)
         finished = time.perf_counter()
         tokens = sum(len(c.ids) for c in completions)
+        if events:
+            record["oom_events"] = events
+        if self.plan is not None:
+            record["predicted_peak_mb"] = self.plan.predicted_peak_bytes / 2**20
         record.update(tokens=tokens, generate_s=generated - started,
                       update_s=finished - generated, iteration_s=finished - started,
                       tokens_per_s=tokens / max(generated - started, 1e-9),
@@ -224,7 +256,8 @@ class ESTrainer:
             self.es_model, self.tokenizer, prompts, spec,
             max_prompt_length=self.args.max_prompt_length,
             max_completion_length=self.args.max_completion_length, temperature=0.0,
-            rows_per_chunk=self.args.rows_per_chunk, device=self.device)
+            rows_per_chunk=self.rows_per_chunk, device=self.device,
+            backend=self.args.generation_backend)
         totals, per_func = self.score(rows, list(range(len(rows))), completions)
         result = {"eval_reward": sum(totals) / len(totals)}
         for name, values in per_func.items():
@@ -267,7 +300,7 @@ class ESTrainer:
                     metrics = files.enter_context(open(out / "metrics.jsonl", "a"))
                 for iteration in range(self.iteration, args.iterations):
                     record = self.step(iteration)
-                    entry = {k: record.get(k) for k in _METRIC_KEYS}
+                    entry = {k: record[k] for k in _METRIC_KEYS if k in record}
                     if main:
                         journal.write(json.dumps(record) + "\n")
                         journal.flush()
@@ -342,6 +375,8 @@ class ESTrainer:
             self._checkpoint(out, 0)  # the initial adapter: the origin of journal replay
         if main:
             _atomic_write(out / "run.toml", to_toml(self.args.to_dict()))
+            if self.plan is not None:
+                _atomic_write(out / "plan.json", json.dumps(self.plan.to_dict(), indent=2))
         distributed.barrier()  # ranks start together; rank 0's files exist
 
     def _restore(self, out: Path) -> None:
@@ -415,7 +450,8 @@ class ESTrainer:
 
 
 _METRIC_KEYS = ("iteration", "reward_mean", "reward_max", "update_norm", "param_norm",
-                "iteration_s", "tokens_per_s", "peak_memory_mb", "skipped")
+                "iteration_s", "tokens_per_s", "peak_memory_mb", "predicted_peak_mb",
+                "oom_events", "skipped")
 
 
 class _Progress:

@@ -52,7 +52,7 @@ def test_typed_flags():
     ns = _parse("--population-size", "12", "--sigma", "0.05", "--lora-alpha", "32",
                 "--lora-target-modules", "q_proj", "v_proj", "--reward-weights", "1", "0.5",
                 "--antithetic", "false", "--load-in-4bit", "no", "--device", "cpu",
-                "--profile", "h200")
+                "--profile", "cpu")
     config = resolve_config(ns)
     assert config.population_size == 12 and type(config.population_size) is int
     assert config.sigma == 0.05
@@ -60,7 +60,7 @@ def test_typed_flags():
     assert config.lora_target_modules == ["q_proj", "v_proj"]
     assert config.reward_weights == [1.0, 0.5]
     assert config.antithetic is False and config.load_in_4bit is False
-    assert (config.device, config.profile) == ("cpu", "h200")
+    assert (config.device, config.profile) == ("cpu", "cpu")
 
 
 @pytest.mark.parametrize(("text", "value"), [("true", True), ("False", False), ("1", True),
@@ -212,3 +212,25 @@ def test_module_help_subprocess(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "--population-size" in result.stdout
     assert "--lora-target-modules" in result.stdout
+
+
+def test_profile_sits_between_defaults_and_config_file(tmp_path):
+    from lowmem_es.cli import build_parser, resolve_config
+
+    config_file = tmp_path / "run.toml"
+    config_file.write_text("max_completion_length = 20\n")
+    ns = build_parser().parse_args(["train", "--profile", "cpu", "--config", str(config_file),
+                                    "--max-prompt-length", "99"])
+    config = resolve_config(ns, defaults={"max_prompt_length": 7, "rows_per_chunk": 5})
+    assert config.profile == "cpu"
+    assert config.rows_per_chunk == 256  # the cpu profile's cap beats the defaults
+    assert config.max_completion_length == 20  # the file beats the profile
+    assert config.max_prompt_length == 99  # the flag beats everything
+    assert main(["train", "--profile", "no-such-profile"]) == 2
+
+
+def test_plan_and_profiles_commands(tiny_llama_dir, capsys):
+    assert main(["profiles"]) == 0
+    assert "8gb" in capsys.readouterr().out
+    assert main(["plan", "--model", str(tiny_llama_dir), "--profile", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] is True

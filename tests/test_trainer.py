@@ -127,3 +127,44 @@ def test_bad_reward_function_output_is_named(tiny_llama_dir, tmp_path):
                                             max_completion_length=2))
     with pytest.raises(ValueError, match="'broken' returned 1 values"):
         trainer.step(0)
+
+
+def test_profile_plans_chunks_and_records_prediction(tiny_llama_dir, tmp_path):
+    trainer = _short_run(tiny_llama_dir, tmp_path / "p", profile="cpu", rows_per_chunk=3)
+    assert trainer.plan is not None and trainer.rows_per_chunk == 3  # the cap is respected
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["profile"] == "cpu" and plan["rows_per_chunk"] == 3
+    metrics = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["predicted_peak_mb"] > 0 for m in metrics)
+
+
+def test_generation_backends_give_the_same_run(tiny_llama_dir, tmp_path):
+    loop = _short_run(tiny_llama_dir, tmp_path / "loop", generation_backend="loop")
+    generate = _short_run(tiny_llama_dir, tmp_path / "gen", generation_backend="generate")
+    for a, b in zip(loop.es_model.parameters().values(),
+                    generate.es_model.parameters().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_oom_backoff_lowers_chunk_for_later_iterations(tiny_llama_dir, tmp_path, monkeypatch):
+    import lowmem_es.generate as generation
+
+    original = generation._run_model
+    calls = {"n": 0}
+
+    def flaky(model, kwargs, backend):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(model, kwargs, backend)
+
+    monkeypatch.setattr(generation, "_run_model", flaky)
+    trainer = _short_run(tiny_llama_dir, tmp_path / "o", rows_per_chunk=8)
+    assert trainer.rows_per_chunk == 4
+    journal = [json.loads(x) for x in (tmp_path / "o" / "journal.jsonl").read_text().split("\n")
+               if x]
+    assert journal[0]["oom_events"][0]["retry_rows"] == 4 and "oom_events" not in journal[1]
+    reference = _short_run(tiny_llama_dir, tmp_path / "r", rows_per_chunk=8)
+    for a, b in zip(trainer.es_model.parameters().values(),
+                    reference.es_model.parameters().values(), strict=True):
+        assert torch.equal(a, b)  # nothing lost or changed by the retry
