@@ -79,6 +79,16 @@ def test_cut_and_segments():
     assert _segments([0, 0, 1, 1, 1, 0]) == [(0, 2), (1, 3), (0, 1)]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_loop_and_generate_backends_agree(model_and_tokenizer, temperature):
+    model, tokenizer = model_and_tokenizer
+    loop = _generate(model, tokenizer, temperature=temperature, backend="loop")
+    plain = _generate(model, tokenizer, temperature=temperature, backend="generate")
+    assert [c.ids for c in loop] == [c.ids for c in plain]
+    with pytest.raises(ValueError, match="generation_backend"):
+        _generate(model, tokenizer, backend="vllm")
+
+
 def test_render_prompt(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     assert render_prompt("hello", tokenizer, 0) == "hello"
@@ -144,18 +154,21 @@ def test_each_chunk_lists_only_its_members(model_and_tokenizer, monkeypatch):
 
 
 def _fail_once_above(model, monkeypatch, rows_limit):
-    """Make generate raise CUDA OOM once for a batch of more than ``rows_limit`` rows."""
-    original = model.model.generate
+    """Make generation raise CUDA OOM once for a batch of more than ``rows_limit`` rows
+    (whichever backend runs it: the decode loop or generate())."""
+    import lowmem_es.generate as generation
+
+    original = generation._run_model
     calls = []
 
-    def generate(**kwargs):
+    def run(net, kwargs, backend):
         rows = kwargs["input_ids"].shape[0]
         calls.append(rows)
         if rows > rows_limit and calls.count(rows) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(**kwargs)
+        return original(net, kwargs, backend)
 
-    monkeypatch.setattr(model.model, "generate", generate)
+    monkeypatch.setattr(generation, "_run_model", run)
     return calls
 
 
