@@ -140,6 +140,15 @@ def newest_valid_checkpoint(output_dir: Path) -> tuple[int, Path, dict[str, Any]
     return None
 
 
+def remove_partial_checkpoints(output_dir: Path) -> None:
+    """Delete temporary directories left by a kill in the middle of a checkpoint write."""
+    root = Path(output_dir) / CHECKPOINTS
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.is_dir() and child.name.startswith(".step_") and ".tmp-" in child.name:
+                shutil.rmtree(child, ignore_errors=True)
+
+
 def rotate_checkpoints(output_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints (step 0, the replay origin, stays)."""
     if keep <= 0:

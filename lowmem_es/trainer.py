@@ -352,8 +352,15 @@ class ESTrainer:
 
     def _prepare_output_dir(self, out: Path) -> None:
         """Start fresh, refuse to clobber another run, or restore for --resume."""
-        has_run = (out / "journal.jsonl").is_file() or (out / "checkpoints").is_dir()
+        journal = out / "journal.jsonl"
+        # A run exists once it has a complete checkpoint or a journaled iteration; a kill
+        # while the very first checkpoint was being written leaves neither (only a temp
+        # dir), and such a run simply starts again.
+        has_run = bool(checkpoint.list_checkpoints(out)) or (
+            journal.is_file() and journal.stat().st_size > 0)
         main = distributed.is_main()
+        if main:
+            checkpoint.remove_partial_checkpoints(out)
         if has_run and self.overwrite and main:
             for name in ("journal.jsonl", "metrics.jsonl", "run.toml", "reward.png"):
                 (out / name).unlink(missing_ok=True)

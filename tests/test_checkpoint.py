@@ -190,6 +190,17 @@ def test_existing_run_is_not_clobbered(tiny_llama_dir, tmp_path):
                   args=example_config(str(out)), resume=True, overwrite=True)
 
 
+def test_kill_during_first_checkpoint_starts_over(tiny_llama_dir, reference, tmp_path):
+    """Only a temp dir of step_000000 exists (killed mid-write): --resume starts afresh."""
+    out = tmp_path / "run"
+    partial = out / "checkpoints" / ".step_000000.tmp-abc"
+    partial.mkdir(parents=True)
+    (partial / "adapter_model.safetensors").write_bytes(b"half")
+    _trainer(tiny_llama_dir, out, optimizer="adam", resume=True).train()
+    assert not partial.exists()
+    _assert_same_adapter(out / "adapter", reference / "adapter")
+
+
 def test_max_hours_stops_with_a_checkpoint(tiny_llama_dir, tmp_path):
     trainer = _trainer(tiny_llama_dir, tmp_path / "run", max_hours=1e-7)
     trainer.train()
@@ -271,6 +282,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.05))  # land anywhere inside the next iteration
         if process.poll() is not None:
+            assert process.returncode == 0, process.stderr.read()[-3000:]
             break  # finished before we could kill it
         process.kill()
         process.wait()
