@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowmem_es.noise import member_key, noise
+from lowmem_es.noise import MASK63, member_key, noise
 
 FITNESS_SHAPINGS = ("zscore", "centered_rank", "none")
 OPTIMIZERS = ("sgd", "adam")
@@ -144,19 +144,34 @@ class AdamState:
 
 def estimate_direction(shape: torch.Size | tuple[int, ...], key_for_pair: Callable[[int], int],
                        coefficients: dict[int, float], device: torch.device | str = "cpu",
-                       noise_backend: str | None = None) -> torch.Tensor:
+                       noise_backend: str | None = None, force: str | None = None
+                       ) -> torch.Tensor:
     """``sum_k coefficients[k] * noise(key_for_pair(k), shape)`` as one fp32 tensor.
 
-    Memory stays at two tensors of ``shape`` (the accumulator and the current draw),
-    whatever the population: pairs are visited one at a time, in ascending order so the
-    float sum is reproducible, and pairs with a zero coefficient are skipped.
+    Pairs are visited in ascending order (a reproducible float sum) and pairs with a zero
+    coefficient are skipped. CUDA tensors take the in-kernel update
+    (``lowmem_es.kernels.es_update``: noise regenerated per element inside the kernel,
+    fp32 registers, only the output in memory); CPU tensors run the torch loop below,
+    which holds two tensors of ``shape`` (the accumulator and the current draw) whatever
+    the population and is what the kernel's twin reproduces. ``force="kernel"|"torch"``
+    or ``LOWMEM_ES_FORCE_TORCH=1`` choose, as for every kernel (kernels/noise.py).
     """
+    pairs = [pair for pair, coefficient in sorted(coefficients.items()) if coefficient != 0.0]
     direction = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
-    for pair, coefficient in sorted(coefficients.items()):
-        if coefficient == 0.0:
-            continue
+    if force == "kernel" or (force is None and torch.device(device).type == "cuda"):
+        from lowmem_es.kernels import es_update as kernel  # imports triton: only when asked
+
+        if kernel.use_kernel(device, force):
+            keys = torch.tensor([key_for_pair(pair) & MASK63 for pair in pairs],
+                                dtype=torch.int64, device=device)
+            values = torch.tensor([coefficients[pair] for pair in pairs], dtype=torch.float32,
+                                  device=device)
+            return kernel.es_direction_triton(keys, values, direction)
+    elif force not in (None, "torch"):
+        raise ValueError(f"`force` must be one of ('kernel', 'torch') or None, got {force!r}")
+    for pair in pairs:
         direction.add_(noise(key_for_pair(pair), direction.shape, device=device,
-                             backend=noise_backend), alpha=coefficient)
+                             backend=noise_backend), alpha=coefficients[pair])
     return direction
 
 

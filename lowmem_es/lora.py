@@ -9,11 +9,15 @@ layer computes
 with eps regenerated from seeds under the noise contract (lowmem_es.noise), so the base
 matmul is shared by the whole population and only the rank-r term differs per row.
 
-CPU path (this file): the perturbed A_m, B_m of the members in the current chunk are
-built once per chunk (rank-r matrices: N x LoRA size, small next to the base) and reused
-by every decode step; rows are then grouped per member into one batched matmul. The
-CUDA path will regenerate eps inside a Triton kernel instead (issue 3); until then CUDA
-uses this same code.
+CPU path: the perturbed A_m, B_m of the members in the current chunk are built once per
+chunk (rank-r matrices: N x LoRA size, small next to the base) and reused by every decode
+step; rows are then grouped per member into one batched matmul. On CPU regenerating the
+noise every step costs more than the rank-r matmul it feeds, so caching wins there.
+CUDA path: the fused Triton kernel ``lowmem_es.kernels.noisy_lora`` regenerates eps from
+the members' keys inside the LoRA matmul and adds into the base output in place; nothing
+of population size is stored. ``NOISY_LORA_FORCE`` (module attribute: None, "kernel" or
+"torch") or ``LOWMEM_ES_FORCE_TORCH=1`` choose between them; the kernel's torch twin is
+the same math as the CPU path (tests/test_noisy_lora.py holds them together).
 
 With no population active (or sigma = 0) the layer is PEFT's LoRA: B(A(x)) * scale,
 computed in fp32 and cast back, as PEFT does for fp32 adapters.
@@ -23,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,9 +42,18 @@ from torch import nn
 
 from lowmem_es import noise
 
+if TYPE_CHECKING:  # the kernels module imports triton: only at run time, when needed
+    from lowmem_es.kernels.noisy_lora import RowPlan
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+
+# Which path ESLoraLinear takes for perturbed rows: None = the fused kernel for CUDA tensors
+# and the cached torch path elsewhere; "kernel" forces the kernel (on CPU it then needs
+# TRITON_INTERPRET=1, as the tests set); "torch" forces the cached torch path everywhere.
+# LOWMEM_ES_FORCE_TORCH=1 in the environment also rules the kernel out (kernels/noise.py).
+NOISY_LORA_FORCE: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,9 @@ class ESLoraLinear(nn.Module):
         self.tensor_id_B = noise.tensor_id(self.name, "B")
         self._cache_version: int | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (M, d_in, r), (M, r, d_out)
+        # Kernel path: per-member Philox keys of A and B and signed steps, (M,) each.
+        self._member_cache_version: int | None = None
+        self._member_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         r, d_in = self.lora_A.shape
@@ -105,12 +123,61 @@ class ESLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         population = self.slot.current
+        if population is not None and population.sigma != 0 and self._use_kernel(x):
+            return self._population_lora_kernel(x, result, population)
         x32 = x.to(torch.float32)
         if population is None or population.sigma == 0:
             lora = (x32 @ self.lora_A.t()) @ self.lora_B.t()
         else:
             lora = self._population_lora(x32, population)
         return result + (lora * self.scaling).to(result.dtype)
+
+    @staticmethod
+    def _use_kernel(x: torch.Tensor) -> bool:
+        """The fused kernel for CUDA inputs (or when forced); see ``NOISY_LORA_FORCE``."""
+        force = NOISY_LORA_FORCE
+        if force is None and x.device.type != "cuda":
+            return False  # decided without importing triton
+        from lowmem_es.kernels import noisy_lora
+
+        return noisy_lora.use_kernel(x.device, force)
+
+    def _population_lora_kernel(self, x: torch.Tensor, result: torch.Tensor,
+                                population: Population) -> torch.Tensor:
+        """base + scale * LoRA_m(x) per row, eps regenerated in the fused kernel.
+
+        The LoRA term is added into ``result`` in place (fp32 accumulation, one rounding),
+        unless autograd tracks it or it is not contiguous, in which case into a copy.
+        """
+        from lowmem_es.kernels import noisy_lora
+
+        rows = x.shape[0]
+        if rows != population.num_rows:
+            raise RuntimeError(f"ES-LoRA layer {self.name}: batch has {rows} rows but the "
+                               f"active population describes {population.num_rows}")
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        plan = _row_plan(population, rows, math.prod(x.shape[1:-1]), x.device)
+        keys_a, keys_b, steps = self._member_tensors(population, x.device)
+        if result.requires_grad or not result.is_contiguous():
+            result = result.clone(memory_format=torch.contiguous_format)
+        return noisy_lora.noisy_lora_triton(x, self.lora_A, self.lora_B, keys_a, keys_b, steps,
+                                            plan, self.scaling, out=result)
+
+    def _member_tensors(self, population: Population, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys_A, keys_B, steps) of the population's members on ``device``, per version."""
+        if self._member_cache_version != population.version or self._member_cache is None:
+            members = population.members
+            keys = [[noise.member_key(population.run_seed, population.iteration, m.pair, tid)
+                     for m in members] for tid in (self.tensor_id_A, self.tensor_id_B)]
+            self._member_cache = (
+                torch.tensor(keys[0], dtype=torch.int64, device=device),
+                torch.tensor(keys[1], dtype=torch.int64, device=device),
+                torch.tensor([m.sign * population.sigma for m in members],
+                             dtype=torch.float32, device=device))
+            self._member_cache_version = population.version
+        return self._member_cache
 
     def perturbed_weights(self, population: Population) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_m^T, B_m^T) stacked over the population's members, built once per version."""
@@ -130,6 +197,7 @@ class ESLoraLinear(nn.Module):
 
     def clear_cache(self) -> None:
         self._cache, self._cache_version = None, None
+        self._member_cache, self._member_cache_version = None, None
 
     def _population_lora(self, x: torch.Tensor, population: Population) -> torch.Tensor:
         rows = x.shape[0]
@@ -152,6 +220,26 @@ class ESLoraLinear(nn.Module):
             flat = chunk.reshape(-1, d_in)
             parts.append(((flat @ a_t[index]) @ b_t[index]).reshape(*chunk.shape[:-1], -1))
         return torch.cat(parts)
+
+
+# The row plan of the batch now in flight, shared by every layer (they all see the same
+# rows): built once per (population, rows, tokens), so a decode step does no host work per
+# layer beyond two launches. Holding the population keeps its id from being reused.
+_ROW_PLAN: dict[str, object] = {}
+
+
+def _row_plan(population: Population, rows: int, tokens: int, device: torch.device
+              ) -> RowPlan:
+    """The kernel's RowPlan for the population's segments with ``tokens`` per row."""
+    key = (id(population), population.version, rows, tokens, device)
+    if _ROW_PLAN.get("key") != key:
+        from lowmem_es.kernels import noisy_lora
+
+        member_index = [index for index, count in population.segments for _ in range(count)]
+        _ROW_PLAN["plan"] = noisy_lora.plan_rows(member_index, len(population.members), tokens,
+                                                 device)
+        _ROW_PLAN["key"], _ROW_PLAN["population"] = key, population
+    return _ROW_PLAN["plan"]
 
 
 class ESLoraModel:

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# One GPU check for the Triton kernels (issue 3), sized for a lent H200: < ~8 minutes.
+#
+#   device run, from the repo root:  bash bench/gpu_check.sh      (timeout_s ~560)
+#   carry a bitsandbytes wheel in shared/wheels/, wheels/ or .whl/ to test the 4-bit layer.
+#
+# Steps (each under its own `timeout`, so one hang cannot eat the lease):
+#   1. machine facts (nvidia-smi, torch/triton/CUDA versions)            -> $OUT/env.txt
+#   2. carried wheels installed with --no-deps into /tmp; bitsandbytes
+#      imported and an NF4 round trip run on the GPU                     -> $OUT/bnb.txt
+#   3. the package laid out in /tmp (lowmem_es + kernels as lowmem_es.kernels; the repo
+#      root never goes on sys.path, its kernels/ would shadow a PyPI package)
+#   4. kernel tests compiled for CUDA (TRITON_INTERPRET=0): noise, fused noisy LoRA with
+#      the fp16/bf16 rows, ES update, the ES-LoRA layer on a tiny 4-bit model  -> tests.log
+#   5. bench_noisy_lora.py (providers x 7B shapes), bench_noise.py, a launch sweep
+#                                                                        -> *.md
+# A summary table goes to stdout and $OUT/summary.md. Exit status: that of the tests.
+set -u -o pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${OUT:-$REPO/gpu_out}
+PY=${PYTHON:-python3}
+SITE=/tmp/lowmem_site
+mkdir -p "$OUT" "$SITE"
+# Work from /tmp: `python -c` and `python -m` put the current directory on sys.path, and
+# the repo root's kernels/ would shadow the PyPI `kernels` that bitsandbytes probes.
+cd /tmp || exit 1
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 OMP_WAIT_POLICY=PASSIVE \
+       LOWMEM_ES_NOISE_BACKEND=eager PYTHONDONTWRITEBYTECODE=1
+unset LOWMEM_ES_FORCE_TORCH
+SUMMARY=()
+TESTS_RC=1
+
+step() {  # step NAME SECONDS LOGFILE command...: run with a timeout, log, record rc + time
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local start=$SECONDS rc
+    echo "=== $name (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    SUMMARY+=("| $name | $rc$([ "$rc" = 124 ] && echo ' (timeout)') | $((SECONDS - start)) |")
+    return "$rc"
+}
+
+# 1. machine facts -------------------------------------------------------------------------
+{
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0]); \
+print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); \
+p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, 'SMs', \
+round(p.total_memory / 2**30, 1), 'GiB')" 2>&1
+    git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "commit: unknown (no git metadata)"
+} >"$OUT/env.txt"
+cat "$OUT/env.txt"
+
+# 2. carried wheels (bitsandbytes) ---------------------------------------------------------
+WHEELS=$(ls "$REPO"/shared/wheels/*.whl "$REPO"/wheels/*.whl "$REPO"/.whl/*.whl 2>/dev/null)
+if [ -n "$WHEELS" ]; then
+    # shellcheck disable=SC2086
+    step "install carried wheels (--no-deps)" 60 "$OUT/bnb.txt" \
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" $WHEELS
+fi
+export PYTHONPATH=$SITE
+step "bitsandbytes import + CUDA NF4 round trip" 60 "$OUT/bnb_check.txt" "$PY" -c "
+import torch, bitsandbytes as bnb
+from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+w = torch.randn(512, 512, device='cuda', dtype=torch.bfloat16)
+q, state = quantize_4bit(w, quant_type='nf4', compress_statistics=True)
+err = (dequantize_4bit(q, state) - w).abs().mean().item()
+print('bitsandbytes', bnb.__version__, 'NF4 mean abs error', round(err, 4))
+assert err < 0.1, err
+"
+cat "$OUT/bnb_check.txt" >>"$OUT/bnb.txt" 2>/dev/null
+rm -f "$OUT/bnb_check.txt"
+
+# 3. the package, laid out as installed ----------------------------------------------------
+rm -rf "$SITE/lowmem_es"
+cp -r "$REPO/lowmem_es" "$SITE/lowmem_es"
+cp -r "$REPO/kernels" "$SITE/lowmem_es/kernels"
+
+# 4. kernel tests on CUDA (from /tmp: the repo root must not be on sys.path) ---------------
+step "kernel tests (CUDA, TRITON_INTERPRET=0)" 210 "$OUT/tests.log" \
+    "$PY" -m pytest "$REPO/tests/test_noisy_lora.py" "$REPO/tests/test_es_update_kernel.py" \
+    "$REPO/tests/test_noise.py" -q -p no:warnings -p no:cacheprovider -rs --durations=10
+TESTS_RC=$?
+
+# 5. benchmarks ----------------------------------------------------------------------------
+step "bench_noisy_lora.py (grid)" 170 "$OUT/bench_noisy_lora.md" \
+    "$PY" "$REPO/bench/bench_noisy_lora.py"
+step "bench_noise.py" 60 "$OUT/bench_noise.md" "$PY" "$REPO/bench/bench_noise.py"
+step "bench_noisy_lora.py --sweep" 50 "$OUT/sweep.md" \
+    "$PY" "$REPO/bench/bench_noisy_lora.py" --sweep --shapes 4096x4096 --ranks 16 \
+    --rows 512 --members 32
+
+# summary ----------------------------------------------------------------------------------
+{
+    echo "## gpu_check summary ($(head -1 "$OUT/env.txt"))"
+    echo
+    echo "| step | exit | seconds |"
+    echo "|---|---:|---:|"
+    printf '%s\n' "${SUMMARY[@]}"
+    echo
+    echo "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1)"
+    echo "bitsandbytes: $(tail -1 "$OUT/bnb.txt" 2>/dev/null || echo 'no output')"
+} | tee "$OUT/summary.md"
+exit "$TESTS_RC"

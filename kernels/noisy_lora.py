@@ -1,0 +1,617 @@
+"""Fused noisy LoRA: each row's member perturbation regenerated inside the LoRA matmul.
+
+For rows ``x_i`` (one or more tokens each) of population member ``m(i)`` this adds
+
+    out_i += scale * (x_i (A + s_m sigma epsA_m)^T) (B + s_m sigma epsB_m)^T
+
+where ``epsA_m[j] = tl.randn(keys_A[m], j)`` over the flat row-major index ``j`` of ``A``
+(r, d_in), likewise ``epsB_m`` over ``B`` (d_out, r): the noise contract of
+``lowmem_es/noise.py``. The caller passes one key per member and matrix (from
+``noise.member_key``) and ``steps[m] = s_m * sigma``; no noise tensor is ever stored.
+
+Layout (Liger-Kernel style): ``_noisy_lora_shrink_kernel`` / ``_noisy_lora_expand_kernel``
+(``@triton.jit``), the launcher ``noisy_lora_triton``, the torch twin ``noisy_lora_torch``
+(same signature: the CPU path and the tests' reference) and the dispatch ``noisy_lora``
+(CUDA -> kernel, CPU -> twin; ``force=`` or ``LOWMEM_ES_FORCE_TORCH``, as in
+``kernels/noise.py``).
+
+Two stages, not one. Rows are grouped into blocks of one member (``RowPlan``, built once
+per batch layout on the host). Stage 1 (shrink): program (block, K-split) regenerates its
+slice of ``epsA`` once and writes ``x (A + s sigma epsA)^T`` partial sums, (rows, r).
+Stage 2 (expand): program (block, column group) sums the partials, regenerates its
+columns of ``epsB`` once and adds ``scale * h (B + s sigma epsB)^T`` into ``out``; for
+long runs of one member (prefill) a program walks up to ``EXPAND_SUB_BLOCKS`` row blocks
+per ``epsB`` tile, so that noise is shared by up to 8 * BLOCK_M rows.
+Why: the cost that dominates is the noise, not the matmul. ``tl.randn`` is one
+Philox4x32-10 call per element (~60 integer instructions) plus Box-Muller (~25), so a
+member costs ~85 * r * (d_in + d_out) instructions whatever its row count, against
+2 * rows_m * r * (d_in + d_out) tensor-core FLOPs: at decode (16 rows per member) the
+noise is the whole bill. A one-stage kernel must either give each (block, d_out tile)
+program all of ``A`` (regenerating ``epsA`` d_out / BLOCK_N = 32x at d_out = 4096, i.e.
+~16x the noise work of two stages) or run one program per member over all of d_out
+(8-64 programs on the H200's 132 SMs: 6-48 % of the chip for the dominant cost). Two
+stages generate every noise element once per row block and spread it over
+``PROGRAMS_PER_SM * SMs`` programs; the price is one more launch and a (splits, rows, r)
+fp32 partial buffer (<= 2 MiB at 512 rows, r = 64), which stays in L2. These are
+first-principles numbers (instruction counts, not measurements): no GPU was available
+when this was written, and CPU interpreter timings say nothing about GPU speed.
+
+Ranks 1-64: ``tl.dot`` needs tiles >= 16, so a rank below 16 is padded to 16 columns.
+The noise is generated on the unpadded (tile, next_pow2(r)) tile and zero columns are
+interleaved afterwards (``_pad_rank``: ``tl.join`` + ``tl.reshape``), so rank 8 does not
+pay for 16 ranks of Philox. Both stages use the same interleaving, so it cancels in the
+contraction. Accumulation is fp32; fp32 ``x`` uses IEEE fp32 dots, fp16/bf16 ``x`` TF32
+dots on fp32 operands (perturbed weights keep 10 mantissa bits, more than bf16's 7).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+
+from lowmem_es import noise as _noise
+from lowmem_es.kernels.noise import FORCE_CHOICES, FORCE_TORCH_ENV, HAS_TRITON, INTERPRETED
+from lowmem_es.kernels.noise import use_kernel as _use_kernel
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - Triton absent: only the twin exists
+    triton = None
+    tl = None
+
+__all__ = ["FORCE_CHOICES", "FORCE_TORCH_ENV", "MAX_RANK", "RowPlan", "noisy_lora",
+           "noisy_lora_torch", "noisy_lora_triton", "plan_rows", "use_kernel"]
+
+MAX_RANK = 64
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_LIMIT = 1 << 31
+
+# GPU launch constants. NOT tuned on a GPU (none was available): chosen from register and
+# occupancy arithmetic, to be swept by bench/bench_noisy_lora.py --sweep on the first GPU.
+# NOISE_TILE: noise elements per program per loop step; 1024 = 8 Philox chains per thread
+# at 4 warps (each chain holds ~6 live 32-bit registers), enough ILP without spilling.
+NOISE_TILE = 1024
+NUM_WARPS = 4
+# Programs to aim for per launch: 4 per SM keeps every SM busy through the tail wave.
+PROGRAMS_PER_SM = 4
+# Stage 2 re-reads the partials of stage 1 once per program: with at most 16 splits that
+# is <= 16 * BLOCK_M * r * 4 bytes per program, ~10 % of the noise work it sits next to.
+MAX_SPLITS = 16
+# Rows per block: the accumulator is BLOCK_M x R_PAD fp32 in registers (64 x 64 = 32 regs
+# per thread at 4 warps); noise is regenerated once per block, so bigger is cheaper.
+BLOCK_M_MAX_GPU = {16: 128, 32: 64, 64: 64}
+# Stage 2 walks up to this many row blocks of one member per program, sharing each eps_B
+# tile between them: in prefill (thousands of rows per member) eps_B is then generated
+# once per 8 * BLOCK_M rows, not once per BLOCK_M, for one re-read of h (r * 4 bytes per
+# row, from L2) per column tile. Decode (a run fits one block) is unaffected.
+EXPAND_SUB_BLOCKS = 8
+# Interpreter: cost is per program and per loop step, not per element (ENVIRONMENT.md),
+# so one program per block and one loop step per matrix whenever the tile fits.
+BLOCK_M_MAX_INTERPRETER = 512
+BLOCK_INTERPRETER = 2048
+# Launch settings that replace the computed ones (keys of _launch_config); empty normally.
+LAUNCH_OVERRIDES: dict[str, int] = {}
+
+
+# ----------------------------------------------------------------------------- row plan
+
+
+class RowPlan:
+    """Which member each flat row belongs to, grouped into blocks of one member each.
+
+    Built once per batch layout on the host (no device sync): ``member_index`` (rows,)
+    gives each row's member, and each row holds ``tokens_per_row`` flat rows of ``x``
+    (a (rows, T, d_in) input has T tokens per row). Rows are sorted by member (stable),
+    so any mapping works; contiguous segments of one member keep the identity order and
+    read ``x`` sequentially. Block tensors are built per block height and cached.
+    """
+
+    def __init__(self, member_index: torch.Tensor | Sequence[int], num_members: int,
+                 tokens_per_row: int = 1, device: torch.device | str = "cpu") -> None:
+        index = _member_index_cpu(member_index, num_members)
+        if isinstance(tokens_per_row, bool) or not isinstance(tokens_per_row, int) \
+                or tokens_per_row < 1:
+            raise ValueError(f"`tokens_per_row` must be a positive integer, got "
+                             f"{tokens_per_row!r}")
+        self.device = torch.device(device)
+        self.rows = int(index.numel())
+        self.tokens_per_row = tokens_per_row
+        self.num_rows = self.rows * tokens_per_row  # flat rows of x
+        self.num_members = num_members
+        if self.num_rows >= _INT32_LIMIT:
+            raise ValueError(f"{self.num_rows} flat rows is more than the kernel's int32 row "
+                             "indices hold (2**31 - 1); split the batch")
+        order = torch.argsort(index, stable=True)
+        sorted_members = index[order]
+        self.identity = bool(torch.equal(order, torch.arange(self.rows)))
+        members, counts = torch.unique_consecutive(sorted_members, return_counts=True)
+        counts = counts * tokens_per_row
+        starts = torch.cumsum(counts, 0) - counts
+        # Runs of one member in sorted flat-row order, on the host (the twin walks them).
+        self.run_members: list[int] = members.tolist()
+        self.run_starts: list[int] = starts.tolist()
+        self.run_lengths: list[int] = counts.tolist()
+        self.max_run = max(self.run_lengths, default=0)
+        flat = (order[:, None] * tokens_per_row
+                + torch.arange(tokens_per_row)[None, :]).reshape(-1)
+        self.row_order_cpu = flat  # sorted position -> flat row of x, int64
+        self.row_order = flat.to(torch.int32).to(self.device)
+        self._blocks: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def blocks(self, block_m: int) -> tuple[torch.Tensor, int]:
+        """(3, blocks) int32 device tensor of (member, start, stop) rows, and the count.
+
+        Each run of one member is cut into blocks of at most ``block_m`` flat rows
+        (positions into ``row_order``).
+        """
+        if block_m not in self._blocks:
+            member, start, stop = [], [], []
+            for m, first, length in zip(self.run_members, self.run_starts, self.run_lengths,
+                                        strict=True):
+                for offset in range(0, length, block_m):
+                    member.append(m)
+                    start.append(first + offset)
+                    stop.append(first + min(offset + block_m, length))
+            table = torch.tensor([member, start, stop], dtype=torch.int32).reshape(3, -1)
+            self._blocks[block_m] = (table.to(self.device), len(member))
+        return self._blocks[block_m]
+
+
+def plan_rows(member_index: torch.Tensor | Sequence[int], num_members: int,
+              tokens_per_row: int = 1, device: torch.device | str = "cpu") -> RowPlan:
+    """A ``RowPlan`` for rows with these member ids (see ``RowPlan``)."""
+    return RowPlan(member_index, num_members, tokens_per_row, device)
+
+
+def _member_index_cpu(member_index: torch.Tensor | Sequence[int], num_members: int
+                      ) -> torch.Tensor:
+    """Validated int64 CPU copy of per-row member ids (one sync if it lives on a GPU)."""
+    if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
+        raise ValueError(f"`num_members` must be a positive integer, got {num_members!r}")
+    if not isinstance(member_index, torch.Tensor):
+        member_index = torch.tensor(list(member_index), dtype=torch.int64)
+    if member_index.is_floating_point() or member_index.is_complex() \
+            or member_index.dtype == torch.bool:
+        raise TypeError(f"`member_index` must be an integer tensor of shape (rows,), got "
+                        f"dtype {member_index.dtype}")
+    if member_index.dim() != 1:
+        raise ValueError(f"`member_index` must have shape (rows,), got "
+                         f"{tuple(member_index.shape)}")
+    index = member_index.detach().to("cpu", torch.int64)
+    if index.numel():
+        bad = ((index < 0) | (index >= num_members)).nonzero()
+        if bad.numel():
+            row = int(bad[0])
+            raise ValueError(f"`member_index` holds member {int(index[row])} at row {row}, "
+                             f"outside [0, {num_members}): `keys_A`, `keys_B` and `steps` "
+                             f"have {num_members} entries")
+    return index
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"`{name}` has dtype {tensor.dtype}; expected one of float16, "
+                        "bfloat16, float32")
+
+
+def _flat_rows(name: str, tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """``tensor`` viewed as (flat rows, width) without a copy, or a clear error."""
+    if tensor.stride(-1) != 1:
+        raise ValueError(f"`{name}` must be contiguous along its last dimension (strides "
+                         f"{tuple(tensor.stride())}); call .contiguous() first")
+    try:
+        return tensor.view(-1, width)
+    except RuntimeError as error:
+        raise ValueError(f"`{name}` of shape {tuple(tensor.shape)} and strides "
+                         f"{tuple(tensor.stride())} cannot be viewed as (rows, {width}) "
+                         "without a copy; call .contiguous() first") from error
+
+
+def _prepare(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+             keys_A: torch.Tensor, keys_B: torch.Tensor, steps: torch.Tensor,
+             rows: torch.Tensor | RowPlan, out: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RowPlan]:
+    """Validate the shared contract; return (out, x as (n, d_in), out as (n, d_out), plan).
+
+    Both the kernel and the twin go through here, so a bad input raises the same error on
+    either path instead of a crash in the kernel or a silently broadcast result.
+    """
+    _check_float("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"`x` must have shape (rows, ..., d_in), got {tuple(x.shape)}")
+    d_in = x.shape[-1]
+    device = x.device
+    _check_float("lora_A", lora_A)
+    _check_float("lora_B", lora_B)
+    if lora_A.dim() != 2 or lora_A.shape[1] != d_in:
+        raise ValueError(f"`lora_A` has shape {tuple(lora_A.shape)}; expected (r, d_in) = "
+                         f"(r, {d_in}) to match `x`")
+    rank = lora_A.shape[0]
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"`lora_A` has rank r={rank}; the kernel supports 1 <= r <= "
+                         f"{MAX_RANK}")
+    if lora_B.dim() != 2 or lora_B.shape[1] != rank or lora_B.shape[0] < 1:
+        raise ValueError(f"`lora_B` has shape {tuple(lora_B.shape)}; expected (d_out, r) = "
+                         f"(d_out, {rank}) to match `lora_A`")
+    d_out = lora_B.shape[0]
+    if d_in < 1:
+        raise ValueError(f"`x` has d_in = {d_in}; expected at least 1")
+    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not tensor.is_contiguous():
+            raise ValueError(f"`{name}` must be contiguous (noise offsets are its flat "
+                             f"row-major indices), got strides {tuple(tensor.stride())}; "
+                             "call .contiguous() first")
+    for name, tensor, dtype in (("keys_A", keys_A, torch.int64), ("keys_B", keys_B, torch.int64),
+                                ("steps", steps, torch.float32)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype:
+            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"`{name}` must be a {dtype} tensor of shape (members,), got {got}")
+        if tensor.dim() != 1 or tensor.shape[0] != keys_A.shape[0] or tensor.shape[0] < 1:
+            raise ValueError(f"`{name}` has shape {tuple(tensor.shape)}; expected (members,) "
+                             f"= ({keys_A.shape[0] if keys_A.dim() == 1 else 'M'},), one "
+                             "entry per member, the same for keys_A, keys_B and steps")
+        if not tensor.is_contiguous():
+            raise ValueError(f"`{name}` must be contiguous, got stride {tensor.stride()}")
+    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B), ("keys_A", keys_A),
+                         ("keys_B", keys_B), ("steps", steps)):
+        if tensor.device != device:
+            raise ValueError(f"`{name}` is on {tensor.device} but `x` is on {device}; move "
+                             "them to one device")
+    num_members = keys_A.shape[0]
+    if rank * max(d_in, d_out) >= _INT32_LIMIT:
+        raise ValueError(f"LoRA matrices of {rank} x {max(d_in, d_out)} elements exceed the "
+                         "kernel's int32 noise offsets")
+    if isinstance(rows, RowPlan):
+        plan = rows
+        if plan.rows != x.shape[0] or plan.num_rows != x.numel() // d_in:
+            raise ValueError(f"the RowPlan describes {plan.rows} rows x {plan.tokens_per_row} "
+                             f"tokens but `x` has shape {tuple(x.shape)}")
+        if plan.num_members != num_members:
+            raise ValueError(f"the RowPlan was built for {plan.num_members} members but "
+                             f"`keys_A`/`keys_B`/`steps` have {num_members} entries")
+        if plan.device != device:
+            raise ValueError(f"the RowPlan lives on {plan.device} but `x` is on {device}")
+    else:
+        if not isinstance(rows, torch.Tensor):
+            raise TypeError("`member_index` must be an integer tensor of shape (rows,) or a "
+                            f"RowPlan, got {type(rows).__name__}")
+        if rows.dim() != 1 or rows.shape[0] != x.shape[0]:
+            raise ValueError(f"`member_index` has shape {tuple(rows.shape)}; expected "
+                             f"(rows,) = ({x.shape[0]},), one member per row of `x`")
+        tokens = math.prod(x.shape[1:-1])
+        plan = RowPlan(rows, num_members, tokens, device)
+    x_flat = _flat_rows("x", x, d_in)
+    expected = (*x.shape[:-1], d_out)
+    if out is None:
+        out = torch.zeros(expected, dtype=x.dtype, device=device)
+    else:
+        _check_float("out", out)
+        if tuple(out.shape) != expected:
+            raise ValueError(f"`out` has shape {tuple(out.shape)}; expected (*x.shape[:-1], "
+                             f"d_out) = {expected}")
+        if out.device != device:
+            raise ValueError(f"`out` is on {out.device} but `x` is on {device}")
+    out_flat = _flat_rows("out", out, d_out)
+    return out, x_flat, out_flat, plan
+
+
+# ----------------------------------------------------------------------------- kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _pad_rank(t, ROWS: tl.constexpr, R_P2: tl.constexpr, R_PAD: tl.constexpr):
+        """(ROWS, R_P2) -> (ROWS, R_PAD) for tl.dot: column j goes to j * (R_PAD // R_P2).
+
+        Each join puts a zero column after every column, so rank 8 becomes 16 columns
+        without generating noise for the 8 padding ones.
+        """
+        if R_PAD >= 2 * R_P2:
+            t = tl.reshape(tl.join(t, tl.zeros_like(t)), (ROWS, 2 * R_P2))
+        if R_PAD >= 4 * R_P2:
+            t = tl.reshape(tl.join(t, tl.zeros_like(t)), (ROWS, 4 * R_P2))
+        if R_PAD >= 8 * R_P2:
+            t = tl.reshape(tl.join(t, tl.zeros_like(t)), (ROWS, 8 * R_P2))
+        if R_PAD >= 16 * R_P2:
+            t = tl.reshape(tl.join(t, tl.zeros_like(t)), (ROWS, 16 * R_P2))
+        return t
+
+    @triton.jit
+    def _noisy_lora_shrink_kernel(
+            x_ptr, a_ptr, keys_ptr, steps_ptr, row_order_ptr, blocks_ptr, partial_ptr,
+            n_rows, n_blocks, d_in, rank, stride_x, k_per_split,
+            R_P2: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """partial[split, p, :] = x[row_order[p]] (A + step eps_A)^T over one K-slice.
+
+        Program (block, split): rows of one member, columns [split * k_per_split, +k_per_split)
+        of A. eps_A of that slice is generated once, as a (BLOCK_K, R_P2) tile per step:
+        element (k, j) is A's flat index j * d_in + k.
+        """
+        block = tl.program_id(0)
+        split = tl.program_id(1)
+        member = tl.load(blocks_ptr + block)
+        start = tl.load(blocks_ptr + n_blocks + block)
+        stop = tl.load(blocks_ptr + 2 * n_blocks + block)
+        pos = start + tl.arange(0, BLOCK_M)
+        row_mask = pos < stop
+        rows = tl.load(row_order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+        key = tl.load(keys_ptr + member) & 0x7FFFFFFFFFFFFFFF  # the twin takes keys mod 2**63
+        step = tl.load(steps_ptr + member)
+        ranks = tl.arange(0, R_P2)
+        rank_mask = ranks < rank
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        k_lo = split * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, d_in)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_mask = cols < k_hi
+            xt = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
+                         mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            offsets = ranks[None, :] * d_in + cols[:, None]  # (BLOCK_K, R_P2) into A
+            a_mask = col_mask[:, None] & rank_mask[None, :]
+            a = tl.load(a_ptr + offsets, mask=a_mask, other=0.0).to(tl.float32)
+            a = tl.where(a_mask, a + step * tl.randn(key, offsets), 0.0)
+            acc = tl.dot(xt, _pad_rank(a, BLOCK_K, R_P2, R_PAD), acc,
+                         input_precision=PRECISION)
+        out_offsets = ((split * n_rows + pos.to(tl.int64))[:, None] * R_PAD
+                       + tl.arange(0, R_PAD)[None, :])
+        tl.store(partial_ptr + out_offsets, acc, mask=row_mask[:, None])
+
+    @triton.jit
+    def _noisy_lora_expand_kernel(
+            b_ptr, keys_ptr, steps_ptr, row_order_ptr, blocks_ptr, partial_ptr, out_ptr,
+            n_rows, n_blocks, d_out, rank, stride_out, n_splits, n_per_group, scale,
+            R_P2: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, SUB_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
+        """out[row_order[p], cols] += scale * h[p] (B + step eps_B)[cols]^T.
+
+        Program (block, group): columns [group * n_per_group, +n_per_group) in BLOCK_N
+        steps, for a block of up to SUB_BLOCKS * BLOCK_M rows of one member; h is the sum
+        of the rows' stage-1 partials. eps_B element (n, j) is B's flat index n * r + j,
+        generated once per block and column tile: with SUB_BLOCKS > 1 (long runs, e.g.
+        prefill) the rows are walked inside the column loop, so the noise is shared by
+        up to SUB_BLOCKS * BLOCK_M rows at the price of re-reading h per column tile.
+        """
+        block = tl.program_id(0)
+        group = tl.program_id(1)
+        member = tl.load(blocks_ptr + block)
+        start = tl.load(blocks_ptr + n_blocks + block)
+        stop = tl.load(blocks_ptr + 2 * n_blocks + block)
+        key = tl.load(keys_ptr + member) & 0x7FFFFFFFFFFFFFFF
+        step = tl.load(steps_ptr + member)
+        ranks = tl.arange(0, R_P2)
+        rank_mask = ranks < rank
+        r_cols = tl.arange(0, R_PAD)
+        n_lo = group * n_per_group
+        n_hi = tl.minimum(n_lo + n_per_group, d_out)
+        if SUB_BLOCKS == 1:  # decode: h once, then every column tile
+            pos = start + tl.arange(0, BLOCK_M)
+            row_mask = pos < stop
+            rows = tl.load(row_order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+            h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for split in range(n_splits):  # fixed order: the same sum on every run
+                h += tl.load(partial_ptr + (split * n_rows + pos.to(tl.int64))[:, None] * R_PAD
+                             + r_cols[None, :], mask=row_mask[:, None], other=0.0)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_mask = cols < n_hi
+            offsets = cols[:, None] * rank + ranks[None, :]  # (BLOCK_N, R_P2) into B
+            b_mask = col_mask[:, None] & rank_mask[None, :]
+            b = tl.load(b_ptr + offsets, mask=b_mask, other=0.0).to(tl.float32)
+            b = tl.where(b_mask, b + step * tl.randn(key, offsets), 0.0)
+            b_t = tl.trans(_pad_rank(b, BLOCK_N, R_P2, R_PAD))  # (R_PAD, BLOCK_N)
+            if SUB_BLOCKS == 1:
+                _expand_rows(h, b_t, rows, row_mask, cols, col_mask, out_ptr, stride_out,
+                             scale, PRECISION)
+            else:
+                for m0 in range(start, stop, BLOCK_M):
+                    pos = m0 + tl.arange(0, BLOCK_M)
+                    row_mask = pos < stop
+                    rows = tl.load(row_order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+                    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+                    for split in range(n_splits):
+                        h += tl.load(partial_ptr
+                                     + (split * n_rows + pos.to(tl.int64))[:, None] * R_PAD
+                                     + r_cols[None, :], mask=row_mask[:, None], other=0.0)
+                    _expand_rows(h, b_t, rows, row_mask, cols, col_mask, out_ptr,
+                                 stride_out, scale, PRECISION)
+
+    @triton.jit
+    def _expand_rows(h, b_t, rows, row_mask, cols, col_mask, out_ptr, stride_out, scale,
+                     PRECISION: tl.constexpr):
+        """out[rows, cols] = out + scale * h @ b_t, accumulated in fp32, rounded once."""
+        lora = tl.dot(h, b_t, input_precision=PRECISION)
+        out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        current = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, (current + scale * lora).to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
+else:  # pragma: no cover
+    _noisy_lora_shrink_kernel = _noisy_lora_expand_kernel = None
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _next_pow2(value: int) -> int:
+    return 1 << max(0, (int(value) - 1).bit_length())
+
+
+def _launch_config(plan: RowPlan, d_in: int, d_out: int, rank: int, device: torch.device
+                   ) -> dict[str, int]:
+    """Tile sizes, K-splits, column groups and stage-2 row blocks for one launch pair.
+
+    ``LAUNCH_OVERRIDES`` replaces any of block_m, block_k, block_n, num_warps, sub_blocks,
+    splits, groups (tests use it to run the GPU's multi-split paths in the interpreter,
+    the benchmark to sweep); the derived slice widths are recomputed from what is set.
+    """
+    r_p2 = _next_pow2(rank)
+    r_pad = max(16, r_p2)
+    rows_pow2 = max(16, _next_pow2(plan.max_run))
+    if INTERPRETED:
+        cfg = dict(block_m=min(rows_pow2, BLOCK_M_MAX_INTERPRETER),
+                   block_k=min(max(16, _next_pow2(d_in)), BLOCK_INTERPRETER),
+                   block_n=min(max(16, _next_pow2(d_out)), BLOCK_INTERPRETER),
+                   num_warps=1, sub_blocks=1)
+    else:
+        tile = min(128, max(16, NOISE_TILE // r_p2))
+        cfg = dict(block_m=min(rows_pow2, BLOCK_M_MAX_GPU[r_pad]), block_k=tile,
+                   block_n=tile, num_warps=NUM_WARPS)
+        cfg["sub_blocks"] = min(EXPAND_SUB_BLOCKS, -(-plan.max_run // cfg["block_m"]))
+    overrides = LAUNCH_OVERRIDES
+    cfg.update({k: v for k, v in overrides.items()
+                if k in ("block_m", "block_k", "block_n", "num_warps", "sub_blocks")})
+    _, n_blocks = plan.blocks(cfg["block_m"])
+    _, n_blocks_2 = plan.blocks(cfg["block_m"] * cfg["sub_blocks"])
+    if INTERPRETED:
+        cfg.update(splits=1, groups=1)
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = PROGRAMS_PER_SM * _sm_count(index)
+        cfg.update(splits=min(-(-target // n_blocks), MAX_SPLITS),
+                   groups=-(-target // n_blocks_2))
+    cfg.update({k: v for k, v in overrides.items() if k in ("splits", "groups")})
+    k_tiles = -(-d_in // cfg["block_k"])
+    k_per_split = -(-k_tiles // max(1, min(cfg["splits"], k_tiles))) * cfg["block_k"]
+    n_tiles = -(-d_out // cfg["block_n"])
+    n_per_group = -(-n_tiles // max(1, min(cfg["groups"], n_tiles))) * cfg["block_n"]
+    cfg.update(r_p2=r_p2, r_pad=r_pad, n_blocks=n_blocks, k_per_split=k_per_split,
+               splits=-(-d_in // k_per_split), n_per_group=n_per_group,
+               groups=-(-d_out // n_per_group))
+    return cfg
+
+
+def _check_kernel_usable(device: torch.device) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("the fused noisy LoRA kernel needs `triton`, which cannot be "
+                           "imported here; use force='torch' (the pure-torch twin)")
+    if device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"the fused noisy LoRA kernel needs CUDA tensors, got tensors on {device}; on a "
+            "CPU machine set TRITON_INTERPRET=1 before triton is first imported to run it in "
+            "the interpreter, or use force='torch'")
+
+
+def noisy_lora_triton(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      keys_A: torch.Tensor, keys_B: torch.Tensor, steps: torch.Tensor,
+                      member_index: torch.Tensor | RowPlan, scale: float,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out += scale * (x (A + s sigma epsA_m)^T)(B + s sigma epsB_m)^T`` by the kernels.
+
+    ``x`` (rows, ..., d_in) fp16/bf16/fp32; ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r)
+    contiguous (fp32 masters in this project); ``keys_A``/``keys_B`` int64 (M,) Philox
+    keys (taken mod 2**63); ``steps`` fp32 (M,) = sign * sigma; ``member_index`` int (rows,)
+    member of each row, or a prebuilt ``RowPlan`` (the fast path: no host work, no sync).
+    ``out`` (rows, ..., d_out) is updated in place (fp32 accumulation, one rounding to
+    its dtype) and returned; ``None`` starts from zeros in x's dtype.
+    """
+    out, x_flat, out_flat, plan = _prepare(x, lora_A, lora_B, keys_A, keys_B, steps,
+                                           member_index, out)
+    _check_kernel_usable(x.device)
+    if plan.num_rows == 0:
+        return out
+    rank, d_in = lora_A.shape
+    d_out = lora_B.shape[0]
+    cfg = _launch_config(plan, d_in, d_out, rank, x.device)
+    blocks, n_blocks = plan.blocks(cfg["block_m"])
+    partial = torch.empty((cfg["splits"], plan.num_rows, cfg["r_pad"]), dtype=torch.float32,
+                          device=x.device)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _noisy_lora_shrink_kernel[(n_blocks, cfg["splits"])](
+        x_flat, lora_A, keys_A, steps, plan.row_order, blocks, partial,
+        plan.num_rows, n_blocks, d_in, rank, x_flat.stride(0), cfg["k_per_split"],
+        R_P2=cfg["r_p2"], R_PAD=cfg["r_pad"], BLOCK_M=cfg["block_m"],
+        BLOCK_K=cfg["block_k"], PRECISION=precision, num_warps=cfg["num_warps"])
+    blocks_2, n_blocks_2 = plan.blocks(cfg["block_m"] * cfg["sub_blocks"])
+    _noisy_lora_expand_kernel[(n_blocks_2, cfg["groups"])](
+        lora_B, keys_B, steps, plan.row_order, blocks_2, partial, out_flat,
+        plan.num_rows, n_blocks_2, d_out, rank, out_flat.stride(0), cfg["splits"],
+        cfg["n_per_group"], float(scale),
+        R_P2=cfg["r_p2"], R_PAD=cfg["r_pad"], BLOCK_M=cfg["block_m"],
+        BLOCK_N=cfg["block_n"], SUB_BLOCKS=cfg["sub_blocks"], PRECISION=precision,
+        num_warps=cfg["num_warps"])
+    return out
+
+
+# ----------------------------------------------------------------------------- torch twin
+
+
+def noisy_lora_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     keys_A: torch.Tensor, keys_B: torch.Tensor, steps: torch.Tensor,
+                     member_index: torch.Tensor | RowPlan, scale: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The twin of ``noisy_lora_triton`` (same signature and contract), in torch.
+
+    The math of the ES-LoRA layer's CPU path (``lowmem_es/lora.py``): the perturbed
+    ``A_m``, ``B_m`` of the members present are materialised with ``noise.noise_batch``
+    (fp32), each member's rows go through ``(x A_m^T) B_m^T`` in fp32, and
+    ``out = (out + scale * lora)`` is rounded once to out's dtype. Reads keys and steps
+    on the host (a device sync on CUDA): this is the reference, not the GPU path.
+    """
+    out, x_flat, out_flat, plan = _prepare(x, lora_A, lora_B, keys_A, keys_B, steps,
+                                           member_index, out)
+    if plan.num_rows == 0:
+        return out
+    device = x.device
+    present = sorted(set(plan.run_members))
+    slot = {m: i for i, m in enumerate(present)}
+    keys_a, keys_b = keys_A.tolist(), keys_B.tolist()
+    step = steps[torch.tensor(present, device=device)][:, None, None]  # (P, 1, 1) fp32
+    eps_a = _noise.noise_batch([keys_a[m] & _noise.MASK63 for m in present], lora_A.shape,
+                               device)
+    eps_b = _noise.noise_batch([keys_b[m] & _noise.MASK63 for m in present], lora_B.shape,
+                               device)
+    a_t = (lora_A.to(torch.float32) + step * eps_a).transpose(1, 2)  # (P, d_in, r)
+    b_t = (lora_B.to(torch.float32) + step * eps_b).transpose(1, 2)  # (P, r, d_out)
+    del eps_a, eps_b
+    x32 = x_flat.to(torch.float32)
+    lora = torch.empty((plan.num_rows, lora_B.shape[0]), dtype=torch.float32, device=device)
+    order = None if plan.identity else plan.row_order_cpu.to(device)
+    for member, first, length in zip(plan.run_members, plan.run_starts, plan.run_lengths,
+                                     strict=True):
+        i = slot[member]
+        if order is None:
+            lora[first:first + length] = (x32[first:first + length] @ a_t[i]) @ b_t[i]
+        else:
+            rows = order[first:first + length]
+            lora[rows] = (x32[rows] @ a_t[i]) @ b_t[i]
+    out_flat.copy_((out_flat.to(torch.float32) + lora * scale).to(out_flat.dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def use_kernel(device: torch.device | str, force: str | None = None) -> bool:
+    """Whether ``noisy_lora`` takes the kernel on ``device``: the rule of
+    ``lowmem_es.kernels.noise.use_kernel`` (``force``, then ``LOWMEM_ES_FORCE_TORCH``,
+    then CUDA with compiled Triton)."""
+    return _use_kernel(device, force)
+
+
+def noisy_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               keys_A: torch.Tensor, keys_B: torch.Tensor, steps: torch.Tensor,
+               member_index: torch.Tensor | RowPlan, scale: float,
+               out: torch.Tensor | None = None, force: str | None = None) -> torch.Tensor:
+    """Fused noisy LoRA: the kernel for CUDA tensors, the twin for CPU tensors.
+
+    ``force="kernel"|"torch"`` picks one; ``LOWMEM_ES_FORCE_TORCH=1`` makes the twin the
+    default everywhere. Arguments as in ``noisy_lora_triton``.
+    """
+    fn = noisy_lora_triton if use_kernel(x.device, force) else noisy_lora_torch
+    return fn(x, lora_A, lora_B, keys_A, keys_B, steps, member_index, scale, out)
