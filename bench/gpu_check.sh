@@ -94,6 +94,12 @@ step "bench_noisy_lora.py --sweep" 50 "$OUT/sweep.md" \
     "$PY" "$REPO/bench/bench_noisy_lora.py" --sweep --shapes 4096x4096 --ranks 16 \
     --rows 512 --members 32
 
+# NF4 matmul (issue 8): its own section, ~3-6 min more; opt in when the budget allows
+# (GPU_CHECK_NF4=1), since the whole script must fit one 10-minute device command.
+if [ "${GPU_CHECK_NF4:-0}" = "1" ]; then
+    OUT="$OUT" bash "$REPO/bench/gpu_check_nf4.sh" || SUMMARY+=("| gpu_check_nf4.sh | $? | - |")
+fi
+
 # summary ----------------------------------------------------------------------------------
 {
     echo "## gpu_check summary ($(head -1 "$OUT/env.txt"))"

@@ -73,6 +73,8 @@ class ESConfig:
     load_in_4bit: bool = _help("Quantize the frozen base to NF4 (bitsandbytes).", True)
     compute_dtype: str = _help("'auto' = float32 on CPU, bfloat16 on CUDA.", "auto")
     device: str = _help("'auto', 'cpu' or 'cuda[:i]'.", "auto")
+    nf4_kernel: bool = _help("On CUDA, run the frozen NF4 base through lowmem-es' fused "
+                             "NF4 matmul (False: bitsandbytes).", True)
     noise_backend: str = _help("CPU noise generator: 'eager' or 'compiled' (torch.compile).",
                                "eager")
     # --- output ---

@@ -54,6 +54,10 @@ PEFT_PREFIX = "base_model.model."
 # TRITON_INTERPRET=1, as the tests set); "torch" forces the cached torch path everywhere.
 # LOWMEM_ES_FORCE_TORCH=1 in the environment also rules the kernel out (kernels/noise.py).
 NOISY_LORA_FORCE: str | None = None
+# The frozen NF4 base on CUDA: lowmem_es.kernels.nf4_matmul reads the packed weights once
+# per step (bitsandbytes dequantizes whole weights for batched rows). None = dispatch,
+# "torch" = always bitsandbytes (ESConfig.nf4_kernel=False sets this).
+NF4_MATMUL_FORCE: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,12 @@ class ESLoraLinear(nn.Module):
         return f"{self.name}: d_in={d_in}, d_out={self.lora_B.shape[0]}, r={r}"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        if x.is_cuda and NF4_MATMUL_FORCE != "torch" and not args and not kwargs:
+            from lowmem_es.kernels.nf4_matmul import nf4_linear
+
+            result = nf4_linear(x, self.base_layer, force=NF4_MATMUL_FORCE)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         population = self.slot.current
         if population is not None and population.sigma != 0 and self._use_kernel(x):
             return self._population_lora_kernel(x, result, population)

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import torch
 
-from lowmem_es import __version__, checkpoint, distributed, es, noise
+from lowmem_es import __version__, checkpoint, distributed, es, lora, noise
 from lowmem_es.config import NON_RESULT_FIELDS, ESConfig, to_toml
 from lowmem_es.errors import RewardFunctionError
 from lowmem_es.generate import Completion, generate_population, render_prompt
@@ -95,6 +95,7 @@ class ESTrainer:
         self.eval_dataset = (validate_rows(eval_dataset, "eval_dataset")
                              if eval_dataset is not None else None)
         noise.set_backend(self.args.noise_backend)
+        lora.NF4_MATMUL_FORCE = None if self.args.nf4_kernel else "torch"
         distributed.setup(self.args.distributed_timeout, resolve_device(self.args.device))
         self.schedule = es.member_schedule(self.args.population_size, self.args.antithetic)
         self.members = [Member(pair, sign) for pair, sign in self.schedule]
