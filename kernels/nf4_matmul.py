@@ -66,7 +66,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem_es.kernels.noise import FORCE_CHOICES, FORCE_TORCH_ENV, HAS_TRITON, INTERPRETED
+from lowmem_es.kernels.noise import (
+    FORCE_CHOICES,
+    FORCE_TORCH_ENV,
+    HAS_TRITON,
+    INTERPRETED,
+    check_kernel_usable,
+)
 
 if HAS_TRITON:
     import triton
@@ -568,14 +574,7 @@ def _launch_config(rows: int, n: int, k: int, blocksize: int, sms: int) -> dict:
 
 
 def _check_kernel_usable(device: torch.device) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("the NF4 matmul kernel needs `triton`, which cannot be imported "
-                           "here; use force='torch' (the pure-torch twin)")
-    if device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f"the NF4 matmul kernel needs CUDA tensors, got tensors on {device}; on a CPU "
-            "machine set TRITON_INTERPRET=1 before triton is first imported to run it in the "
-            "interpreter, or use force='torch'")
+    check_kernel_usable(device, "the NF4 matmul kernel")
 
 
 def nf4_matmul_triton(x: torch.Tensor, weight: torch.Tensor, quant_state,

@@ -82,15 +82,17 @@ def _launch_config(numel: int) -> tuple[int, int]:
     return BLOCK_GPU, NUM_WARPS_GPU
 
 
-def _check_kernel_usable(device: torch.device) -> None:
+def check_kernel_usable(device: torch.device, kernel: str = "the Triton noise kernel") -> None:
+    """Raise a RuntimeError saying why ``kernel`` cannot run on ``device`` (shared by all
+    kernels here): no triton, or a CPU tensor without the interpreter."""
     if not HAS_TRITON:
-        raise RuntimeError("the Triton noise kernel needs `triton`, which cannot be imported "
-                           "here; use force='torch' (the pure-torch twin) instead")
+        raise RuntimeError(f"{kernel} needs `triton`, which cannot be imported here; use "
+                           "force='torch' (the pure-torch twin) instead")
     if device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
-            f"the Triton noise kernel needs a CUDA tensor, got one on {device}; on a CPU "
-            "machine set TRITON_INTERPRET=1 before triton is first imported to run it in "
-            "the interpreter, or use force='torch'")
+            f"{kernel} needs CUDA tensors, got tensors on {device}; on a CPU machine set "
+            "TRITON_INTERPRET=1 before triton is first imported to run it in the "
+            "interpreter, or use force='torch'")
 
 
 def _launch(out: torch.Tensor, offsets: torch.Tensor | None, key: int, start: int,
@@ -116,7 +118,7 @@ def randn_triton(key: int, offsets: torch.Tensor) -> torch.Tensor:
     go to the kernel as they are (int64 is needed for indices >= 2**31), others are
     widened to int64. ``key`` is taken modulo 2**63, as the twin takes it.
     """
-    _check_kernel_usable(offsets.device)
+    check_kernel_usable(offsets.device)
     _check_integer(offsets)
     flat = offsets.reshape(-1)
     if flat.dtype not in (torch.int32, torch.int64):
@@ -138,7 +140,7 @@ def noise_triton(key: int, shape: tuple[int, ...] | torch.Size,
     The offsets are generated in the kernel, so no index tensor is materialised.
     """
     device = torch.device(device)
-    _check_kernel_usable(device)
+    check_kernel_usable(device)
     if start < 0:
         raise ValueError(f"`start` must be a non-negative element index, got {start}")
     numel = 1

@@ -53,7 +53,13 @@ from collections.abc import Sequence
 import torch
 
 from lowmem_es import noise as _noise
-from lowmem_es.kernels.noise import FORCE_CHOICES, FORCE_TORCH_ENV, HAS_TRITON, INTERPRETED
+from lowmem_es.kernels.noise import (
+    FORCE_CHOICES,
+    FORCE_TORCH_ENV,
+    HAS_TRITON,
+    INTERPRETED,
+    check_kernel_usable,
+)
 from lowmem_es.kernels.noise import use_kernel as _use_kernel
 
 if HAS_TRITON:
@@ -497,14 +503,7 @@ def _launch_config(plan: RowPlan, d_in: int, d_out: int, rank: int, device: torc
 
 
 def _check_kernel_usable(device: torch.device) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("the fused noisy LoRA kernel needs `triton`, which cannot be "
-                           "imported here; use force='torch' (the pure-torch twin)")
-    if device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f"the fused noisy LoRA kernel needs CUDA tensors, got tensors on {device}; on a "
-            "CPU machine set TRITON_INTERPRET=1 before triton is first imported to run it in "
-            "the interpreter, or use force='torch'")
+    check_kernel_usable(device, "the fused noisy LoRA kernel")
 
 
 def noisy_lora_triton(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
