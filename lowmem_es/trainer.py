@@ -32,7 +32,13 @@ from lowmem_es.errors import RewardFunctionError
 from lowmem_es.generate import Completion, generate_population, render_prompt
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
 from lowmem_es.model import load_model, resolve_device
-from lowmem_es.rewards import RewardFunc, compute_rewards, load_reward, reward_name
+from lowmem_es.rewards import (
+    RewardFunc,
+    compute_rewards,
+    load_reward,
+    member_fitness,
+    reward_name,
+)
 
 logger = logging.getLogger("lowmem_es")
 
@@ -204,8 +210,12 @@ class ESTrainer:
         totals, per_func = (self.score(rows, [p for _, p in row_spec], completions)
                             if completions else ([], {}))
         per_member = len(rows) * args.num_generations
-        local_fitness = {m: sum(totals[i * per_member:(i + 1) * per_member]) / per_member
-                         for i, m in enumerate(self.local_members)}
+        local_fitness = {
+            m: member_fitness(totals[i * per_member:(i + 1) * per_member], len(rows),
+                              args.num_generations, pass_at_k=args.pass_at_k,
+                              pass_at_k_fraction=args.pass_at_k_fraction,
+                              correct_threshold=args.correct_threshold)
+            for i, m in enumerate(self.local_members)}
         fitness = distributed.gather_fitness(local_fitness, len(self.members), self.device)
         all_missing = all(v is None for values in per_func.values() for v in values)
         all_missing = not distributed.any_rank(not all_missing)

@@ -246,7 +246,8 @@ def test_reward_plot_is_written(reference):
 
 
 def _spawn(out: Path, resume: bool) -> subprocess.Popen:
-    args = [sys.executable, "-m", "lowmem_es.cli", "train", "--output-dir", str(out),
+    args = [sys.executable, "-m", "lowmem_es.cli", "train", "--example", "tiny",
+            "--output-dir", str(out),
             "--iterations", "24", "--population-size", "4", "--batch-size", "2",
             "--max-completion-length", "6", "--save-steps", "5", "--optimizer", "adam"]
     if resume:

@@ -183,7 +183,7 @@ def test_read_jsonl_missing_file(tmp_path):
 
 def test_train_tiny_example_end_to_end(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--output-dir", str(out), "--iterations", "2",
+    assert main(["train", "--example", "tiny", "--output-dir", str(out), "--iterations", "2",
                  "--population-size", "4"]) == 0
 
     saved = ESConfig.from_toml(out / "run.toml")

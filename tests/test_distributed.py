@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from lowmem_es import distributed, es
 from lowmem_es.cli import main
 
-RUN = ["--iterations", "6", "--population-size", "6", "--batch-size", "2",
+RUN = ["--example", "tiny", "--iterations", "6", "--population-size", "6", "--batch-size", "2",
        "--max-completion-length", "5", "--save-steps", "2", "--optimizer", "adam"]
 
 

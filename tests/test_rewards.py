@@ -19,8 +19,13 @@ from lowmem_es.rewards import (
     compute_rewards,
     exact_match,
     last_number,
+    length_penalty,
     load_reward,
+    make_length_penalty,
+    make_regex_reward,
+    member_fitness,
     target_fraction,
+    think_answer_format,
 )
 
 PROMPTS = ["Say hi", "Add 2 and 3", "Spell cat"]
@@ -159,7 +164,8 @@ def test_numpy_scalar_rewards_are_numbers():
 # --- load_reward ---
 
 def test_load_builtin_names():
-    assert set(BUILTIN_REWARDS) == {"target_fraction", "exact_match", "last_number"}
+    assert set(BUILTIN_REWARDS) == {"target_fraction", "exact_match", "last_number",
+                                    "think_answer_format", "length_penalty"}
     for name, func in BUILTIN_REWARDS.items():
         assert load_reward(name) is func
     assert load_reward(reward_len) is reward_len
@@ -243,3 +249,105 @@ def test_exact_match():
 ])
 def test_last_number(completion, answer, expected):
     assert last_number([completion], answer=[answer]) == [expected]
+
+
+# --- format and length rewards ---
+
+@pytest.mark.parametrize(("completion", "expected"), [
+    ("<think>2+2</think><answer>4</answer>", 1.0),
+    ("<think>\nadd them\n</think>\n<answer> 4 </answer>", 1.0),  # newlines inside tags
+    ("I think <think>x</think> <answer>4</answer> done", 1.0),  # a match anywhere
+    ("<think>x</think> so <answer>4</answer>", 0.0),  # words between the blocks
+    ("<answer>4</answer><think>x</think>", 0.0),  # wrong order
+    ("<think>x</think>", 0.0),
+    ("<think>x<answer>4</answer>", 0.0),  # think never closed
+    ("", 0.0),
+])
+def test_think_answer_format(completion, expected):
+    assert think_answer_format([completion]) == [expected]
+    assert load_reward("think_answer_format") is think_answer_format
+
+
+def test_regex_reward_search_and_full_match():
+    search = make_regex_reward(r"Answer: \d+", reward=0.5, name="has_answer")
+    full = make_regex_reward(r"Answer: \d+", full_match=True)
+    completions = ["Answer: 12", "so... Answer: 7 ok", "  Answer: 3\n", "answer: 3"]
+    assert search(completions) == [0.5, 0.5, 0.5, 0.0]
+    assert full(completions) == [1.0, 0.0, 1.0, 0.0]  # full match ignores outer whitespace
+    assert search.__name__ == "has_answer" and full.__name__ == "regex_reward"
+    totals, per_func = _call([search], completions=["Answer: 1", "no", "Answer: 2"])
+    assert totals == [0.5, 0.0, 0.5] and "has_answer" in per_func
+
+
+def test_regex_reward_bad_pattern_fails_when_built():
+    with pytest.raises(ValueError, match=r"pattern '\(unclosed' does not compile"):
+        make_regex_reward("(unclosed")
+
+
+def test_length_penalty_counts_tokens():
+    ids = [[1] * 10, [], [1] * 3]
+    assert length_penalty(["a", "b", "c"], completion_ids=ids) == pytest.approx(
+        [-0.010, 0.0, -0.003])
+    free = make_length_penalty(per_token=0.5, free_tokens=4)
+    assert free(["a", "b", "c"], completion_ids=ids) == [-3.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match=r"per_token=-1"):
+        make_length_penalty(per_token=-1)
+
+
+def test_task_rewards_load_by_name():
+    from lowmem_es.tasks.countdown import countdown_answer, countdown_format
+
+    assert load_reward("countdown_answer") is countdown_answer
+    assert load_reward("countdown_format") is countdown_format
+    with pytest.raises(ValueError, match=r"countdown_answer"):  # listed among the names
+        load_reward("countdown")
+
+
+# --- member fitness (pass@k) ---
+
+# Two prompts x three generations, prompt-major.
+TOTALS = [0.0, 1.1, 0.1,    # prompt 0: one of three correct (1.1 >= 1.0)
+          0.1, 0.0, 0.1]    # prompt 1: none correct
+
+
+def test_member_fitness_plain_mean():
+    assert member_fitness(TOTALS, 2, 3) == pytest.approx(1.4 / 6)
+    assert member_fitness([0.5], 1, 1) == 0.5
+
+
+def test_member_fitness_pass_at_k_any():
+    assert member_fitness(TOTALS, 2, 3, pass_at_k=True) == 0.5
+    assert member_fitness([1.0, 1.0, 0.0, 1.0], 2, 2, pass_at_k=True) == 1.0
+    assert member_fitness([0.0] * 4, 2, 2, pass_at_k=True) == 0.0
+
+
+def test_member_fitness_threshold_is_inclusive_and_configurable():
+    assert member_fitness([0.1, 0.0], 1, 2, pass_at_k=True, correct_threshold=0.1) == 1.0
+    assert member_fitness([0.09, 0.0], 1, 2, pass_at_k=True, correct_threshold=0.1) == 0.0
+
+
+@pytest.mark.parametrize(("fraction", "expected"), [
+    (0.0, 1.0),   # any one of 4
+    (0.25, 1.0),  # ceil(1.0) = 1
+    (0.5, 1.0),   # 2 of 4 needed, 2 correct
+    (0.51, 0.0),  # ceil(2.04) = 3 needed
+    (1.0, 0.0),   # all 4 needed
+])
+def test_member_fitness_fraction(fraction, expected):
+    totals = [1.0, 0.0, 1.0, 0.0]  # one prompt, k = 4, two correct
+    assert member_fitness(totals, 1, 4, pass_at_k=True, pass_at_k_fraction=fraction) == expected
+
+
+def test_member_fitness_fraction_float_error():
+    # 0.3 * 10 = 3.0000000000000004 in floats: it must need 3 correct, not 4.
+    totals = [1.0] * 3 + [0.0] * 7
+    assert member_fitness(totals, 1, 10, pass_at_k=True, pass_at_k_fraction=0.3) == 1.0
+
+
+def test_member_fitness_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"got 5 rewards for 2 prompts x 3 generations = 6"):
+        member_fitness(TOTALS[:5], 2, 3)
+    with pytest.raises(ValueError, match=r"num_prompts >= 1"):
+        member_fitness([], 0, 3)
+    with pytest.raises(ValueError, match=r"`pass_at_k_fraction`.*1.5"):
+        member_fitness(TOTALS, 2, 3, pass_at_k=True, pass_at_k_fraction=1.5)

@@ -1,0 +1,228 @@
+"""Held-out evaluation: accuracy, mean reward and accuracy among well-formed answers.
+
+``evaluate(model, adapter=..., task=...)`` loads the model once (NF4), scores the base
+model (LoRA B = 0 is exactly the base) and then the adapter on the same rows with greedy
+decoding, split by split (eval and, where the task has one, transfer), side by side.
+
+Three numbers per split, because a probe on SmolLM2 saw ES learn answer *format* first:
+- ``accuracy``: fraction of completions whose total reward is >= ``correct_threshold``;
+- ``mean_reward``: mean total reward (partial credit such as a format bonus shows here);
+- ``accuracy_well_formed``: accuracy among completions the task calls well-formed
+  (``well_formed`` the fraction of those). A gain in ``accuracy`` with a flat
+  ``accuracy_well_formed`` is a format gain; a gain in both is a capability gain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lowmem_es.config import ESConfig
+from lowmem_es.rewards import RewardFunc, load_reward
+
+logger = logging.getLogger("lowmem_es")
+
+
+def summarize(totals: Sequence[float], texts: Sequence[str],
+              well_formed: Callable[[str], bool] | None, correct_threshold: float
+              ) -> dict[str, Any]:
+    """The split metrics from per-completion total rewards and completion texts.
+
+    ``accuracy_well_formed`` is None when no completion is well-formed (undefined, not 0).
+    """
+    if len(totals) != len(texts):
+        raise ValueError(f"{len(totals)} rewards for {len(texts)} completions")
+    count = len(totals)
+    correct = [t >= correct_threshold for t in totals]
+    result: dict[str, Any] = {
+        "count": count,
+        "accuracy": sum(correct) / count if count else 0.0,
+        "mean_reward": sum(totals) / count if count else 0.0,
+    }
+    if well_formed is not None:
+        formed = [bool(well_formed(text)) for text in texts]
+        formed_correct = sum(c for c, f in zip(correct, formed, strict=True) if f)
+        result["well_formed"] = sum(formed) / count if count else 0.0
+        result["accuracy_well_formed"] = (formed_correct / sum(formed) if any(formed)
+                                          else None)
+    return result
+
+
+def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
+                  reward_funcs: Sequence[RewardFunc | str], *,
+                  well_formed: Callable[[str], bool] | None = None,
+                  correct_threshold: float = 1.0, max_prompt_length: int = 256,
+                  max_completion_length: int = 64, rows_per_chunk: int = 0,
+                  reward_weights: Sequence[float] | None = None, samples: int = 0
+                  ) -> dict[str, Any]:
+    """Greedy completions of the current (unperturbed) adapter on ``rows``, scored.
+
+    Scoring goes through ``ESTrainer.score`` so evaluation sees exactly the rewards
+    training optimises. ``samples`` > 0 adds the first few (prompt, completion, reward)
+    triples, which is the quickest way to see *what* a model learned.
+    """
+    from lowmem_es import noise
+    from lowmem_es.generate import generate_population, render_prompt
+    from lowmem_es.trainer import ESTrainer, validate_rows
+
+    rows = validate_rows(rows, "dataset")
+    # A scorer only: the current noise backend is passed through so that building it does
+    # not switch the backend of a training run that evaluates mid-way.
+    args = ESConfig(max_prompt_length=max_prompt_length,
+                    max_completion_length=max_completion_length, rows_per_chunk=rows_per_chunk,
+                    reward_weights=list(reward_weights) if reward_weights is not None else None,
+                    population_size=2, correct_threshold=correct_threshold,
+                    noise_backend=noise.get_backend())
+    scorer = ESTrainer(es_model, list(reward_funcs), train_dataset=rows, args=args,
+                       tokenizer=tokenizer)
+    prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
+    warn_long_prompts(prompts, tokenizer, max_prompt_length)
+    device = next(es_model.model.parameters()).device
+    started = time.perf_counter()
+    completions = generate_population(
+        es_model, tokenizer, prompts, [(None, i) for i in range(len(rows))],
+        max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
+        temperature=0.0, rows_per_chunk=rows_per_chunk, device=device)
+    totals, _ = scorer.score(rows, list(range(len(rows))), completions)
+    texts = [c.text for c in completions]
+    result = summarize(totals, texts, well_formed, correct_threshold)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    if samples:
+        result["samples"] = [{"prompt": prompts[i], "completion": texts[i], "reward": totals[i]}
+                             for i in range(min(samples, len(rows)))]
+    return result
+
+
+def warn_long_prompts(prompts: Sequence[str], tokenizer: Any, max_prompt_length: int) -> int:
+    """Log a warning when prompts exceed ``max_prompt_length`` tokens (they get left-truncated)."""
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    too_long = sum(length > max_prompt_length for length in lengths)
+    if too_long:
+        logger.warning("%d of %d prompts are longer than max_prompt_length=%d tokens (longest "
+                       "%d) and are truncated on the left; raise --max-prompt-length to keep "
+                       "them whole", too_long, len(prompts), max_prompt_length, max(lengths))
+    return too_long
+
+
+def adapter_settings(adapter: str | os.PathLike) -> dict[str, Any]:
+    """(rank, alpha, target modules, base model) of a PEFT adapter directory."""
+    path = Path(adapter)
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"adapter directory {str(path)!r} has no adapter_config.json; "
+                                "pass the directory written by save_adapter (e.g. "
+                                "runs/NAME/adapter)")
+    config = json.loads(config_file.read_text())
+    targets = config.get("target_modules")
+    if isinstance(targets, str):  # PEFT also allows a regex string; we need names
+        raise ValueError(f"adapter {str(path)!r} gives target_modules as the pattern "
+                         f"{targets!r}; only lists of module names are supported")
+    return {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
+            "target_modules": list(targets), "base_model": config.get("base_model_name_or_path")}
+
+
+def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+             task: Any = None, splits: dict[str, list[dict]] | None = None,
+             split_names: Sequence[str] = ("eval", "transfer"), seed: int = 0,
+             reward_funcs: Sequence[RewardFunc | str] | None = None,
+             correct_threshold: float | None = None, include_base: bool = True,
+             max_prompt_length: int = 256, max_completion_length: int = 64,
+             rows_per_chunk: int = 0, limit: int | None = None, samples: int = 0,
+             device: str = "auto") -> dict[str, Any]:
+    """Base model and adapter side by side on the task's held-out splits.
+
+    ``task`` is a Task or a registered name (``splits`` may give rows directly instead);
+    its reward functions, well-formed test and threshold apply unless overridden.
+    Returns ``{"model", "adapter", "task", "splits": {split: {"base": metrics,
+    "adapter": metrics}}}``; ``limit`` caps rows per split.
+    """
+    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.model import load_model
+    from lowmem_es.tasks import fit_prompts, get_task
+
+    if isinstance(task, str):
+        task = get_task(task)
+    if task is None and splits is None:
+        raise ValueError("give a `task` (name or Task) or `splits` to evaluate on")
+    if splits is None:
+        splits = task.splits(seed=seed)
+    if reward_funcs is None:
+        if task is None:
+            raise ValueError("`reward_funcs` is required when evaluating plain `splits`")
+        reward_funcs = list(task.reward_funcs)
+    reward_funcs = [load_reward(f) for f in reward_funcs]
+    threshold = correct_threshold if correct_threshold is not None else (
+        task.correct_threshold if task is not None else 1.0)
+    well_formed = task.well_formed if task is not None else None
+    chosen = [name for name in split_names if name in splits]
+    if not chosen:
+        raise ValueError(f"none of the splits {list(split_names)} exist; the task has "
+                         f"{sorted(splits)}")
+    settings = adapter_settings(adapter) if adapter is not None else None
+    if settings and settings["base_model"] and str(settings["base_model"]) != str(model):
+        logger.warning("adapter %s was trained on %s, evaluating it on %s", adapter,
+                       settings["base_model"], model)
+    base, tokenizer, _ = load_model(model, device=device)
+    if settings is None:  # base only: a rank-1 adapter with B = 0 adds exactly zero
+        settings = {"rank": 1, "alpha": 1.0, "target_modules": [_first_linear_name(base)]}
+    es_model = attach_es_lora(base, settings["target_modules"], settings["rank"],
+                              settings["alpha"], base_model_name_or_path=str(model))
+    rows_by_split = {}
+    for name in chosen:
+        rows = fit_prompts(splits[name], tokenizer)
+        rows_by_split[name] = rows[:limit] if limit is not None else rows
+    common = dict(well_formed=well_formed, correct_threshold=threshold,
+                  max_prompt_length=max_prompt_length,
+                  max_completion_length=max_completion_length, rows_per_chunk=rows_per_chunk,
+                  samples=samples)
+    report: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None,
+                              "task": task.name if task is not None else None,
+                              "correct_threshold": threshold, "splits": {}}
+    for name in chosen:
+        report["splits"][name] = {}
+    variants = (["base"] if include_base or adapter is None else []) + (
+        ["adapter"] if adapter is not None else [])
+    for variant in variants:
+        if variant == "adapter":
+            es_model.load_adapter(adapter)
+        for name in chosen:
+            report["splits"][name][variant] = evaluate_rows(
+                es_model, tokenizer, rows_by_split[name], reward_funcs, **common)
+    return report
+
+
+def _first_linear_name(model: Any) -> str:
+    """A linear layer name to hang a zero adapter on (generation needs an ESLoraModel)."""
+    from torch import nn
+
+    for qualified, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not qualified.endswith("lm_head"):
+            return qualified.rpartition(".")[2]
+    raise ValueError("the model has no linear layer besides lm_head; it cannot be evaluated")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A small text table: one line per split, base and adapter side by side."""
+    def cell(metrics: dict[str, Any] | None, key: str) -> str:
+        if metrics is None or metrics.get(key) is None:
+            return "-"
+        return f"{metrics[key]:.3f}"
+
+    lines = [f"model {report['model']}  adapter {report['adapter'] or '-'}  "
+             f"task {report['task'] or '-'}  (correct: reward >= {report['correct_threshold']})",
+             f"{'split':<10}{'rows':>6}  {'accuracy':>17}  {'mean reward':>17}  "
+             f"{'acc. well-formed':>17}  {'well-formed':>17}",
+             f"{'':<10}{'':>6}  {'base -> adapter':>17}  {'base -> adapter':>17}  "
+             f"{'base -> adapter':>17}  {'base -> adapter':>17}"]
+    for name, result in report["splits"].items():
+        base, tuned = result.get("base"), result.get("adapter")
+        count = (base or tuned or {}).get("count", 0)
+        cells = [f"{cell(base, key):>7} -> {cell(tuned, key):<6}"
+                 for key in ("accuracy", "mean_reward", "accuracy_well_formed", "well_formed")]
+        lines.append(f"{name:<10}{count:>6}  " + "  ".join(f"{c:>17}" for c in cells))
+    return "\n".join(lines)

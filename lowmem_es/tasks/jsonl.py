@@ -1,0 +1,123 @@
+"""JSONL datasets: one JSON object per line, mapped to rows ``{prompt, answer, ...}``.
+
+``--dataset FILE.jsonl --prompt-field question --answer-field answer`` reads a GSM8K-style
+file: the prompt field becomes one user chat message, the answer field the reference,
+and a GSM8K solution ("... #### 72") is reduced to its final answer ("72") so the
+last-number reward can compare it. Every other field is kept as a column for reward
+functions. Errors name the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lowmem_es.rewards import last_number
+from lowmem_es.tasks._split import stable_unit
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The objects of a JSONL file (blank lines skipped); errors name the file and line."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist; pass a JSONL "
+                                "file with one JSON object per line")
+    rows = []
+    with open(file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON ({error.msg} at column "
+                                 f"{error.colno}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number} is a JSON {type(row).__name__}, not an "
+                                 "object; each line must be one JSON object like "
+                                 '{"prompt": "...", "answer": "..."}')
+            rows.append((number, row))
+    if not rows:
+        raise ValueError(f"dataset file {str(path)!r} has no rows")
+    return [dict(row, _line=number) for number, row in rows]
+
+
+def final_answer(answer: object) -> str:
+    """GSM8K's "reasoning #### 1,234" -> "1234"; any other answer as a stripped string."""
+    text = str(answer)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    return text.strip().replace(",", "")
+
+
+def map_rows(raw: list[dict], path: str | os.PathLike, prompt_field: str = "prompt",
+             answer_field: str | None = "answer", chat: bool = True) -> list[dict]:
+    """Rows ``{prompt, answer, ...}`` from raw JSONL objects (see ``read_jsonl``).
+
+    A string prompt becomes ``[{"role": "user", "content": ...}]`` when ``chat``; a
+    prompt that already is a list of chat messages is kept as it is.
+    """
+    rows = []
+    for raw_row in raw:
+        line = raw_row.get("_line", "?")
+        row = {k: v for k, v in raw_row.items() if k != "_line"}
+        if prompt_field not in row:
+            raise ValueError(f"{path}:{line} has no field {prompt_field!r} (fields: "
+                             f"{sorted(row)}); set --prompt-field to the field that holds "
+                             "the prompt")
+        prompt = row.pop(prompt_field)
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError(f"{path}:{line}: field {prompt_field!r} is empty")
+            prompt = [{"role": "user", "content": prompt}] if chat else prompt
+        elif not (isinstance(prompt, list) and prompt and all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in prompt)):
+            raise ValueError(f"{path}:{line}: field {prompt_field!r} must be a string or a "
+                             "list of chat messages {'role': ..., 'content': ...}, got "
+                             f"{type(prompt).__name__}")
+        mapped = {"prompt": prompt, **{k: v for k, v in row.items() if k != "prompt"}}
+        if answer_field is not None:
+            if answer_field not in row:
+                raise ValueError(f"{path}:{line} has no field {answer_field!r} (fields: "
+                                 f"{sorted(row)}); set --answer-field to the field that "
+                                 "holds the reference answer")
+            mapped["answer"] = final_answer(row[answer_field])
+        rows.append(mapped)
+    return rows
+
+
+def jsonl_task(path: str | os.PathLike, prompt_field: str = "prompt",
+               answer_field: str | None = "answer", eval_path: str | os.PathLike | None = None,
+               eval_fraction: float = 0.2, chat: bool = True):
+    """A Task over a JSONL file (GSM8K-style last-number reward).
+
+    With ``eval_path`` the two files are the train and eval splits; otherwise rows are
+    split by a seeded hash of their line content (``eval_fraction`` to eval), so the
+    split is stable when lines are added or reordered.
+    """
+    from lowmem_es.tasks import Task
+
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}")
+    train_rows = map_rows(read_jsonl(path), path, prompt_field, answer_field, chat)
+    eval_rows = (map_rows(read_jsonl(eval_path), eval_path, prompt_field, answer_field, chat)
+                 if eval_path is not None else None)
+
+    def make_splits(seed: int = 0) -> dict[str, list[dict]]:
+        if eval_rows is not None:
+            return {"train": list(train_rows), "eval": list(eval_rows)}
+        train, held = [], []
+        for row in train_rows:
+            key = json.dumps(row, sort_keys=True, default=str)
+            (held if stable_unit("jsonl", seed, key) < eval_fraction else train).append(row)
+        return {"train": train, "eval": held}
+
+    return Task(f"jsonl:{Path(path).name}", f"rows of {path} (last-number reward)",
+                make_splits, (last_number,), _well_formed)
+
+
+def _well_formed(text: str) -> bool:
+    from lowmem_es.tasks.arithmetic import well_formed
+
+    return well_formed(text)

