@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -74,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--example", choices=["tiny"], default=None,
                        help="run the tiny built-in example instead of the embedded default")
     train.add_argument("--dataset", help="JSONL file, one row per line with a 'prompt' field")
-    train.add_argument("--eval-dataset", help="JSONL file for evaluation of the centre")
+    train.add_argument("--eval-dataset", help="JSONL file for evaluation of the centre "
+                       "(else 20%% of --dataset is held out, split by --seed)")
+    train.add_argument("--task", help="built-in task: arithmetic or countdown (its splits and "
+                       "rewards; --reward overrides the rewards)")
+    train.add_argument("--prompt-field", default="prompt", help="JSONL field of the prompt")
+    train.add_argument("--answer-field", default=None, help="JSONL field of the reference "
+                       "answer (default 'answer' when no --reward is given)")
     train.add_argument("--reward", nargs="+", default=None,
                        help="reward functions: built-in names or module:function")
     train.add_argument("--trust-remote-code", action="store_true",
@@ -123,34 +128,14 @@ def resolve_config(ns: argparse.Namespace, defaults: dict[str, Any] | None = Non
     return ESConfig.from_dict(values, source="configuration")
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSONL file; errors name the file and line."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"dataset file {path!r} does not exist")
-    rows = []
-    with open(file) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON ({error})") from error
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number} is not a JSON object")
-            rows.append(row)
-    return rows
-
-
 def cmd_train(ns: argparse.Namespace) -> int:
     from lowmem_es import distributed
     from lowmem_es.model import resolve_device
     from lowmem_es.trainer import ESTrainer
 
-    if ns.model is None and ns.dataset:
-        raise ValueError("--dataset needs --model; without --model the embedded default "
-                         "runs on its own data")
+    if ns.model is None and (ns.dataset or ns.task):
+        raise ValueError("--dataset/--task need --model; without --model the embedded "
+                         "default runs on its own data")
     if ns.model is None and ns.example is None:
         from lowmem_es import default_model
 
@@ -177,16 +162,28 @@ def cmd_train(ns: argparse.Namespace) -> int:
         trainer = ESTrainer(str(base), [target_fraction], train_dataset=data,
                             eval_dataset=data, args=config, **_run_flags(ns))
     else:
-        if not ns.dataset:
-            raise ValueError("--model needs --dataset FILE.jsonl (rows with a 'prompt')")
-        if not ns.reward:
-            raise ValueError("--model needs --reward NAME|module:function")
+        from lowmem_es.tasks import fit_prompts, get_task, jsonl_task
+
+        if bool(ns.task) == bool(ns.dataset):
+            raise ValueError("--model needs exactly one of --task NAME (arithmetic, countdown) "
+                             "or --dataset FILE.jsonl (rows with a prompt field)")
         config = resolve_config(ns)
-        train_rows = read_jsonl(ns.dataset)
-        eval_rows = read_jsonl(ns.eval_dataset) if ns.eval_dataset else None
-        trainer = ESTrainer(ns.model, ns.reward, train_dataset=train_rows,
-                            eval_dataset=eval_rows, args=config,
-                            trust_remote_code=ns.trust_remote_code, **_run_flags(ns))
+        if ns.task:
+            task = get_task(ns.task)
+        else:
+            # Without --reward the JSONL rows need an answer (GSM8K-style last-number match).
+            answer_field = ns.answer_field or (None if ns.reward else "answer")
+            task = jsonl_task(ns.dataset, ns.prompt_field, answer_field,
+                              eval_path=ns.eval_dataset, chat=False)
+        splits = task.splits(seed=config.seed)
+        trainer = ESTrainer(ns.model, ns.reward or list(task.reward_funcs),
+                            train_dataset=splits["train"], eval_dataset=splits.get("eval") or None,
+                            args=config, trust_remote_code=ns.trust_remote_code,
+                            **_run_flags(ns))
+        # Chat-message prompts become plain text for tokenizers without a chat template.
+        trainer.train_dataset = fit_prompts(trainer.train_dataset, trainer.tokenizer)
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = fit_prompts(trainer.eval_dataset, trainer.tokenizer)
     main = distributed.is_main()  # under torchrun, rank 0 evaluates and reports
     before = None if ns.resume or not main else trainer.evaluate()["eval_reward"]
     if before is not None:

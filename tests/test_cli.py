@@ -14,8 +14,13 @@ import sys
 
 import pytest
 
-from lowmem_es.cli import build_parser, main, read_jsonl, resolve_config
+from lowmem_es.cli import build_parser, main, resolve_config
 from lowmem_es.config import ESConfig
+from lowmem_es.tasks.jsonl import read_jsonl as read_jsonl_lines
+
+
+def read_jsonl(path):
+    return [{k: v for k, v in row.items() if k != "_line"} for row in read_jsonl_lines(path)]
 
 
 def _parse(*args: str):
@@ -112,12 +117,14 @@ def test_model_without_dataset(capsys):
 def test_model_without_reward(capsys, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "hi"}\n')
-    assert "--reward" in _error(capsys, ["train", "--model", "X", "--dataset", str(data)])
+    # Without --reward the rows are scored GSM8K-style, so they need an answer field.
+    assert "--answer-field" in _error(capsys, ["train", "--model", "X", "--dataset",
+                                               str(data)])
 
 
 def test_dataset_without_model(capsys):
     err = _error(capsys, ["train", "--dataset", "f.jsonl"])
-    assert "--dataset needs --model" in err
+    assert "--dataset/--task need --model" in err
 
 
 def test_missing_config_file(capsys, tmp_path):
@@ -164,12 +171,12 @@ def test_read_jsonl_rows_skip_blank_lines(tmp_path):
 
 
 @pytest.mark.parametrize(("bad_line", "what"), [('{"prompt": ', "not valid JSON"),
-                                                ('["a", "b"]', "not a JSON object"),
-                                                ('"text"', "not a JSON object")])
+                                                ('["a", "b"]', "not an object"),
+                                                ('"text"', "not an object")])
 def test_read_jsonl_bad_line_names_file_and_line(tmp_path, bad_line, what):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "a"}\n\n' + bad_line + '\n{"prompt": "b"}\n')
-    with pytest.raises(ValueError, match=re.escape(f"{data}:3 is {what}")):
+    with pytest.raises(ValueError, match=re.escape(f"{data}:3 is ") + ".*" + re.escape(what)):
         read_jsonl(str(data))
 
 
@@ -234,3 +241,21 @@ def test_plan_and_profiles_commands(tiny_llama_dir, capsys):
     assert "8gb" in capsys.readouterr().out
     assert main(["plan", "--model", str(tiny_llama_dir), "--profile", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
+
+
+def test_train_on_a_task_and_on_a_jsonl_dataset(tiny_llama_dir, tmp_path):
+    small = ["--iterations", "1", "--population-size", "2", "--batch-size", "2",
+             "--max-completion-length", "3", "--lora-rank", "2"]
+    out = tmp_path / "task"
+    assert main(["train", "--model", str(tiny_llama_dir), "--task", "arithmetic",
+                 "--output-dir", str(out), *small]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i} + 1 =", "solution": i + 1}) + "\n"
+                            for i in range(10)))
+    out = tmp_path / "jsonl"
+    assert main(["train", "--model", str(tiny_llama_dir), "--dataset", str(data),
+                 "--prompt-field", "question", "--answer-field", "solution",
+                 "--output-dir", str(out), *small]) == 0
+    journal = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
+    assert len(journal) == 1 and len(journal[0]["fitness"]) == 2
