@@ -130,10 +130,22 @@ class ESTrainer:
                                            self.args.lora_rank, self.args.lora_alpha,
                                            seed=self.args.seed,
                                            base_model_name_or_path=str(model))
+        self._check_prompt_lengths()
         self.adam_state = es.AdamState(0, {}, {}) if self.args.optimizer == "adam" else None
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self._orders: dict[int, list[int]] = {}
+
+    def _check_prompt_lengths(self) -> None:
+        """Warn once, up front, about prompts that will be left-truncated (never a crash)."""
+        from lowmem_es.evaluate import warn_long_prompts
+
+        rows = list(self.train_dataset) + list(self.eval_dataset or [])
+        try:
+            prompts = self._prompts(rows)
+        except ValueError:
+            return  # chat prompts without a template: reported when the rows are used
+        warn_long_prompts(prompts, self.tokenizer, self.args.max_prompt_length)
 
     def _make_plan(self, model: object) -> object:
         """The memory plan of this rank's share of the population under ``args.profile``."""

@@ -168,3 +168,12 @@ def test_oom_backoff_lowers_chunk_for_later_iterations(tiny_llama_dir, tmp_path,
     for a, b in zip(trainer.es_model.parameters().values(),
                     reference.es_model.parameters().values(), strict=True):
         assert torch.equal(a, b)  # nothing lost or changed by the retry
+
+
+def test_long_prompts_are_warned_about_once(tiny_llama_dir, tmp_path, caplog):
+    rows = [{"prompt": "x" * 80, "target": "a"}, {"prompt": "short", "target": "a"}]
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=rows,
+                  args=example_config(str(tmp_path), max_prompt_length=32))
+    assert any("1 of 2 prompts are longer than max_prompt_length=32" in r.message
+               for r in caplog.records)
