@@ -231,7 +231,7 @@ def run_default(config: ESConfig | None = None, seed: int | None = None,
     def measure(variant: str) -> None:
         for name in ("eval", "transfer"):
             report["splits"][name][variant] = evaluate_rows(
-                trainer.es_model, trainer.tokenizer, data[name], task.reward_funcs,
+                trainer.es_model, trainer.tokenizer, data[name], scorer=trainer,
                 well_formed=task.well_formed, correct_threshold=config.correct_threshold,
                 max_prompt_length=config.max_prompt_length,
                 max_completion_length=EVAL_COMPLETION_LENGTH,

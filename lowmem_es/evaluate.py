@@ -53,8 +53,28 @@ def summarize(totals: Sequence[float], texts: Sequence[str],
     return result
 
 
+def make_scorer(es_model: Any, tokenizer: Any, rows: Sequence[dict],
+                reward_funcs: Sequence[RewardFunc | str], *, max_prompt_length: int = 256,
+                reward_weights: Sequence[float] | None = None) -> Any:
+    """An ESTrainer over ``es_model`` used for its ``score``: evaluation then sees exactly
+    the rewards (and reward-function checks) that training optimises.
+
+    Building it checks ``rows``' prompt lengths once (a warning, never a crash). The
+    current noise backend is passed through so that building a scorer never switches the
+    backend of a training run in the same process.
+    """
+    from lowmem_es import noise
+    from lowmem_es.trainer import ESTrainer
+
+    args = ESConfig(max_prompt_length=max_prompt_length, population_size=2,
+                    reward_weights=list(reward_weights) if reward_weights is not None else None,
+                    noise_backend=noise.get_backend())
+    return ESTrainer(es_model, list(reward_funcs), train_dataset=rows, args=args,
+                     tokenizer=tokenizer)
+
+
 def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
-                  reward_funcs: Sequence[RewardFunc | str], *,
+                  reward_funcs: Sequence[RewardFunc | str] = (), *, scorer: Any = None,
                   well_formed: Callable[[str], bool] | None = None,
                   correct_threshold: float = 1.0, max_prompt_length: int = 256,
                   max_completion_length: int = 64, rows_per_chunk: int = 0,
@@ -62,26 +82,21 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
                   ) -> dict[str, Any]:
     """Greedy completions of the current (unperturbed) adapter on ``rows``, scored.
 
-    Scoring goes through ``ESTrainer.score`` so evaluation sees exactly the rewards
-    training optimises. ``samples`` > 0 adds the first few (prompt, completion, reward)
+    ``scorer`` is an ESTrainer whose ``score`` (reward functions, weights) to use, e.g.
+    the training run's own; without one, ``make_scorer`` builds one from
+    ``reward_funcs``. ``samples`` > 0 adds the first few (prompt, completion, reward)
     triples, which is the quickest way to see *what* a model learned.
     """
-    from lowmem_es import noise
     from lowmem_es.generate import generate_population, render_prompt
-    from lowmem_es.trainer import ESTrainer, validate_rows
+    from lowmem_es.trainer import validate_rows
 
     rows = validate_rows(rows, "dataset")
-    # A scorer only: the current noise backend is passed through so that building it does
-    # not switch the backend of a training run that evaluates mid-way.
-    args = ESConfig(max_prompt_length=max_prompt_length,
-                    max_completion_length=max_completion_length, rows_per_chunk=rows_per_chunk,
-                    reward_weights=list(reward_weights) if reward_weights is not None else None,
-                    population_size=2, correct_threshold=correct_threshold,
-                    noise_backend=noise.get_backend())
-    scorer = ESTrainer(es_model, list(reward_funcs), train_dataset=rows, args=args,
-                       tokenizer=tokenizer)
+    if scorer is None:
+        if not reward_funcs:
+            raise ValueError("evaluate_rows needs `reward_funcs` or a `scorer`")
+        scorer = make_scorer(es_model, tokenizer, rows, reward_funcs,
+                             max_prompt_length=max_prompt_length, reward_weights=reward_weights)
     prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
-    warn_long_prompts(prompts, tokenizer, max_prompt_length)
     device = next(es_model.model.parameters()).device
     started = time.perf_counter()
     completions = generate_population(
@@ -176,7 +191,10 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     for name in chosen:
         rows = fit_prompts(splits[name], tokenizer)
         rows_by_split[name] = rows[:limit] if limit is not None else rows
-    common = dict(well_formed=well_formed, correct_threshold=threshold,
+    every_row = [row for rows in rows_by_split.values() for row in rows]
+    scorer = make_scorer(es_model, tokenizer, every_row, reward_funcs,
+                         max_prompt_length=max_prompt_length)
+    common = dict(scorer=scorer, well_formed=well_formed, correct_threshold=threshold,
                   max_prompt_length=max_prompt_length,
                   max_completion_length=max_completion_length, rows_per_chunk=rows_per_chunk,
                   samples=samples)
@@ -192,7 +210,7 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
             es_model.load_adapter(adapter)
         for name in chosen:
             report["splits"][name][variant] = evaluate_rows(
-                es_model, tokenizer, rows_by_split[name], reward_funcs, **common)
+                es_model, tokenizer, rows_by_split[name], **common)
     return report
 
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from lowmem_es.cli_eval import add_eval_parser, run_eval
-from lowmem_es.evaluate import adapter_settings, evaluate, format_report, summarize
+from lowmem_es.evaluate import (
+    adapter_settings,
+    evaluate,
+    evaluate_rows,
+    format_report,
+    summarize,
+)
 from lowmem_es.rewards import target_fraction
 from lowmem_es.tasks import arithmetic
 
@@ -91,6 +97,8 @@ def test_evaluate_base_and_adapter_side_by_side(tiny_llama_dir, tmp_path):
 
 
 def test_evaluate_bad_input(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"needs `reward_funcs` or a `scorer`"):
+        evaluate_rows(None, None, ROWS)
     with pytest.raises(ValueError, match=r"give a `task`"):
         evaluate(tiny_llama_dir)
     with pytest.raises(ValueError, match=r"none of the splits \['transfer'\] exist"):
@@ -144,3 +152,15 @@ def test_cli_eval_table_and_errors(tiny_llama_dir, tmp_path, capsys):
                          "--limit", "0"]))
     with pytest.raises(SystemExit):  # --task and --dataset are exclusive
         _parse(["--task", "arithmetic", "--dataset", "x.jsonl"])
+
+
+def test_long_prompts_warn_with_the_fix(caplog):
+    from lowmem_es.evaluate import warn_long_prompts
+    from lowmem_es.example import char_tokenizer
+
+    tokenizer = char_tokenizer()  # one token per character
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        assert warn_long_prompts(["abc", "abcdefgh", "ab"], tokenizer, 4) == 1
+    assert "1 of 3 prompts are longer than max_prompt_length=4 tokens (longest 8)" in caplog.text
+    assert "--max-prompt-length" in caplog.text
+    assert warn_long_prompts(["abc"], tokenizer, 4) == 0

@@ -286,6 +286,8 @@ def test_jsonl_separate_eval_file(tmp_path):
 def test_jsonl_errors_name_file_line_and_field(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'.*missing.jsonl' does not exist"):
         read_jsonl(tmp_path / "missing.jsonl")
+    good = _write(tmp_path / "good.jsonl", ['{"prompt": "a", "n": 1}', "", '{"prompt": "b"}'])
+    assert read_jsonl(good) == [{"prompt": "a", "n": 1}, {"prompt": "b"}]
     bad = _write(tmp_path / "bad.jsonl", ['{"prompt": "a"}', "", '{"prompt": "b",'])
     with pytest.raises(ValueError, match=r"bad.jsonl:3 is not valid JSON"):
         read_jsonl(bad)

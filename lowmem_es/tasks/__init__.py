@@ -5,8 +5,8 @@ A task is data and a verifiable reward, nothing else: rows are dicts ``{prompt, 
 chat template; ``fit_prompts`` flattens them for tokenizers without one), and the
 reward functions follow TRL's contract (lowmem_es.rewards). Built-in tasks:
 
-- ``arithmetic``: graded arithmetic questions, last-number reward, with a transfer split
-  of unseen phrasings (the embedded default's task);
+- ``arithmetic``: graded arithmetic questions, last-number reward (+0.1 for stopping on
+  the answer), with a transfer split of unseen phrasings (the embedded default's task);
 - ``countdown``: the ES paper's Countdown puzzles and its 0.1 x format + 1.0 x answer reward;
 - JSONL files: ``jsonl_task(path, prompt_field=..., answer_field=...)``, GSM8K-style.
 """
@@ -56,7 +56,7 @@ class Task:
 TASKS: dict[str, Task] = {
     "arithmetic": Task(
         "arithmetic", "arithmetic questions in 4 difficulty levels; transfer split uses "
-        "unseen phrasings; reward: last number equals the answer",
+        "unseen phrasings; reward: 1.0 x last number equals the answer + 0.1 x well-formed",
         arithmetic.splits, arithmetic.REWARD_FUNCS, arithmetic.well_formed),
     "countdown": Task(
         "countdown", "Countdown puzzles (3-4 numbers, reachable target); reward 0.1 x "

@@ -19,6 +19,11 @@ from lowmem_es.tasks._split import stable_unit
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The objects of a JSONL file (blank lines skipped); errors name the file and line."""
+    return [row for _, row in read_numbered(path)]
+
+
+def read_numbered(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist; pass a JSONL "
@@ -40,7 +45,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             rows.append((number, row))
     if not rows:
         raise ValueError(f"dataset file {str(path)!r} has no rows")
-    return [dict(row, _line=number) for number, row in rows]
+    return rows
 
 
 def final_answer(answer: object) -> str:
@@ -51,17 +56,16 @@ def final_answer(answer: object) -> str:
     return text.strip().replace(",", "")
 
 
-def map_rows(raw: list[dict], path: str | os.PathLike, prompt_field: str = "prompt",
+def map_rows(raw: list[tuple[int, dict]], path: str | os.PathLike, prompt_field: str = "prompt",
              answer_field: str | None = "answer", chat: bool = True) -> list[dict]:
-    """Rows ``{prompt, answer, ...}`` from raw JSONL objects (see ``read_jsonl``).
+    """Rows ``{prompt, answer, ...}`` from numbered JSONL objects (see ``read_numbered``).
 
     A string prompt becomes ``[{"role": "user", "content": ...}]`` when ``chat``; a
     prompt that already is a list of chat messages is kept as it is.
     """
     rows = []
-    for raw_row in raw:
-        line = raw_row.get("_line", "?")
-        row = {k: v for k, v in raw_row.items() if k != "_line"}
+    for line, raw_row in raw:
+        row = dict(raw_row)
         if prompt_field not in row:
             raise ValueError(f"{path}:{line} has no field {prompt_field!r} (fields: "
                              f"{sorted(row)}); set --prompt-field to the field that holds "
@@ -100,8 +104,8 @@ def jsonl_task(path: str | os.PathLike, prompt_field: str = "prompt",
 
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}")
-    train_rows = map_rows(read_jsonl(path), path, prompt_field, answer_field, chat)
-    eval_rows = (map_rows(read_jsonl(eval_path), eval_path, prompt_field, answer_field, chat)
+    train_rows = map_rows(read_numbered(path), path, prompt_field, answer_field, chat)
+    eval_rows = (map_rows(read_numbered(eval_path), eval_path, prompt_field, answer_field, chat)
                  if eval_path is not None else None)
 
     def make_splits(seed: int = 0) -> dict[str, list[dict]]:
