@@ -171,6 +171,10 @@ EVAL_COMPLETION_LENGTH = 32
 #            random-walked 19 -> 75; transfer peaked at 0.215.
 #   lr 0.01: eval 0.386 / 0.495 / 0.515 at it 30 / 60 / 90, transfer 0.150 / 0.262 / 0.327,
 #            norm 19 -> 39, 7.7 s per iteration: chosen, 90 iterations (~12 min).
+# The chosen default through run_default (3 seeds = 3 different splits; greedy, 32 tokens):
+#   seed 0: eval 0.178 -> 0.515, transfer 0.112 -> 0.327, 12.4 min wall (7.6 s/it, quiet)
+#   seed 1: eval 0.140 -> 0.410, transfer 0.193 -> 0.252, 15.7 min wall (9.8 s/it, loaded)
+#   seed 2: eval 0.238 -> 0.505, transfer 0.122 -> 0.287, 16.3 min wall (10 s/it, loaded)
 # Without the 0.1 format reward (lr 0.02, older 63-row splits) the model answered, then
 # rambled past the 10 training tokens ("56\n\nI can't believe it!"): well-formed 0.43.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -201,19 +205,23 @@ def default_datasets(seed: int = 0) -> dict[str, list[dict]]:
     return get_task(DEFAULT_TASK).splits(seed=seed, **DEFAULT_TASK_OPTIONS)
 
 
-def run_default(config: ESConfig | None = None, seed: int | None = None,
-                **trainer_options: Any) -> dict[str, Any]:
+def run_default(config: ESConfig | None = None, seed: int | None = None, *,
+                resume: bool = False, overwrite: bool = False, force: bool = False
+                ) -> dict[str, Any]:
     """``lowmem-es train`` with no ``--model``: convert (once), evaluate, train, evaluate.
 
     Held-out accuracy on the eval split (unseen problems) and the transfer split (unseen
     problems in unseen phrasings) is measured for the base model before training and for
     the adapter after it, greedy, with ``EVAL_COMPLETION_LENGTH`` tokens. The report is
-    logged as a table and written to ``output_dir/default_report.json``.
-    ``trainer_options`` go to ESTrainer (``resume``, ``overwrite``, ``force``).
+    logged as a table and written to ``output_dir/default_report.json``. ``resume``,
+    ``overwrite`` and ``force`` go to ESTrainer. A run stopped early (SIGINT/SIGTERM)
+    skips the final evaluation and says so in the report (``stopped_early``); under
+    torchrun only rank 0 evaluates and writes.
     """
     import json
     import time
 
+    from lowmem_es import distributed
     from lowmem_es.evaluate import evaluate_rows, format_report
     from lowmem_es.tasks import get_task
     from lowmem_es.trainer import ESTrainer
@@ -223,7 +231,9 @@ def run_default(config: ESConfig | None = None, seed: int | None = None,
     data = default_datasets(config.seed if seed is None else seed)
     model_dir = ensure_default_model()
     trainer = ESTrainer(str(model_dir), list(task.reward_funcs), train_dataset=data["train"],
-                        eval_dataset=data["eval"], args=config, **trainer_options)
+                        eval_dataset=data["eval"], args=config, resume=resume,
+                        overwrite=overwrite, force=force)
+    main = distributed.is_main()
     report: dict[str, Any] = {"model": str(model_dir), "adapter": None, "task": task.name,
                               "correct_threshold": config.correct_threshold,
                               "splits": {name: {} for name in ("eval", "transfer")}}
@@ -240,16 +250,24 @@ def run_default(config: ESConfig | None = None, seed: int | None = None,
             logger.info("%s %s: accuracy %.3f (well-formed %.3f)", variant, name,
                         metrics["accuracy"], metrics["well_formed"])
 
-    logger.info("embedded default: %s on %s (%d train / %d eval / %d transfer rows)",
-                MODEL_NAME, task.name, len(data["train"]), len(data["eval"]),
-                len(data["transfer"]))
-    measure("base")
+    if main:
+        logger.info("embedded default: %s on %s (%d train / %d eval / %d transfer rows)",
+                    MODEL_NAME, task.name, len(data["train"]), len(data["eval"]),
+                    len(data["transfer"]))
+        measure("base")  # before train(): a resumed run restores its adapter in train()
     started = time.perf_counter()
     trainer.train()
     report["train_seconds"] = round(time.perf_counter() - started, 1)
-    report["adapter"] = str(Path(config.output_dir) / "adapter")
-    measure("adapter")
-    logger.info("\n%s", format_report(report))
+    report["stopped_early"] = trainer.stopped_early
+    if not main:
+        return report
+    if trainer.stopped_early:
+        logger.warning("stopped after %d of %d iterations: no final evaluation; continue "
+                       "with `lowmem-es train --resume`", trainer.iteration, config.iterations)
+    else:
+        report["adapter"] = str(Path(config.output_dir) / "adapter")
+        measure("adapter")
+        logger.info("\n%s", format_report(report))
     out = Path(config.output_dir) / "default_report.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
