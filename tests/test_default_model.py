@@ -75,6 +75,29 @@ def test_default_run_config_and_data():
     assert data == default_model.default_datasets()  # a pure function of the seed
 
 
+def test_run_default_reports_base_and_adapter(monkeypatch, tmp_path, tiny_llama_dir):
+    """The whole default flow on the tiny model: base eval, train, adapter eval, report."""
+    rows = {name: [{"prompt": f"{i} + 1 =", "answer": str(i + 1)} for i in range(count)]
+            for name, count in (("train", 4), ("eval", 3), ("transfer", 2))}
+    monkeypatch.setattr(default_model, "ensure_default_model", lambda: tiny_llama_dir)
+    monkeypatch.setattr(default_model, "default_datasets", lambda seed=0: rows)
+    config = default_model.default_run_config(
+        str(tmp_path / "run"), iterations=1, population_size=2, batch_size=2,
+        max_completion_length=2, lora_rank=2, lora_alpha=4.0,
+        lora_target_modules=["q_proj", "v_proj"])
+    report = default_model.run_default(config)
+    assert report["stopped_early"] is False and report["train_seconds"] > 0
+    assert report["adapter"] == str(tmp_path / "run" / "adapter")
+    for name, count in (("eval", 3), ("transfer", 2)):
+        assert set(report["splits"][name]) == {"base", "adapter"}
+        assert report["splits"][name]["adapter"]["count"] == count
+        assert "accuracy_well_formed" in report["splits"][name]["base"]
+    saved = json.loads((tmp_path / "run" / "default_report.json").read_text())
+    assert saved["splits"]["eval"]["base"]["count"] == 3
+    with pytest.raises(ValueError, match=r"already holds a run"):  # no silent clobbering
+        default_model.run_default(config)
+
+
 requires_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec(default_model.PACKAGE) is None
     or importlib.util.find_spec("gguf") is None,
