@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -72,6 +71,7 @@ from lowmem_es.kernels.noise import (
     HAS_TRITON,
     INTERPRETED,
     check_kernel_usable,
+    use_kernel,  # the one dispatch rule shared by every kernel here
 )
 
 if HAS_TRITON:
@@ -668,19 +668,6 @@ def nf4_matmul_torch(x: torch.Tensor, weight: torch.Tensor, quant_state,
 
 
 # ----------------------------------------------------------------------------- dispatch
-
-
-def use_kernel(device: torch.device | str, force: str | None = None) -> bool:
-    """Whether the kernel may run on ``device``: ``force`` decides outright; else not when
-    ``LOWMEM_ES_FORCE_TORCH`` is set (not ""/"0"); else exactly for CUDA with compiled
-    Triton. The rule of ``lowmem_es.kernels.noise.use_kernel``."""
-    if force is not None:
-        if force not in FORCE_CHOICES:
-            raise ValueError(f"`force` must be one of {FORCE_CHOICES} or None, got {force!r}")
-        return force == "kernel"
-    if os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0"):
-        return False
-    return torch.device(device).type == "cuda" and HAS_TRITON and not INTERPRETED
 
 
 def _kernel_fits(x: torch.Tensor, weight: torch.Tensor, quant_state,

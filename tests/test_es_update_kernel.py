@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_device import DEVICE, needs_kernel
 
 from lowmem_es import es, noise
 from lowmem_es.kernels import es_update as kes
-from lowmem_es.kernels.noise import HAS_TRITON, INTERPRETED
 
-if INTERPRETED:
-    DEVICE: str | None = "cpu"
-elif HAS_TRITON and torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None
-pytestmark = pytest.mark.skipif(
-    DEVICE is None, reason="Triton kernels need triton plus CUDA, or TRITON_INTERPRET=1 set "
-                           "before triton is imported (tests/conftest.py does that)")
+pytestmark = needs_kernel
 
 RUN_SEED, ITERATION = 99, 12
 IDENT = noise.tensor_id("model.layers.3.self_attn.v_proj", "B")

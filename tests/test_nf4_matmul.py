@@ -17,19 +17,10 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
+from kernel_device import DEVICE, needs_kernel  # noqa: E402
 
 from lowmem_es.kernels import nf4_matmul as knf  # noqa: E402
-from lowmem_es.kernels.noise import HAS_TRITON, INTERPRETED  # noqa: E402
 
-if INTERPRETED:
-    DEVICE: str | None = "cpu"
-elif HAS_TRITON and torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None
-needs_kernel = pytest.mark.skipif(
-    DEVICE is None, reason="Triton kernels need triton plus CUDA, or TRITON_INTERPRET=1 set "
-                           "before triton is imported (tests/conftest.py does that)")
 pytestmark = needs_kernel
 
 # (dtype, atol, rtol) of kernel vs twin for outputs of size ~1 (x is scaled by 1/sqrt(K)).

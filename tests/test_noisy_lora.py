@@ -11,21 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_device import DEVICE, needs_kernel
 
 from lowmem_es import lora as lora_module
 from lowmem_es import noise
 from lowmem_es.kernels import noisy_lora as knl
-from lowmem_es.kernels.noise import HAS_TRITON, INTERPRETED
 
-if INTERPRETED:
-    DEVICE: str | None = "cpu"
-elif HAS_TRITON and torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None
-needs_kernel = pytest.mark.skipif(
-    DEVICE is None, reason="Triton kernels need triton plus CUDA, or TRITON_INTERPRET=1 set "
-                           "before triton is imported (tests/conftest.py does that)")
 pytestmark = needs_kernel
 
 D_IN, D_OUT = 37, 129
