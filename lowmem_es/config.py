@@ -18,6 +18,7 @@ from typing import Any
 
 FITNESS_SHAPINGS = ("zscore", "centered_rank", "none")
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -45,6 +46,11 @@ class ESConfig:
     fitness_shaping: str = _help("'zscore' (paper), 'centered_rank' or 'none'.", "zscore")
     optimizer: str = _help("'sgd' (paper: plain ES step) or 'adam' on the ES estimate.", "sgd")
     weight_decay: float = _help("Decoupled decay of the LoRA weights per step.", 0.0)
+    lr_schedule: str = _help("'constant' (paper), 'cosine' or 'linear': decay from "
+                             "learning_rate to learning_rate * lr_min_ratio over `iterations` "
+                             "(extending `iterations` on resume reshapes the rest).", "constant")
+    lr_min_ratio: float = _help("Final learning rate as a fraction of learning_rate (decaying "
+                                "schedules only).", 0.1)
     iterations: int = _help("ES iterations to run.", 100)
     seed: int = _help("Run seed: noise, LoRA init and data order derive from it.", 0)
     # --- data and generation ---
@@ -121,6 +127,8 @@ class ESConfig:
                 raise bad(name, "should be a positive number")
         if not _is_number(self.weight_decay) or self.weight_decay < 0:
             raise bad("weight_decay", "should be >= 0")
+        if not _is_number(self.lr_min_ratio) or not 0 <= self.lr_min_ratio <= 1:
+            raise bad("lr_min_ratio", "should be in [0, 1] (1 means no decay)")
         if not _is_number(self.pass_at_k_fraction) or not 0 <= self.pass_at_k_fraction <= 1:
             raise bad("pass_at_k_fraction", "should be in [0, 1] (0 means any sample)")
         if not _is_number(self.distributed_timeout) or not self.distributed_timeout > 0:
@@ -135,6 +143,7 @@ class ESConfig:
             raise bad("num_generations", "needs sampling to give different completions; set "
                       "temperature > 0 (e.g. 0.7) or num_generations=1")
         choices = {"fitness_shaping": FITNESS_SHAPINGS, "optimizer": OPTIMIZERS,
+                   "lr_schedule": LR_SCHEDULES,
                    "compute_dtype": DTYPES, "noise_backend": ("eager", "compiled"),
                    "generation_backend": ("loop", "generate")}
         for name, valid in choices.items():

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowmem_es.config import FITNESS_SHAPINGS, LR_SCHEDULES, OPTIMIZERS
 from lowmem_es.noise import MASK63, member_key, noise
 
-FITNESS_SHAPINGS = ("zscore", "centered_rank", "none")
-OPTIMIZERS = ("sgd", "adam")
+__all__ = ["FITNESS_SHAPINGS", "LR_SCHEDULES", "OPTIMIZERS"]  # re-exported for callers
 
 _STD_EPS = 1e-8  # z-score denominator guard, as in the paper's code
 
@@ -55,6 +55,28 @@ def member_schedule(population_size: int, antithetic: bool) -> list[tuple[int, i
     if antithetic:
         return [(m // 2, 1 if m % 2 == 0 else -1) for m in range(population_size)]
     return [(m, 1) for m in range(population_size)]
+
+
+def scheduled_learning_rate(learning_rate: float, schedule: str, iteration: int,
+                            iterations: int, min_ratio: float = 0.1) -> float:
+    """The learning rate of 0-based ``iteration`` out of ``iterations`` under ``schedule``.
+
+    ``constant`` is the paper's choice. ``cosine`` and ``linear`` decay from
+    ``learning_rate`` (first iteration) to ``learning_rate * min_ratio`` (last iteration):
+    on SmolLM2 a large constant step learns fastest early and then random-walks the LoRA
+    norm up and the accuracy down, a small one is stable but slow; decaying gets both.
+    The trainer journals the value it used, so replay never recomputes it.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; use one of {list(LR_SCHEDULES)}")
+    if schedule == "constant" or iterations <= 1:
+        return float(learning_rate)
+    progress = min(max(iteration, 0), iterations - 1) / (iterations - 1)
+    if schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return float(learning_rate * (min_ratio + (1.0 - min_ratio) * factor))
 
 
 def shape_fitness(rewards: Sequence[float] | torch.Tensor, method: str = "zscore"

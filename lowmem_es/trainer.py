@@ -231,9 +231,11 @@ class ESTrainer:
         fitness = distributed.gather_fitness(local_fitness, len(self.members), self.device)
         all_missing = all(v is None for values in per_func.values() for v in values)
         all_missing = not distributed.any_rank(not all_missing)
+        learning_rate = es.scheduled_learning_rate(args.learning_rate, args.lr_schedule,
+                                                   iteration, args.iterations, args.lr_min_ratio)
         record: dict[str, Any] = {
             "iteration": iteration, "run_seed": args.seed, "sigma": args.sigma,
-            "learning_rate": args.learning_rate, "fitness_shaping": args.fitness_shaping,
+            "learning_rate": learning_rate, "fitness_shaping": args.fitness_shaping,
             "optimizer": args.optimizer, "weight_decay": args.weight_decay,
             "members": [[m.pair, m.sign] for m in self.members],
             "prompt_indices": self.batch_indices(iteration), "fitness": fitness,
@@ -248,7 +250,7 @@ class ESTrainer:
             shaped = es.shape_fitness(fitness, args.fitness_shaping)
             stats = es.es_update(self.es_model.parameters(), self.es_model.tensor_ids(),
                                  run_seed=args.seed, iteration=iteration, shaped_fitness=shaped,
-                                 schedule=self.schedule, learning_rate=args.learning_rate,
+                                 schedule=self.schedule, learning_rate=learning_rate,
                                  optimizer=args.optimizer, adam_state=self.adam_state,
                                  weight_decay=args.weight_decay,
                                  noise_backend=args.noise_backend)

@@ -7,6 +7,7 @@ autograd gradients (with the sqrt(N' / (N' + d + 1)) cosine law). CPU only, no c
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 import weakref
@@ -422,3 +423,27 @@ def test_module_uses_no_global_rng():
               schedule=member_schedule(4, antithetic=True), learning_rate=0.1,
               optimizer="adam", adam_state=AdamState())
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+# --- learning-rate schedule ---
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_scheduled_learning_rate_decays_from_lr_to_min(schedule):
+    rates = [es.scheduled_learning_rate(0.02, schedule, i, 11, 0.1) for i in range(11)]
+    assert rates[0] == pytest.approx(0.02) and rates[-1] == pytest.approx(0.002)
+    assert all(a > b for a, b in itertools.pairwise(rates))  # strictly decreasing
+    middle = 0.002 + 0.5 * (0.02 - 0.002)  # both schedules are half way at the midpoint
+    assert rates[5] == pytest.approx(middle)
+    if schedule == "linear":
+        steps = [a - b for a, b in itertools.pairwise(rates)]
+        assert max(steps) == pytest.approx(min(steps))
+    else:  # cosine: slow at both ends, fast in the middle
+        assert rates[0] - rates[1] < rates[5] - rates[6]
+    assert es.scheduled_learning_rate(0.02, schedule, 50, 11, 0.1) == pytest.approx(0.002)
+
+
+def test_scheduled_learning_rate_constant_and_errors():
+    assert [es.scheduled_learning_rate(0.01, "constant", i, 5) for i in range(5)] == [0.01] * 5
+    assert es.scheduled_learning_rate(0.01, "cosine", 0, 1) == 0.01  # one iteration: no decay
+    with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
+        es.scheduled_learning_rate(0.01, "step", 0, 5)

@@ -69,6 +69,32 @@ def test_chunked_generation_gives_same_run(tiny_llama_dir, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def test_lr_schedule_is_journaled_and_replayed(tiny_llama_dir, tmp_path):
+    """A cosine schedule: the journal holds the decayed rate, and replay reproduces the run."""
+    from lowmem_es import checkpoint, es
+
+    def run(name, **overrides):
+        args = example_config(str(tmp_path / name), iterations=4, **overrides)
+        trainer = ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(),
+                            args=args)
+        trainer.train()
+        lines = (tmp_path / name / "journal.jsonl").read_text().splitlines()
+        return trainer, [json.loads(line) for line in lines]
+
+    cosine, journal = run("cos", lr_schedule="cosine", lr_min_ratio=0.25)
+    lr = cosine.args.learning_rate
+    rates = [j["learning_rate"] for j in journal]
+    assert rates == [es.scheduled_learning_rate(lr, "cosine", i, 4, 0.25) for i in range(4)]
+    assert rates[0] == pytest.approx(lr) and rates[-1] == pytest.approx(lr / 4)
+    assert all(j["update_norm"] > 0 for j in journal)  # the rewards gave a signal
+    assert checkpoint.replay_journal(tmp_path / "cos", 4).max_abs_diff == 0.0
+    constant, plain = run("const")
+    assert [j["learning_rate"] for j in plain] == [lr] * 4
+    assert any(not torch.equal(a, b) for a, b in zip(
+        constant.es_model.parameters().values(), cosine.es_model.parameters().values(),
+        strict=True))
+
+
 def test_qwen2_and_adam(tiny_qwen2_dir, tmp_path):
     trainer = _short_run(tiny_qwen2_dir, tmp_path / "q", optimizer="adam", weight_decay=0.01,
                          lora_target_modules=["q_proj", "v_proj"])
