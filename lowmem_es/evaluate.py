@@ -14,6 +14,7 @@ Three numbers per split, because a probe on SmolLM2 saw ES learn answer *format*
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,8 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lowmem_es.config import ESConfig
-from lowmem_es.rewards import RewardFunc, load_reward
+from lowmem_es.rewards import RewardFunc, RewardScorer, load_reward
 
 logger = logging.getLogger("lowmem_es")
 
@@ -55,22 +55,20 @@ def summarize(totals: Sequence[float], texts: Sequence[str],
 
 def make_scorer(es_model: Any, tokenizer: Any, rows: Sequence[dict],
                 reward_funcs: Sequence[RewardFunc | str], *, max_prompt_length: int = 256,
-                reward_weights: Sequence[float] | None = None) -> Any:
-    """An ESTrainer over ``es_model`` used for its ``score``: evaluation then sees exactly
-    the rewards (and reward-function checks) that training optimises.
+                reward_weights: Sequence[float] | None = None) -> RewardScorer:
+    """The ``RewardScorer`` training would use for ``reward_funcs``, for evaluating ``rows``.
 
-    Building it checks ``rows``' prompt lengths once (a warning, never a crash). The
-    current noise backend is passed through so that building a scorer never switches the
-    backend of a training run in the same process.
+    Also warns once about prompts of ``rows`` longer than ``max_prompt_length`` (they are
+    left-truncated, never a crash). ``es_model`` is unused; kept for callers.
     """
-    from lowmem_es import noise
-    from lowmem_es.trainer import ESTrainer
+    from lowmem_es.generate import render_prompt
 
-    args = ESConfig(max_prompt_length=max_prompt_length, population_size=2,
-                    reward_weights=list(reward_weights) if reward_weights is not None else None,
-                    noise_backend=noise.get_backend())
-    return ESTrainer(es_model, list(reward_funcs), train_dataset=rows, args=args,
-                     tokenizer=tokenizer)
+    del es_model
+    scorer = RewardScorer(list(reward_funcs), reward_weights)
+    with contextlib.suppress(ValueError):  # chat prompts without a template: reported later
+        prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
+        warn_long_prompts(prompts, tokenizer, max_prompt_length)
+    return scorer
 
 
 def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
@@ -82,8 +80,8 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
                   ) -> dict[str, Any]:
     """Greedy completions of the current (unperturbed) adapter on ``rows``, scored.
 
-    ``scorer`` is an ESTrainer whose ``score`` (reward functions, weights) to use, e.g.
-    the training run's own; without one, ``make_scorer`` builds one from
+    ``scorer`` is the ``RewardScorer`` (or ESTrainer) whose ``score`` to use, e.g. the
+    training run's own; without one, ``make_scorer`` builds one from
     ``reward_funcs``. ``samples`` > 0 adds the first few (prompt, completion, reward)
     triples, which is the quickest way to see *what* a model learned.
     """

@@ -14,12 +14,15 @@ turns one member's per-completion totals into its fitness (mean, or pass@k).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import numbers
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from lowmem_es.errors import RewardFunctionError
 
 RewardFunc = Callable[..., list]
 
@@ -233,3 +236,72 @@ def compute_rewards(reward_funcs: Sequence[RewardFunc], *, prompts: list, comple
             if value is not None:
                 totals[i] += weight * value
     return totals, per_func
+
+
+def guard_reward(func: RewardFunc) -> RewardFunc:
+    """Wrap a reward function so that an exception names the function and the completion.
+
+    On failure the batch is re-scored one completion at a time to find the first one that
+    raises, so the user sees the offending text, not just a traceback from deep inside.
+    Nothing has been written for the iteration yet, so the last checkpoint is intact.
+    """
+    @functools.wraps(func)
+    def guarded(**kwargs: Any) -> list:
+        try:
+            return func(**kwargs)
+        except Exception as error:
+            name = reward_name(func)
+            culprit = None
+            for i in range(len(kwargs.get("completions", []))):
+                single = {k: v[i:i + 1] if isinstance(v, list) else v for k, v in kwargs.items()}
+                try:
+                    func(**single)
+                except Exception:
+                    culprit = (i, kwargs["completions"][i])
+                    break
+            where = (f" on completion {culprit[0]}: {str(culprit[1])[:200]!r}" if culprit
+                     else " on the batch (no single completion fails alone)")
+            raise RewardFunctionError(f"reward function {name!r} raised "
+                                      f"{type(error).__name__}: {error}{where}. Fix the "
+                                      "function and resume with --resume; the last "
+                                      "checkpoint and the journal are intact") from error
+
+    return guarded
+
+
+class RewardScorer:
+    """Reward functions (loaded by name or import path, guarded) with their weights.
+
+    The one place completions of dataset rows become rewards: training (``ESTrainer``) and
+    evaluation (``evaluate_rows``) both score through it, so evaluation measures exactly
+    what training optimises, with the same checks and error messages.
+    """
+
+    def __init__(self, reward_funcs: Sequence[RewardFunc | str] | RewardFunc | str,
+                 weights: Sequence[float] | None = None) -> None:
+        if callable(reward_funcs) or isinstance(reward_funcs, str):
+            reward_funcs = [reward_funcs]
+        if not reward_funcs:
+            raise ValueError("`reward_funcs` is empty; pass at least one reward function")
+        self.reward_funcs = [guard_reward(load_reward(f)) for f in reward_funcs]
+        if weights is not None and len(weights) != len(self.reward_funcs):
+            raise ValueError(f"`reward_weights` has {len(weights)} entries for "
+                             f"{len(self.reward_funcs)} reward functions; give one per function")
+        self.weights = list(weights) if weights is not None else None
+
+    def score(self, rows: Sequence[dict], prompt_index: Sequence[int], completions: Sequence[Any]
+              ) -> tuple[list[float], dict[str, list]]:
+        """Total reward per completion (and each function's values by name).
+
+        Completion ``i`` answers ``rows[prompt_index[i]]``; it has ``.text`` and ``.ids``.
+        Rows with chat prompts get conversational completions, as in TRL; every column but
+        ``prompt`` is passed to the functions as a keyword list.
+        """
+        conversational = [not isinstance(rows[p]["prompt"], str) for p in prompt_index]
+        texts = [[{"role": "assistant", "content": c.text}] if conv else c.text
+                 for c, conv in zip(completions, conversational, strict=True)]
+        keys = sorted({k for row in rows for k in row if k != "prompt"})
+        columns = {key: [rows[p].get(key) for p in prompt_index] for key in keys}
+        return compute_rewards(self.reward_funcs, prompts=[rows[p]["prompt"] for p in prompt_index],
+                               completions=texts, completion_ids=[c.ids for c in completions],
+                               columns=columns, weights=self.weights)

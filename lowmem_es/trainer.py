@@ -10,7 +10,6 @@ kernels; it hands seeds and fitnesses to ``lowmem_es.es``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -28,17 +27,10 @@ import torch
 
 from lowmem_es import __version__, checkpoint, distributed, es, lora, noise
 from lowmem_es.config import NON_RESULT_FIELDS, ESConfig, to_toml
-from lowmem_es.errors import RewardFunctionError
 from lowmem_es.generate import Completion, generate_population, render_prompt
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
 from lowmem_es.model import load_model, resolve_device
-from lowmem_es.rewards import (
-    RewardFunc,
-    compute_rewards,
-    load_reward,
-    member_fitness,
-    reward_name,
-)
+from lowmem_es.rewards import RewardFunc, RewardScorer, member_fitness
 
 logger = logging.getLogger("lowmem_es")
 
@@ -88,15 +80,8 @@ class ESTrainer:
         self._signal: int | None = None
         self.args = args or ESConfig()
         self.args.validate()
-        if callable(reward_funcs) or isinstance(reward_funcs, str):
-            reward_funcs = [reward_funcs]
-        if not reward_funcs:
-            raise ValueError("`reward_funcs` is empty; pass at least one reward function")
-        self.reward_funcs = [_guard_reward(load_reward(f)) for f in reward_funcs]
-        if self.args.reward_weights is not None and len(self.args.reward_weights) != len(
-                self.reward_funcs):
-            raise ValueError(f"`reward_weights` has {len(self.args.reward_weights)} entries for "
-                             f"{len(self.reward_funcs)} reward functions; give one per function")
+        self.scorer = RewardScorer(reward_funcs, self.args.reward_weights)
+        self.reward_funcs = self.scorer.reward_funcs
         self.train_dataset = validate_rows(train_dataset, "train_dataset")
         self.eval_dataset = (validate_rows(eval_dataset, "eval_dataset")
                              if eval_dataset is not None else None)
@@ -184,17 +169,8 @@ class ESTrainer:
     # --- scoring ---
     def score(self, rows: Sequence[dict], prompt_index: Sequence[int],
               completions: Sequence[Completion]) -> tuple[list[float], dict[str, list]]:
-        """Total reward per completion under the TRL contract (plus each function's values)."""
-        conversational = [not isinstance(rows[p]["prompt"], str) for p in prompt_index]
-        texts = [[{"role": "assistant", "content": c.text}] if conv else c.text
-                 for c, conv in zip(completions, conversational, strict=True)]
-        columns: dict[str, list] = {}
-        keys = sorted({k for row in rows for k in row if k != "prompt"})
-        for key in keys:
-            columns[key] = [rows[p].get(key) for p in prompt_index]
-        return compute_rewards(self.reward_funcs, prompts=[rows[p]["prompt"] for p in prompt_index],
-                               completions=texts, completion_ids=[c.ids for c in completions],
-                               columns=columns, weights=self.args.reward_weights)
+        """Total reward per completion under the TRL contract (see ``RewardScorer.score``)."""
+        return self.scorer.score(rows, prompt_index, completions)
 
     # --- one iteration ---
     def step(self, iteration: int) -> dict[str, Any]:
@@ -563,35 +539,6 @@ def plot_rewards(out: Path) -> Path | None:
     return out / "reward.png"
 
 
-def _guard_reward(func: RewardFunc) -> RewardFunc:
-    """Wrap a reward function so that an exception names the function and the completion.
-
-    On failure the batch is re-scored one completion at a time to find the first one that
-    raises, so the user sees the offending text, not just a traceback from deep inside.
-    Nothing has been written for the iteration yet, so the last checkpoint is intact.
-    """
-    @functools.wraps(func)
-    def guarded(**kwargs: Any) -> list:
-        try:
-            return func(**kwargs)
-        except Exception as error:
-            name = reward_name(func)
-            culprit = None
-            for i in range(len(kwargs.get("completions", []))):
-                single = {k: v[i:i + 1] if isinstance(v, list) else v for k, v in kwargs.items()}
-                try:
-                    func(**single)
-                except Exception:
-                    culprit = (i, kwargs["completions"][i])
-                    break
-            where = (f" on completion {culprit[0]}: {str(culprit[1])[:200]!r}" if culprit
-                     else " on the batch (no single completion fails alone)")
-            raise RewardFunctionError(f"reward function {name!r} raised "
-                                      f"{type(error).__name__}: {error}{where}. Fix the "
-                                      "function and resume with --resume; the last "
-                                      "checkpoint and the journal are intact") from error
-
-    return guarded
 
 
 def peak_memory_mb(device: torch.device) -> float:

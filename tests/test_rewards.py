@@ -351,3 +351,51 @@ def test_member_fitness_errors_name_the_numbers():
         member_fitness([], 0, 3)
     with pytest.raises(ValueError, match=r"`pass_at_k_fraction`.*1.5"):
         member_fitness(TOTALS, 2, 3, pass_at_k=True, pass_at_k_fraction=1.5)
+
+
+# --- RewardScorer: the scoring path shared by training and evaluation ---
+
+def test_reward_scorer_passes_columns_and_conversational_completions():
+    from types import SimpleNamespace
+
+    from lowmem_es.rewards import RewardScorer, completion_text
+
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, answer, **kwargs):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids, answer=answer)
+        return [1.0 if completion_text(c) == a else 0.0 for c, a in zip(completions, answer,
+                                                                          strict=True)]
+
+    rows = [{"prompt": "2+2=", "answer": "4"},
+            {"prompt": [{"role": "user", "content": "3+3="}], "answer": "6"}]
+    done = [SimpleNamespace(text="4", ids=[7]), SimpleNamespace(text="5", ids=[8]),
+            SimpleNamespace(text="6", ids=[9])]
+    scorer = RewardScorer([spy, "exact_match"], weights=[1.0, 0.5])
+    totals, per_func = scorer.score(rows, [0, 0, 1], done)
+    assert totals == [1.5, 0.0, 1.5]
+    assert per_func == {"spy": [1.0, 0.0, 1.0], "exact_match": [1.0, 0.0, 1.0]}
+    assert seen["answer"] == ["4", "4", "6"] and seen["ids"] == [[7], [8], [9]]
+    assert seen["completions"][:2] == ["4", "5"]  # standard prompt: plain text
+    assert seen["completions"][2] == [{"role": "assistant", "content": "6"}]  # chat: messages
+
+
+def test_reward_scorer_errors_name_the_problem():
+    from types import SimpleNamespace
+
+    from lowmem_es.errors import RewardFunctionError
+    from lowmem_es.rewards import RewardScorer
+
+    with pytest.raises(ValueError, match="is empty"):
+        RewardScorer([])
+    with pytest.raises(ValueError, match="2 entries for 1 reward functions"):
+        RewardScorer(["exact_match"], weights=[1.0, 2.0])
+
+    def picky(completions, **kwargs):
+        return [1.0 / len(c) for c in completions]
+
+    rows = [{"prompt": "x"}]
+    done = [SimpleNamespace(text="ok", ids=[1]), SimpleNamespace(text="", ids=[])]
+    with pytest.raises(RewardFunctionError, match=r"'picky' raised ZeroDivisionError.*"
+                                                  r"on completion 1: ''"):
+        RewardScorer(picky).score(rows, [0, 0], done)
