@@ -14,7 +14,11 @@
 #      the fp16/bf16 rows, ES update, the ES-LoRA layer on a tiny 4-bit model  -> tests.log
 #   5. bench_noisy_lora.py (providers x 7B shapes), bench_noise.py, a launch sweep
 #                                                                        -> *.md
-# A summary table goes to stdout and $OUT/summary.md. Exit status: that of the tests.
+# Opt-in sections (environment): GPU_CHECK_NF4=1 (issue 8), GPU_CHECK_PROFILES=1 (issue 4:
+# 7B/8B under 8/12 GB caps), GPU_CHECK_GRPO=1 (issue 10): each adds minutes, and the whole
+# command must fit one 10-minute device call, so pick one or two per run.
+# A summary table goes to stdout and $OUT/summary.md; with more than 7 files the rest is
+# bundled into $OUT/gpu_check.tar.gz. Exit status: that of the tests.
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -100,6 +104,21 @@ if [ "${GPU_CHECK_NF4:-0}" = "1" ]; then
     OUT="$OUT" bash "$REPO/bench/gpu_check_nf4.sh" || SUMMARY+=("| gpu_check_nf4.sh | $? | - |")
 fi
 
+# VRAM profiles (issue 4, item 7): 7B/8B NF4 models under 8 GB / 12 GB caps, ~4 min more;
+# opt in (GPU_CHECK_PROFILES=1).
+if [ "${GPU_CHECK_PROFILES:-0}" = "1" ]; then
+    OUT="$OUT" PYTHON="$PY" bash "$REPO/bench/gpu_check_profiles.sh" \
+        || SUMMARY+=("| gpu_check_profiles.sh | $? | - |")
+fi
+# lowmem-es vs TRL GRPO (issue 10), speed and memory on a random SmolLM2-shaped model,
+# ~3-7 min more; needs trl + datasets wheels carried; opt in (GPU_CHECK_GRPO=1).
+if [ "${GPU_CHECK_GRPO:-0}" = "1" ]; then
+    OUT="$OUT" PYTHON="$PY" bash "$REPO/bench/gpu_check_grpo.sh" \
+        || SUMMARY+=("| gpu_check_grpo.sh | $? | - |")
+fi
+# Each opt-in section adds ~2 files; the device tool returns at most 8 from $OUT, so with
+# more than one section run the per-section files are bundled at the end (see below).
+
 # summary ----------------------------------------------------------------------------------
 {
     echo "## gpu_check summary ($(head -1 "$OUT/env.txt"))"
@@ -111,4 +130,12 @@ fi
     echo "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1)"
     echo "bitsandbytes: $(tail -1 "$OUT/bnb.txt" 2>/dev/null || echo 'no output')"
 } | tee "$OUT/summary.md"
+# Bundle: summary.md stays readable; everything else goes into one archive when there are
+# more files than the device tool returns (8). Unpack with `tar xzf gpu_check.tar.gz`.
+FILES=$(find "$OUT" -type f | wc -l)
+if [ "$FILES" -gt 7 ]; then
+    (cd "$OUT" && find . -type f ! -name summary.md ! -name gpu_check.tar.gz -print0 \
+        | tar czf gpu_check.tar.gz --null -T - --remove-files) \
+        && find "$OUT" -mindepth 1 -type d -empty -delete
+fi
 exit "$TESTS_RC"
