@@ -104,7 +104,8 @@ def make_plan(args: argparse.Namespace, profile_name: str) -> tuple[Any, Any, An
                      rows_per_chunk=planned.rows_per_chunk,
                      max_prompt_length=planned.max_prompt_length,
                      max_completion_length=planned.max_completion_length,
-                     optimizer=args.optimizer, lora_kernel=args.device == "cuda")
+                     optimizer=args.optimizer, lora_kernel=args.device == "cuda",
+                     prefill_chunk=planned.prefill_chunk)
     return profile, planned, as_run
 
 
@@ -127,7 +128,8 @@ def run_iteration(es_model: Any, tokenizer: object, args: argparse.Namespace, pl
         es_model, tokenizer, prompts, rows[:run_rows], members=members, run_seed=0,
         iteration=0, sigma=0.01, max_prompt_length=planned.max_prompt_length,
         max_completion_length=planned.max_completion_length,
-        rows_per_chunk=planned.rows_per_chunk, device=device, events=events)
+        rows_per_chunk=planned.rows_per_chunk, device=device, events=events,
+        prefill_chunk=planned.prefill_chunk)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     generated = time.perf_counter() - started

@@ -6,8 +6,9 @@ set of rows (their member ids never change during the loop), greedy or plain tem
 sampling, per-row EOS. This loop does exactly that, using the model's own modules and
 transformers' ``StaticCache`` (no re-implementation of any architecture):
 
-* prefill: the left-padded prompts in one forward pass (or in row chunks to bound
-  activation memory), writing the static cache;
+* prefill: the left-padded prompts in one forward pass, or in chunks of
+  ``prefill_chunk`` prompt tokens (all rows, consecutive columns) so that the prefill's
+  activations stay inside the memory plan, writing the static cache;
 * decode: one token per step for every row; a finished row keeps running on padding
   (masked, not reshaped), so every step has the same shapes and buffers;
 * on CUDA the decode step can be captured once as a CUDA graph and replayed, removing the
@@ -57,7 +58,7 @@ class DecodeStats:
 def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
            max_new_tokens: int, eos_token_ids: list[int], pad_token_id: int, *,
            temperature: float = 0.0, generator: torch.Generator | None = None,
-           prefill_rows: int = 0, capture: bool | None = None,
+           prefill_chunk: int = 0, capture: bool | None = None,
            stats: DecodeStats | None = None, logits_processor: object | None = None
            ) -> torch.Tensor:
     """Generate ``max_new_tokens`` tokens for every row; returns (rows, max_new_tokens).
@@ -65,7 +66,8 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     ``input_ids``/``attention_mask``: (rows, prompt_len), left-padded. Rows that produced
     an EOS are filled with ``pad_token_id`` afterwards, as ``generate()`` does. Greedy
     when ``temperature == 0``; otherwise softmax(logits / temperature) sampled with
-    ``generator``. ``prefill_rows`` > 0 prefills the prompts in chunks of that many rows.
+    ``generator``. ``prefill_chunk`` > 0 prefills the prompts that many tokens at a time
+    (same tokens as one pass, up to float rounding; activation memory scales with it).
     ``capture`` (default: on CUDA) replays the decode step as a CUDA graph.
     ``logits_processor`` (a transformers ``LogitsProcessor(List)``) is applied to each
     step's scores before the choice, with the sequence so far, as ``generate()`` does.
@@ -87,7 +89,10 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (rows, prompt_len)
     next_position = positions[:, -1:] + 1  # (rows, 1)
     eos = torch.tensor(eos_token_ids or [-1], device=device)
-    logits = _prefill(model, cache, input_ids, mask, positions, prompt_len, prefill_rows)
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
+        raise ValueError(f"`prefill_chunk` must be a non-negative number of tokens (0 = the "
+                         f"whole prompt at once), got {prefill_chunk!r}")
+    logits = _prefill(model, cache, input_ids, mask, positions, prefill_chunk)
     out = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     step_fn = _EagerStep(model, cache, mask)
@@ -114,10 +119,20 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def _prefill(model: nn.Module, cache: object, input_ids: torch.Tensor, mask: torch.Tensor,
-             positions: torch.Tensor, prompt_len: int, prefill_rows: int) -> torch.Tensor:
-    """Run the prompts through the model into the static cache; last-position logits."""
-    output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                   cache=cache, use_cache=True, logits_to_keep=1)
+             positions: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Run the prompts through the model into the static cache; last-position logits.
+
+    With ``chunk`` > 0 the prompt columns go in ``chunk`` at a time: each piece attends to
+    the cache written by the pieces before it (the cache's own position counter places it),
+    so the result is that of one pass while the activations are those of ``chunk`` tokens.
+    """
+    prompt_len = input_ids.shape[1]
+    step = chunk if 0 < chunk < prompt_len else prompt_len
+    for start in range(0, prompt_len, step):
+        stop = min(start + step, prompt_len)
+        output = model(input_ids=input_ids[:, start:stop], attention_mask=mask,
+                       position_ids=positions[:, start:stop], cache=cache, use_cache=True,
+                       logits_to_keep=1)
     return output.logits[:, -1, :]
 
 

@@ -69,7 +69,7 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
                         max_completion_length: int = 64, temperature: float = 0.0,
                         rows_per_chunk: int = 0, device: torch.device | str = "cpu",
                         events: list[dict[str, Any]] | None = None,
-                        backend: str = "loop") -> list[Completion]:
+                        backend: str = "loop", prefill_chunk: int = 0) -> list[Completion]:
     """Generate one completion per row; row member ``None`` means the unperturbed centre.
 
     Rows are generated ``rows_per_chunk`` at a time (0 = all at once). When a chunk runs
@@ -89,7 +89,9 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
     ``backend="loop"`` decodes with lowmem_es.decode's static-cache loop (same tokens as
     ``generate()``, fewer per-step costs, CUDA-graph replay on GPU); ``"generate"`` uses
     ``model.generate()``. Architectures without static-cache support fall back to
-    ``generate()`` with a one-time warning.
+    ``generate()`` with a one-time warning. ``prefill_chunk`` > 0 prefills prompts that
+    many tokens at a time (the memory plan's choice when a whole prompt's activations do
+    not fit; ``generate()`` gets it as ``prefill_chunk_size``).
     """
     if backend not in ("loop", "generate"):
         raise ValueError(f"`generation_backend` must be 'loop' or 'generate', got {backend!r}")
@@ -115,6 +117,8 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
                   "max_new_tokens": max_completion_length, "pad_token_id": tokenizer.pad_token_id,
                   "eos_token_id": eos_ids or None, "do_sample": False, "temperature": None,
                   "top_k": None, "top_p": None}
+        if prefill_chunk:
+            kwargs["prefill_chunk_size"] = prefill_chunk
         if temperature > 0:
             kwargs["logits_processor"] = _sampler(sample_keys[start:start + size], prompt_len,
                                                   float(temperature))
@@ -152,7 +156,8 @@ def _run_model(model: torch.nn.Module, kwargs: dict[str, Any], backend: str) -> 
     if backend == "loop" and supports_loop(model):
         new = decode(model, kwargs["input_ids"], kwargs["attention_mask"],
                      kwargs["max_new_tokens"], kwargs["eos_token_id"] or [],
-                     kwargs["pad_token_id"], logits_processor=kwargs.get("logits_processor"))
+                     kwargs["pad_token_id"], logits_processor=kwargs.get("logits_processor"),
+                     prefill_chunk=kwargs.get("prefill_chunk_size", 0))
         return torch.cat([kwargs["input_ids"], new], dim=1)
     if backend == "loop":
         warn_fallback(model)

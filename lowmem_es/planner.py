@@ -24,7 +24,10 @@ per chunk of R rows, prompt P and completion C tokens, at the larger of two mome
   prefill  KV cache of P tokens + the last layer's activations at T = R*P (residual stream,
            RMSNorm in fp32, projections with the ES-LoRA fp32 term, repeat_kv'd K/V of the
            masked SDPA, the MLP's gate/up/product, bitsandbytes' dequantized weight) +
-           the 4D boolean mask + the last position's logits
+           the 4D boolean mask + the last position's logits. When that is what limits the
+           rows (or keeps one row from fitting), the prompt is prefilled in chunks of K < P
+           tokens (``prefill_chunk``): activations at T = R*K, mask and repeated K/V over
+           the whole (P + C)-token static cache, which is allocated in full
   decode   KV cache of P + C tokens + one layer's K/V copy as the cache grows + one decode
            step's activations (T = R) + its logits
   logits   the model's output in c plus generate()'s fp32 copy and the sampling processor's
@@ -48,6 +51,8 @@ NF4_BLOCKSIZE = 64  # values per absmax (bitsandbytes default for 4-bit)
 NESTED_BLOCKSIZE = 256  # absmax values per fp32 scale of the double quantization
 NF4_BITS_PER_VALUE = 4 + 8 / NF4_BLOCKSIZE + 32 / (NF4_BLOCKSIZE * NESTED_BLOCKSIZE)  # 4.127
 LOGITS_TEMPORARIES = 16  # bytes per vocab entry per row: fp32 copy, /T, Gumbel noise, sum
+# Prefill chunk sizes the planner tries, largest first, when a whole prompt does not fit.
+PREFILL_CHUNKS = (1024, 512, 256, 128, 64, 32, 16)
 MIN_LENGTH = 8  # shortest prompt/completion the planner will shrink a profile's length to
 SHIPPED_FALLBACKS = ("8gb", "12gb", "16gb", "24gb")  # suggested, smallest first
 
@@ -199,7 +204,7 @@ def _linear_peak(tokens: int, d_in: int, d_out: int, c: int, lora: bool) -> int:
 
 
 def _attention_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str],
-                    prefill: bool) -> int:
+                    prefill: bool, kv_tokens: int | None = None) -> int:
     hidden = shape.hidden_size
     q_width = shape.num_heads * shape.head_dim
     kv_width = shape.num_kv_heads * shape.head_dim
@@ -210,7 +215,9 @@ def _attention_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str]
     rotary = q + 2 * kv + 3 * q  # q*cos, rotate_half(q), *sin before the sum replaces q
     # Masked SDPA in prefill repeats K and V to every query head (transformers' repeat_kv);
     # decode packs the query heads instead (pack_gqa) and repeats nothing.
-    repeated = 2 * q if prefill else 0
+    # (In a chunked prefill the keys are the whole cache, ``kv_tokens``, not the chunk.)
+    repeated = (2 * (kv_tokens if kv_tokens is not None else tokens) * q_width * c
+                if prefill else 0)
     sdpa = q + 2 * kv + repeated + 2 * q  # output and its contiguous transpose
     output = q + 2 * kv + q + _linear_peak(tokens, q_width, hidden, c, "o_proj" in lora)
     return max(projections, rotary, sdpa, output)
@@ -227,11 +234,11 @@ def _mlp_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str]) -> i
 
 
 def _layer_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str],
-                prefill: bool) -> int:
+                prefill: bool, kv_tokens: int | None = None) -> int:
     stream = tokens * shape.hidden_size * c  # residual stream entering the layer
     norm = tokens * shape.hidden_size * (8 + c)  # RMSNorm works in fp32
-    block = max(_attention_peak(shape, tokens, c, lora, prefill), _mlp_peak(shape, tokens, c,
-                                                                             lora))
+    block = max(_attention_peak(shape, tokens, c, lora, prefill, kv_tokens),
+                _mlp_peak(shape, tokens, c, lora))
     return stream + max(norm, stream + block)  # + the normed input of the block
 
 
@@ -263,6 +270,7 @@ class Plan:
     reserve_bytes: int
     limited_by: str  # "memory", "max_rows_in_flight", "rows_per_chunk" or "total_rows"
     notes: list[str] = field(default_factory=list)
+    prefill_chunk: int = 0  # prompt tokens per prefill pass (0 = the whole prompt at once)
 
     @property
     def breakdown(self) -> dict[str, int]:
@@ -288,7 +296,8 @@ class Plan:
                 "predicted_peak_bytes": self.predicted_peak_bytes,
                 "target_bytes": self.target_bytes, "usable_bytes": self.usable_bytes,
                 "budget_bytes": self.budget_bytes, "reserve_bytes": self.reserve_bytes,
-                "fits": self.fits, "limited_by": self.limited_by, "notes": list(self.notes)}
+                "fits": self.fits, "limited_by": self.limited_by,
+                "prefill_chunk": self.prefill_chunk, "notes": list(self.notes)}
 
     def format(self) -> str:
         """A human-readable table of the plan."""
@@ -303,7 +312,9 @@ class Plan:
             f"rows per chunk {self.rows_per_chunk} ({self.num_chunks} chunks of "
             f"{self.total_rows} rows, up to {self.members_per_chunk} members each; limited by "
             f"{self.limited_by}); prompt {self.max_prompt_length} + completion "
-            f"{self.max_completion_length} tokens",
+            f"{self.max_completion_length} tokens"
+            + (f"; prefill {self.prefill_chunk} prompt tokens at a time"
+               if self.prefill_chunk else ""),
             f"KV cache {self.kv_bytes_per_token / 1024:.1f} KiB/token = "
             f"{self.kv_bytes_per_token * row_tokens / MIB:.1f} MiB per row",
             "",
@@ -326,6 +337,7 @@ class _Estimate:
     static: dict[str, int]
     phases: dict[str, dict[str, int]]
     members: int
+    prefill_chunk: int = 0
 
     @property
     def peak_phase(self) -> str:
@@ -343,7 +355,7 @@ class _Estimator:
     def __init__(self, config: Any, profile: Profile, lora_rank: int,
                  target_modules: list[str], population_size: int, batch_size: int,
                  num_generations: int, optimizer: str, lora_kernel: bool,
-                 full_prefill_logits: bool | None) -> None:
+                 full_prefill_logits: bool | None, chunked_prefill: bool = True) -> None:
         shape = model_shape(config)
         if not target_modules:
             raise ValueError("`lora_target_modules` is empty; name the linears to adapt, "
@@ -373,6 +385,7 @@ class _Estimator:
         self.rows_per_member = batch_size * num_generations
         self.total_rows = population_size * self.rows_per_member
         self.lora_kernel = lora_kernel
+        self.chunked_prefill = chunked_prefill
         self.full_logits = (not shape.supports_logits_to_keep if full_prefill_logits is None
                             else full_prefill_logits)
         self.notes: list[str] = []
@@ -409,7 +422,23 @@ class _Estimator:
             members = math.ceil((rows - 1) / per_member) + 1
         return min(self.population_size, members)
 
-    def __call__(self, rows: int, prompt: int, completion: int) -> _Estimate:
+    def best(self, rows: int, prompt: int, completion: int) -> _Estimate:
+        """The estimate with the whole prompt prefilled in one pass if that fits the
+        target, else with the largest prefill chunk that does (fewest passes), else with
+        the smallest chunk tried (the lowest peak). Chunking never changes the tokens."""
+        whole = self(rows, prompt, completion)
+        if not self.chunked_prefill or whole.peak <= self.profile.target_bytes:
+            return whole
+        chunks = [k for k in PREFILL_CHUNKS if k < prompt]
+        tried = whole
+        for chunk in chunks:
+            tried = self(rows, prompt, completion, chunk)
+            if tried.peak <= self.profile.target_bytes:
+                return tried
+        return tried if tried.peak < whole.peak else whole
+
+    def __call__(self, rows: int, prompt: int, completion: int, prefill_chunk: int = 0
+                 ) -> _Estimate:
         shape, c, kv_per_token = self.shape, self.c, self.kv_per_token
         members = self.members_per_chunk(rows)
         copies = 0 if self.lora_kernel else members * self.lora_values * 4
@@ -418,14 +447,28 @@ class _Estimator:
         tokens = rows * prompt
         vocab = shape.vocab_size
         step_logits = rows * vocab * (c + LOGITS_TEMPORARIES)
-        prefill = {
-            "kv_cache": rows * prompt * kv_per_token,
-            "activations": _layer_peak(shape, tokens, c, self.lora, prefill=True)
-            + rows * prompt * prompt  # boolean 4D attention mask
-            + 2 * tokens * shape.head_dim * c  # rotary cos and sin
-            + build + self.repack,
-            "logits": step_logits + (tokens * vocab * c if self.full_logits else 0),
-        }
+        if 0 < prefill_chunk < prompt:  # pieces of K tokens against the full static cache
+            cache_len = prompt + completion
+            chunk_tokens = rows * prefill_chunk
+            prefill = {
+                "kv_cache": rows * cache_len * kv_per_token,
+                "activations": _layer_peak(shape, chunk_tokens, c, self.lora, prefill=True,
+                                           kv_tokens=rows * cache_len)
+                + rows * prefill_chunk * cache_len  # boolean 4D mask over the cache
+                + 2 * chunk_tokens * shape.head_dim * c  # rotary cos and sin
+                + build + self.repack,
+                "logits": step_logits + (chunk_tokens * vocab * c if self.full_logits else 0),
+            }
+        else:
+            prefill_chunk = 0
+            prefill = {
+                "kv_cache": rows * prompt * kv_per_token,
+                "activations": _layer_peak(shape, tokens, c, self.lora, prefill=True)
+                + rows * prompt * prompt  # boolean 4D attention mask
+                + 2 * tokens * shape.head_dim * c  # rotary cos and sin
+                + build + self.repack,
+                "logits": step_logits + (tokens * vocab * c if self.full_logits else 0),
+            }
         layer_kv = kv_per_token // shape.num_layers
         decode = {
             "kv_cache": rows * (prompt + completion) * kv_per_token,
@@ -435,11 +478,12 @@ class _Estimator:
         }
         static = dict(self.base_static, lora_member_copies=copies,
                       workspace=int(self.profile.workspace_mib * MIB))
-        return _Estimate(static, {"prefill": prefill, "decode": decode}, members)
+        return _Estimate(static, {"prefill": prefill, "decode": decode}, members, prefill_chunk)
 
     def make_plan(self, rows: int, prompt: int, completion: int, limited_by: str,
-                  notes: list[str]) -> Plan:
-        best = self(rows, prompt, completion)
+                  notes: list[str], prefill_chunk: int | None = None) -> Plan:
+        best = (self.best(rows, prompt, completion) if prefill_chunk is None
+                else self(rows, prompt, completion, prefill_chunk))
         profile = self.profile
         if not self.lora_kernel and best.static["lora_member_copies"] > 0.1 * \
                 profile.target_bytes:
@@ -457,15 +501,16 @@ class _Estimator:
             target_bytes=profile.target_bytes, usable_bytes=profile.usable_bytes,
             budget_bytes=int(profile.memory_budget_gib * GIB),
             reserve_bytes=int(profile.reserve_gib * GIB), limited_by=limited_by,
-            notes=self.notes + notes)
+            notes=self.notes + notes, prefill_chunk=best.prefill_chunk)
 
 
 def predict(config: Any, profile: Profile, lora_rank: int, target_modules: list[str],
             population_size: int, batch_size: int, num_generations: int = 1, *,
             rows_per_chunk: int, max_prompt_length: int, max_completion_length: int,
             optimizer: str = "sgd", lora_kernel: bool = False,
-            full_prefill_logits: bool | None = None) -> Plan:
-    """The prediction at exactly these rows and lengths, fitting or not (see ``plan``).
+            full_prefill_logits: bool | None = None, prefill_chunk: int = 0) -> Plan:
+    """The prediction at exactly these rows, lengths and prefill chunk (0 = whole prompt),
+    fitting or not (see ``plan``).
 
     For benchmarks and checks: ``plan`` is what a run uses.
     """
@@ -473,14 +518,14 @@ def predict(config: Any, profile: Profile, lora_rank: int, target_modules: list[
                            batch_size, num_generations, optimizer, lora_kernel,
                            full_prefill_logits)
     return estimator.make_plan(rows_per_chunk, max_prompt_length, max_completion_length,
-                               "rows_per_chunk", [])
+                               "rows_per_chunk", [], prefill_chunk)
 
 
 def plan(config: Any, profile: Profile, lora_rank: int, target_modules: list[str],
          population_size: int, batch_size: int, num_generations: int = 1, *,
          max_prompt_length: int | None = None, max_completion_length: int | None = None,
          rows_per_chunk: int = 0, optimizer: str = "sgd", lora_kernel: bool = False,
-         full_prefill_logits: bool | None = None) -> Plan:
+         full_prefill_logits: bool | None = None, chunked_prefill: bool = True) -> Plan:
     """Plan one ES iteration of ``population_size`` x ``batch_size`` x ``num_generations``
     rows under ``profile``: the largest rows per chunk whose predicted peak fits.
 
@@ -489,15 +534,17 @@ def plan(config: Any, profile: Profile, lora_rank: int, target_modules: list[str
     ``rows_per_chunk`` > 0 caps the rows as the profile's ``max_rows_in_flight`` does.
     ``lora_kernel``: the fused CUDA kernel regenerates noise, so no member copies.
     ``full_prefill_logits``: None = R x P x vocab only if the model lacks logits_to_keep.
+    ``chunked_prefill``: when the whole prompt's prefill is what does not fit, prefill it in
+    chunks (``Plan.prefill_chunk`` tokens) rather than take fewer rows or shorter lengths.
     """
     estimate = _Estimator(config, profile, lora_rank, target_modules, population_size,
                           batch_size, num_generations, optimizer, lora_kernel,
-                          full_prefill_logits)
+                          full_prefill_logits, chunked_prefill)
     target = profile.target_bytes
     prompt = max_prompt_length or profile.max_prompt_length
     completion = max_completion_length or profile.max_completion_length
     notes: list[str] = []
-    one = estimate(1, prompt, completion)
+    one = estimate.best(1, prompt, completion)
     if one.peak > target:
         fitting = _fitting_lengths(estimate, prompt, completion, target)
         if max_prompt_length is None and max_completion_length is None and fitting:
@@ -514,7 +561,7 @@ def plan(config: Any, profile: Profile, lora_rank: int, target_modules: list[str
     low, high = 1, cap  # largest rows with peak <= target (the peak grows with rows)
     while low < high:
         middle = (low + high + 1) // 2
-        if estimate(middle, prompt, completion).peak <= target:
+        if estimate.best(middle, prompt, completion).peak <= target:
             low = middle
         else:
             high = middle - 1
@@ -542,12 +589,12 @@ def _fitting_lengths(estimate: _Estimator, prompt: int, completion: int, target:
         return (max(MIN_LENGTH, int(prompt * fraction)),
                 max(MIN_LENGTH, int(completion * fraction)))
 
-    if estimate(1, *lengths(0.0)).peak > target:
+    if estimate.best(1, *lengths(0.0)).peak > target:
         return None
     low, high = 0, 1024  # fraction in 1/1024 steps
     while low < high:
         middle = (low + high + 1) // 2
-        if estimate(1, *lengths(middle / 1024)).peak <= target:
+        if estimate.best(1, *lengths(middle / 1024)).peak <= target:
             low = middle
         else:
             high = middle - 1

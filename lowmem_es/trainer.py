@@ -191,7 +191,8 @@ class ESTrainer:
             max_prompt_length=args.max_prompt_length,
             max_completion_length=args.max_completion_length, temperature=args.temperature,
             rows_per_chunk=self.rows_per_chunk, device=self.device, events=events,
-            backend=args.generation_backend)
+            backend=args.generation_backend,
+            prefill_chunk=self.plan.prefill_chunk if self.plan is not None else 0)
         if events:  # an OOM backoff: keep the chunk size that worked
             self.rows_per_chunk = min(e["retry_rows"] for e in events)
         generated = time.perf_counter()

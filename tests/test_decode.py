@@ -45,6 +45,33 @@ def test_greedy_matches_generate_with_mixed_members(setup, new_tokens):
     assert len({tuple(r) for r in ours.tolist()}) > 3  # members really differ
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_prefill_gives_the_same_tokens(setup, chunk):
+    """Prefill in pieces of `chunk` prompt tokens: the same greedy tokens and (up to float
+    rounding) the same logits as one pass, with ragged left-padded prompts and members."""
+    es_model, tokenizer, batch = setup
+    segments = [(2, 4), (0, 4), (1, 4)]
+    seen = []
+
+    def keep(ids, scores):
+        seen.append(scores.clone())
+        return scores
+
+    with es_model.population(5, 1, 0.3, MEMBERS, segments):
+        whole = decode(es_model.model, batch["input_ids"], batch["attention_mask"], 8,
+                       [tokenizer.eos_token_id], tokenizer.pad_token_id, logits_processor=keep)
+        pieces = decode(es_model.model, batch["input_ids"], batch["attention_mask"], 8,
+                        [tokenizer.eos_token_id], tokenizer.pad_token_id, prefill_chunk=chunk,
+                        logits_processor=keep)
+    assert torch.equal(whole, pieces)
+    half = len(seen) // 2
+    for a, b in zip(seen[:half], seen[half:], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        decode(es_model.model, batch["input_ids"], batch["attention_mask"], 2, [], 0,
+               prefill_chunk=-1)
+
+
 def test_eos_in_different_rows(setup):
     """Pick a token the rows emit at different steps as EOS: rows stop at different times
     and are padded afterwards, exactly like generate()."""

@@ -89,6 +89,25 @@ def test_loop_and_generate_backends_agree(model_and_tokenizer, temperature):
         _generate(model, tokenizer, backend="vllm")
 
 
+@pytest.mark.parametrize("backend", ["loop", "generate"])
+def test_chunked_prefill_gives_the_same_completions(model_and_tokenizer, backend):
+    """The plan's prefill_chunk bounds activations without changing the completions."""
+    model, tokenizer = model_and_tokenizer
+    whole = _generate(model, tokenizer, backend=backend, rows_per_chunk=5)
+    widths = []
+    inner = model.model.model  # the decoder stack: sees exactly the tokens of each pass
+    hook = inner.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+        with_kwargs=True)
+    try:
+        pieces = _generate(model, tokenizer, backend=backend, rows_per_chunk=5,
+                           prefill_chunk=2)
+    finally:
+        hook.remove()
+    assert [c.ids for c in pieces] == [c.ids for c in whole]
+    assert max(widths) == 2  # the prompts (up to 7 tokens) really went in pieces
+
+
 def test_render_prompt(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     assert render_prompt("hello", tokenizer, 0) == "hello"

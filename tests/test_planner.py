@@ -138,8 +138,9 @@ def test_nf4_is_4_127_bits_per_value():
                                                       (LLAMA31_8B, 131_072)])
 @pytest.mark.parametrize("profile_name", ["8gb", "12gb"])
 def test_plan_terms(config, kv_per_token, profile_name):
+    """The terms with the whole prompt prefilled at once (chunked prefill: tested below)."""
     profile = load_profile(profile_name)
-    result = _plan(config, profile)
+    result = _plan(config, profile, chunked_prefill=False)
     shape = model_shape(config)
     rows, prompt, completion = (result.rows_per_chunk, result.max_prompt_length,
                                 result.max_completion_length)
@@ -257,9 +258,11 @@ def test_plan_error_says_how_far_over_and_what_fits():
     assert isinstance(error, ValueError)
     message = str(error)
     assert "GiB over the 6.84 GiB" in message and "16384 prompt + 4096 completion" in message
-    one_row = predict(LLAMA31_8B, load_profile("8gb"), 8, ATTENTION, 30, 8, rows_per_chunk=1,
-                      max_prompt_length=16384, max_completion_length=4096)
-    assert error.over_bytes == one_row.predicted_peak_bytes - one_row.target_bytes > 0
+    one_row = [predict(LLAMA31_8B, load_profile("8gb"), 8, ATTENTION, 30, 8, rows_per_chunk=1,
+                       max_prompt_length=16384, max_completion_length=4096, prefill_chunk=k)
+               for k in (0, 16)]  # the whole prompt, and the smallest prefill chunk tried
+    lowest = min(p.predicted_peak_bytes for p in one_row)
+    assert error.over_bytes == lowest - one_row[0].target_bytes > 0
     assert "--profile 12gb" in error.suggestions
     # The suggested lengths really fit at one row.
     lengths = error.suggestions[0]
@@ -358,3 +361,38 @@ def test_plan_command_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B))
     with pytest.raises(ValueError, match="needs --profile"):
         run_plan(_cli("plan", "--model", str(tmp_path)))
+
+
+def test_chunked_prefill_fits_more_rows_when_prefill_is_the_limit():
+    """Qwen2.5-7B under 8gb: the whole-prompt prefill limits the rows; prefilling the prompt
+    in chunks fits more rows per chunk (fewer passes) within the same target."""
+    whole = _plan(QWEN25_7B, chunked_prefill=False)
+    assert whole.peak_phase == "prefill" and whole.limited_by == "memory"
+    assert whole.prefill_chunk == 0
+    chunked = _plan(QWEN25_7B)
+    assert chunked.rows_per_chunk > whole.rows_per_chunk
+    assert chunked.num_chunks < whole.num_chunks
+    assert 0 < chunked.prefill_chunk < chunked.max_prompt_length
+    assert chunked.fits
+    assert f"prefill {chunked.prefill_chunk} prompt tokens at a time" in chunked.format()
+    assert chunked.to_dict()["prefill_chunk"] == chunked.prefill_chunk
+    # The same rows with the whole prompt in one pass would not fit, so the chunk is needed.
+    args = dict(population_size=30, batch_size=8, max_prompt_length=256,
+                max_completion_length=256)
+    profile = load_profile("8gb")
+    at_once = predict(QWEN25_7B, profile, 8, list(ATTENTION), rows_per_chunk=chunked.rows_per_chunk,
+                      **args)
+    assert not at_once.fits
+    pieces = predict(QWEN25_7B, profile, 8, list(ATTENTION), rows_per_chunk=chunked.rows_per_chunk,
+                     prefill_chunk=chunked.prefill_chunk, **args)
+    assert pieces.predicted_peak_bytes == chunked.predicted_peak_bytes
+    # Smaller chunks lower the prefill activations (but never the static cache).
+    small = predict(QWEN25_7B, profile, 8, list(ATTENTION), rows_per_chunk=chunked.rows_per_chunk,
+                    prefill_chunk=16, **args)
+    assert small.phases["prefill"]["activations"] < pieces.phases["prefill"]["activations"]
+    assert small.phases["prefill"]["kv_cache"] == pieces.phases["prefill"]["kv_cache"]
+
+
+def test_decode_limited_plan_never_chunks_prefill():
+    plan_ = _plan(LLAMA31_8B)
+    assert plan_.peak_phase == "decode" and plan_.prefill_chunk == 0
