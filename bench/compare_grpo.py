@@ -112,9 +112,12 @@ def checkpoint_steps(steps: int, points: int) -> list[int]:
     return sorted({max(1, round(steps * k / points)) for k in range(1, points + 1)})
 
 
-def run_name(side: str, learning_rate: float) -> str:
-    """Directory / key name of one run, e.g. ``es_lr0.01`` or ``grpo_lr5e-05``."""
-    return f"{side}_lr{learning_rate:g}"
+def run_name(side: str, learning_rate: float, lr_schedule: str = "constant") -> str:
+    """Directory / key name of one run, e.g. ``es_lr0.01``, ``es_lr0.02_cosine`` or
+    ``grpo_lr5e-05`` (an ES run's lr schedule is named unless constant; GRPO always uses
+    TRL's linear decay)."""
+    suffix = f"_{lr_schedule}" if side == "es" and lr_schedule != "constant" else ""
+    return f"{side}_lr{learning_rate:g}{suffix}"
 
 
 # --- argument parsing ---------------------------------------------------------------------
@@ -149,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                "shared CPU box. Results accumulate in OUT_DIR/results.json.")
     parser.add_argument("--sides", type=_sides, default=list(SIDES),
                         help="which trainers to run: es, grpo or es,grpo (default both)")
+    parser.add_argument("--es-schedule", choices=("constant", "cosine", "linear"),
+                        default="constant",
+                        help="ES lr schedule (ESConfig.lr_schedule; decays to 0.1x over the "
+                             "run; default constant, the paper's)")
     parser.add_argument("--es-lr", type=_float_list, default=list(DEFAULT_ES_LRS),
                         help="ES learning rates to sweep, comma-separated (default "
                              f"{','.join(map(str, DEFAULT_ES_LRS))}; sigma {ES_SIGMA})")
@@ -363,6 +370,8 @@ def plot_curves(results: dict[str, Any], path: str | os.PathLike) -> Path | None
         if base_acc is not None:
             xs, ys = [0, *xs], [base_acc, *ys]
         label = f"{'lowmem-es' if row.side == 'es' else 'TRL GRPO'} lr {row.learning_rate:g}"
+        if row.side == "es":
+            label += row.name[len(run_name("es", row.learning_rate)):].replace("_", " ")
         color = shades[row.side].pop(0) if shades.get(row.side) else None
         ax.plot(xs, ys, styles.get(row.side, ":"), marker="o", label=label, color=color)
     ax.set_xlabel("completions generated")
@@ -527,7 +536,8 @@ def train_es(spec: dict[str, Any]) -> dict[str, Any]:
     task = get_task("arithmetic")
     data = _datasets(spec["seed"])
     config = default_run_config(
-        output_dir=str(out / "es"), learning_rate=spec["learning_rate"], sigma=ES_SIGMA,
+        output_dir=str(out / "es"), learning_rate=spec["learning_rate"],
+        lr_schedule=spec.get("lr_schedule", "constant"), lr_min_ratio=0.1, sigma=ES_SIGMA,
         population_size=ES_POPULATION, batch_size=ES_BATCH, iterations=steps,
         max_completion_length=TRAIN_COMPLETION_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
         seed=spec["seed"], save_steps=0, eval_steps=0, logging_steps=max(1, steps // 8),
@@ -800,14 +810,16 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     plan = [(side, lr) for side in args.sides
             for lr in (args.es_lr if side == "es" else args.grpo_lr)]
     for side, lr in plan:
-        name = run_name(side, lr)
+        schedule = args.es_schedule if side == "es" else "linear"
+        name = run_name(side, lr, schedule)
         run_dir = out / name
         per_step = completions_per_step(side)
         steps = steps_for_budget(args.budget, per_step)
         saves = checkpoint_steps(steps, args.points)
         print(f"[{name}] training: {steps} steps x {per_step} completions = "
               f"{steps * per_step}, adapters at steps {saves}", flush=True)
-        spec = dict(common, side=side, learning_rate=lr, steps=steps, save_steps=saves,
+        spec = dict(common, side=side, learning_rate=lr, lr_schedule=schedule, steps=steps,
+                    save_steps=saves,
                     micro_batch=args.grpo_micro_batch,
                     gradient_checkpointing=args.grpo_gradient_checkpointing,
                     run_dir=str(run_dir), result=str(run_dir / "train.json"))
@@ -821,7 +833,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         spec = dict(common, base=False, adapters=adapters, eval_limit=args.eval_limit,
                     result=str(run_dir / "eval.json"))
         evaluated = _run_worker("eval", spec, run_dir / "eval_spec.json", run_dir / "eval.log")
-        results["runs"][name] = run_entry(side, lr, steps * per_step, trained, evaluated)
+        results["runs"][name] = run_entry(side, lr, steps * per_step, trained, evaluated,
+                                          schedule)
         save_results(results_path, results)
         final = evaluated["points"][-1]
         acc = final["eval"]["accuracy"]
@@ -837,14 +850,14 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_entry(side: str, learning_rate: float, completions: int, trained: dict[str, Any],
-              evaluated: dict[str, Any]) -> dict[str, Any]:
+              evaluated: dict[str, Any], lr_schedule: str = "constant") -> dict[str, Any]:
     """results.json's record of one run, from its train worker's and eval worker's output."""
     def rounded(value: float | None, digits: int = 1) -> float | None:
         return None if value is None else round(value, digits)
 
     final = evaluated["points"][-1]
     return {
-        "side": side, "learning_rate": learning_rate,
+        "side": side, "learning_rate": learning_rate, "lr_schedule": lr_schedule,
         "steps": completions // completions_per_step(side), "completions": completions,
         "train_seconds": rounded(trained["train_seconds"]),
         "train_cpu_seconds": rounded(trained.get("train_cpu_seconds")),
@@ -877,9 +890,10 @@ def collect(out_dir: Path) -> dict[str, Any]:
             continue
         spec = json.loads(spec_file.read_text())
         completions = spec["steps"] * completions_per_step(spec["side"])
-        results["runs"][run_name(spec["side"], spec["learning_rate"])] = run_entry(
+        schedule = spec.get("lr_schedule", "constant" if spec["side"] == "es" else "linear")
+        results["runs"][run_name(spec["side"], spec["learning_rate"], schedule)] = run_entry(
             spec["side"], spec["learning_rate"], completions,
-            json.loads(train_file.read_text()), json.loads(eval_file.read_text()))
+            json.loads(train_file.read_text()), json.loads(eval_file.read_text()), schedule)
     save_results(results_path, results)
     return results
 

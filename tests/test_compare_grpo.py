@@ -77,6 +77,11 @@ def test_checkpoint_steps_rejects_nonsense(cg):
 def test_run_names(cg):
     assert cg.run_name("es", 0.01) == "es_lr0.01"
     assert cg.run_name("grpo", 5e-5) == "grpo_lr5e-05"
+    # An ES run's schedule is part of its name unless constant (runs never overwrite each
+    # other across schedules); GRPO's is always TRL's linear decay, so never named.
+    assert cg.run_name("es", 0.02, "cosine") == "es_lr0.02_cosine"
+    assert cg.run_name("es", 0.02, "constant") == "es_lr0.02"
+    assert cg.run_name("grpo", 5e-4, "linear") == "grpo_lr0.0005"
 
 
 def test_parse_args_defaults(cg):
