@@ -184,7 +184,8 @@ EVAL_COMPLETION_LENGTH = 32
 #   seed 2: eval 0.554 / 0.634 at it 60 / 90 (base 0.238), transfer 0.287 / 0.304 (0.122);
 #   seed 0: eval 0.594 / 0.584, transfer 0.318 / 0.374; LoRA norm 19 -> ~50 on all three.
 #   Through `lowmem-es train` (2 threads, shared box): seed 0 eval 0.178 -> 0.594, transfer
-#   0.112 -> 0.308, 15.1 min wall at 9.6 s/it (7.6 s/it when the box is quiet).
+#   0.112 -> 0.308, 15.1 min wall at 9.6 s/it (load ~3); again on a fresh clone, fresh venv
+#   and empty cache: the same numbers in 13.3 min (7.1-7.5 s/it once the box was quiet).
 DEFAULT_CONFIG: dict[str, Any] = {
     "population_size": 8, "sigma": 0.02, "learning_rate": 0.02, "lr_schedule": "cosine",
     "lr_min_ratio": 0.1, "batch_size": 16,
