@@ -687,7 +687,7 @@ def evaluate_adapters(spec: dict[str, Any]) -> dict[str, Any]:
     base, tokenizer, _ = load_model(spec["model"], device=spec["device"])
     es_model = attach_es_lora(base, list(LORA_TARGETS), LORA_RANK, LORA_ALPHA,
                               base_model_name_or_path=str(spec["model"]))
-    scorer = make_scorer(es_model, tokenizer, rows["eval"] + rows["transfer"],
+    scorer = make_scorer(tokenizer, rows["eval"] + rows["transfer"],
                          list(task.reward_funcs), max_prompt_length=MAX_PROMPT_LENGTH)
 
     def measure(split: str) -> dict[str, Any]:

@@ -47,12 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from lowmem_es.default_model import (
         DEFAULT_TASK,
-        EVAL_COMPLETION_LENGTH,
         default_datasets,
         default_run_config,
         ensure_default_model,
+        score_splits,
     )
-    from lowmem_es.evaluate import evaluate_rows
     from lowmem_es.tasks import get_task
     from lowmem_es.trainer import ESTrainer
 
@@ -78,12 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(label: object) -> None:
         point: dict = {"iteration": label}
-        for split in ("eval", "transfer"):
-            metrics = evaluate_rows(trainer.es_model, trainer.tokenizer, data[split],
-                                    scorer=trainer, well_formed=task.well_formed,
-                                    correct_threshold=config.correct_threshold,
-                                    max_prompt_length=config.max_prompt_length,
-                                    max_completion_length=EVAL_COMPLETION_LENGTH)
+        for split, metrics in score_splits(trainer, data, task).items():
             point[split] = {k: metrics[k] for k in ("accuracy", "accuracy_well_formed",
                                                     "well_formed")}
         norm = sum(float(t.float().pow(2).sum()) for t in trainer.es_model.parameters().values())

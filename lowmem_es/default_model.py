@@ -215,6 +215,23 @@ def default_datasets(seed: int = 0) -> dict[str, list[dict]]:
     return get_task(DEFAULT_TASK).splits(seed=seed, **DEFAULT_TASK_OPTIONS)
 
 
+def score_splits(trainer: Any, data: dict[str, list[dict]], task: Any,
+                 splits: tuple[str, ...] = ("eval", "transfer")) -> dict[str, dict[str, Any]]:
+    """Greedy held-out metrics of ``trainer``'s current adapter on ``splits`` of ``data``,
+    scored by the trainer's own rewards, with ``EVAL_COMPLETION_LENGTH`` tokens: the
+    measurement the default run reports before and after training."""
+    from lowmem_es.evaluate import evaluate_rows
+
+    config = trainer.args
+    return {name: evaluate_rows(trainer.es_model, trainer.tokenizer, data[name], scorer=trainer,
+                                well_formed=task.well_formed,
+                                correct_threshold=config.correct_threshold,
+                                max_prompt_length=config.max_prompt_length,
+                                max_completion_length=EVAL_COMPLETION_LENGTH,
+                                rows_per_chunk=config.rows_per_chunk)
+            for name in splits}
+
+
 def run_default(config: ESConfig | None = None, seed: int | None = None, *,
                 resume: bool = False, overwrite: bool = False, force: bool = False
                 ) -> dict[str, Any]:
@@ -232,7 +249,7 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
     import time
 
     from lowmem_es import distributed
-    from lowmem_es.evaluate import evaluate_rows, format_report
+    from lowmem_es.evaluate import format_report
     from lowmem_es.tasks import get_task
     from lowmem_es.trainer import ESTrainer
 
@@ -249,14 +266,8 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
                               "splits": {name: {} for name in ("eval", "transfer")}}
 
     def measure(variant: str) -> None:
-        for name in ("eval", "transfer"):
-            report["splits"][name][variant] = evaluate_rows(
-                trainer.es_model, trainer.tokenizer, data[name], scorer=trainer,
-                well_formed=task.well_formed, correct_threshold=config.correct_threshold,
-                max_prompt_length=config.max_prompt_length,
-                max_completion_length=EVAL_COMPLETION_LENGTH,
-                rows_per_chunk=config.rows_per_chunk)
-            metrics = report["splits"][name][variant]
+        for name, metrics in score_splits(trainer, data, task).items():
+            report["splits"][name][variant] = metrics
             logger.info("%s %s: accuracy %.3f (well-formed %.3f)", variant, name,
                         metrics["accuracy"], metrics["well_formed"])
 

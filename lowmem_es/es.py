@@ -30,8 +30,6 @@ import torch
 from lowmem_es.config import FITNESS_SHAPINGS, LR_SCHEDULES, OPTIMIZERS
 from lowmem_es.noise import MASK63, member_key, noise
 
-__all__ = ["FITNESS_SHAPINGS", "LR_SCHEDULES", "OPTIMIZERS"]  # re-exported for callers
-
 _STD_EPS = 1e-8  # z-score denominator guard, as in the paper's code
 
 

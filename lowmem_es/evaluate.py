@@ -14,7 +14,6 @@ Three numbers per split, because a probe on SmolLM2 saw ES learn answer *format*
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -53,21 +52,16 @@ def summarize(totals: Sequence[float], texts: Sequence[str],
     return result
 
 
-def make_scorer(es_model: Any, tokenizer: Any, rows: Sequence[dict],
+def make_scorer(tokenizer: Any, rows: Sequence[dict],
                 reward_funcs: Sequence[RewardFunc | str], *, max_prompt_length: int = 256,
                 reward_weights: Sequence[float] | None = None) -> RewardScorer:
     """The ``RewardScorer`` training would use for ``reward_funcs``, for evaluating ``rows``.
 
     Also warns once about prompts of ``rows`` longer than ``max_prompt_length`` (they are
-    left-truncated, never a crash). ``es_model`` is unused; kept for callers.
+    left-truncated, never a crash).
     """
-    from lowmem_es.generate import render_prompt
-
-    del es_model
     scorer = RewardScorer(list(reward_funcs), reward_weights)
-    with contextlib.suppress(ValueError):  # chat prompts without a template: reported later
-        prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
-        warn_long_prompts(prompts, tokenizer, max_prompt_length)
+    warn_long_rows(rows, tokenizer, max_prompt_length)
     return scorer
 
 
@@ -92,7 +86,7 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     if scorer is None:
         if not reward_funcs:
             raise ValueError("evaluate_rows needs `reward_funcs` or a `scorer`")
-        scorer = make_scorer(es_model, tokenizer, rows, reward_funcs,
+        scorer = make_scorer(tokenizer, rows, reward_funcs,
                              max_prompt_length=max_prompt_length, reward_weights=reward_weights)
     prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
     device = next(es_model.model.parameters()).device
@@ -109,6 +103,21 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
         result["samples"] = [{"prompt": prompts[i], "completion": texts[i], "reward": totals[i]}
                              for i in range(min(samples, len(rows)))]
     return result
+
+
+def warn_long_rows(rows: Sequence[dict], tokenizer: Any, max_prompt_length: int) -> int:
+    """``warn_long_prompts`` for dataset rows, their prompts rendered as generation does.
+
+    Rows whose chat prompts cannot be rendered (no chat template) are skipped here: that
+    error is reported, naming the row, when the rows are used.
+    """
+    from lowmem_es.generate import render_prompt
+
+    try:
+        prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
+    except ValueError:
+        return 0
+    return warn_long_prompts(prompts, tokenizer, max_prompt_length)
 
 
 def warn_long_prompts(prompts: Sequence[str], tokenizer: Any, max_prompt_length: int) -> int:
@@ -190,7 +199,7 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
         rows = fit_prompts(splits[name], tokenizer)
         rows_by_split[name] = rows[:limit] if limit is not None else rows
     every_row = [row for rows in rows_by_split.values() for row in rows]
-    scorer = make_scorer(es_model, tokenizer, every_row, reward_funcs,
+    scorer = make_scorer(tokenizer, every_row, reward_funcs,
                          max_prompt_length=max_prompt_length)
     common = dict(scorer=scorer, well_formed=well_formed, correct_threshold=threshold,
                   max_prompt_length=max_prompt_length,

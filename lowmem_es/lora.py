@@ -137,8 +137,8 @@ class ESLoraLinear(nn.Module):
         x32 = x.to(torch.float32)
         # Accumulate into the base output in place when we may (fp32, contiguous, not
         # tracked by autograd): the rank-r up-projection, the scaling and the add become one
-        # addmm/baddbmm pass over the output instead of three (measured: ~8% of a CPU
-        # population forward on SmolLM2, bench/bench_population.py).
+        # addmm/baddbmm pass over the output instead of three (the two extra passes were
+        # ~4% of a profiled CPU population forward on SmolLM2, bench/bench_population.py).
         in_place = (result.dtype == torch.float32 and result.is_contiguous()
                     and not result.requires_grad)
         if population is None or population.sigma == 0:
@@ -246,20 +246,17 @@ class ESLoraLinear(nn.Module):
                                                                   alpha=self.scaling)
                 return out
             return torch.bmm(down, b_t[idx]).reshape(rows, *tail, -1)
+        if out is not None:  # each segment's rows of `out` are a contiguous view
+            for index, chunk, target in zip(indices, torch.split(x, counts),
+                                            torch.split(out, counts), strict=True):
+                target.view(-1, out.shape[-1]).addmm_(chunk.reshape(-1, d_in) @ a_t[index],
+                                                      b_t[index], alpha=self.scaling)
+            return out
         parts = []
-        starts = [0]
-        for count in counts:
-            starts.append(starts[-1] + count)
-        for (index, _), chunk, start in zip(population.segments, torch.split(x, counts),
-                                            starts, strict=False):
+        for index, chunk in zip(indices, torch.split(x, counts), strict=True):
             flat = chunk.reshape(-1, d_in)
-            if out is not None:
-                target = out[start:start + chunk.shape[0]]
-                target.view(-1, out.shape[-1]).addmm_(flat @ a_t[index], b_t[index],
-                                                      alpha=self.scaling)
-                continue
             parts.append(((flat @ a_t[index]) @ b_t[index]).reshape(*chunk.shape[:-1], -1))
-        return out if out is not None else torch.cat(parts)
+        return torch.cat(parts)
 
 
 # The row plan of the batch now in flight, shared by every layer (they all see the same

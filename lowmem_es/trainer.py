@@ -123,14 +123,10 @@ class ESTrainer:
 
     def _check_prompt_lengths(self) -> None:
         """Warn once, up front, about prompts that will be left-truncated (never a crash)."""
-        from lowmem_es.evaluate import warn_long_prompts
+        from lowmem_es.evaluate import warn_long_rows
 
         rows = list(self.train_dataset) + list(self.eval_dataset or [])
-        try:
-            prompts = self._prompts(rows)
-        except ValueError:
-            return  # chat prompts without a template: reported when the rows are used
-        warn_long_prompts(prompts, self.tokenizer, self.args.max_prompt_length)
+        warn_long_rows(rows, self.tokenizer, self.args.max_prompt_length)
 
     def _make_plan(self, model: object) -> object:
         """The memory plan of this rank's share of the population under ``args.profile``."""
@@ -538,8 +534,6 @@ def plot_rewards(out: Path) -> Path | None:
     plt.close(figure)
     os.replace(tmp, out / "reward.png")
     return out / "reward.png"
-
-
 
 
 def peak_memory_mb(device: torch.device) -> float:
