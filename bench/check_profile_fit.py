@@ -192,6 +192,18 @@ def check_profile(es_model: Any, tokenizer: object, args: argparse.Namespace,
         "events": [], "oom": None}
     for layer in es_model.layers.values():
         layer.clear_cache()
+    if device.type == "cuda":  # place the input embedding as the trainer would
+        from lowmem_es.model import (
+            offload_input_embedding,
+            offloaded_embedding,
+            restore_input_embedding,
+        )
+
+        if profile.embedding_on_cpu:
+            offload_input_embedding(es_model.model, device)
+        else:
+            restore_input_embedding(es_model.model)
+        record["embedding_on_cpu"] = offloaded_embedding(es_model.model) is not None
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         cap = int((profile.memory_budget_gib - args.context_gib) * GIB)

@@ -150,15 +150,26 @@ class _EagerStep:
 
 
 class _CapturedStep:
-    """The decode step as a CUDA graph over static input buffers (full-length mask)."""
+    """The decode step as a CUDA graph over static input buffers (full-length mask).
+
+    With the input embedding in host memory (``model.OffloadedEmbedding``) the graph
+    takes the embedded rows (``inputs_embeds``) instead of token ids: the host-side
+    lookup cannot run inside a graph, so it runs before each replay and its result is
+    copied into the static buffer.
+    """
 
     def __init__(self, graph: torch.cuda.CUDAGraph, tokens: torch.Tensor,
-                 positions: torch.Tensor, logits: torch.Tensor) -> None:
+                 positions: torch.Tensor, logits: torch.Tensor,
+                 embed: object | None = None, embeds: torch.Tensor | None = None) -> None:
         self.graph, self.tokens, self.positions, self.logits = graph, tokens, positions, logits
+        self.embed, self.embeds = embed, embeds
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, column: int
                  ) -> torch.Tensor:
-        self.tokens.copy_(tokens)
+        if self.embed is not None:
+            self.embeds.copy_(self.embed.host_lookup(tokens))
+        else:
+            self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.graph.replay()
         return self.logits
@@ -170,27 +181,37 @@ def _captured_or_eager(step: _EagerStep, rows: int, device: torch.device):
     Capture itself runs the step once, which would write a cache slot: the cache's
     position counters are saved and restored around warm-up and capture.
     """
+    from lowmem_es.model import offloaded_embedding
+
     model, cache, mask = step.model, step.cache, step.mask
     tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
     positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+    embed = offloaded_embedding(model)
+    embeds = None
+    if embed is not None:
+        embeds = torch.zeros(rows, 1, embed.embedding_dim, dtype=embed.weight.dtype,
+                             device=device)
+        inputs = {"inputs_embeds": embeds}
+    else:
+        inputs = {"input_ids": tokens}
     try:
         saved = [layer.cumulative_length.clone() for layer in cache.layers]
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: lazy init, autotuning, allocator
-                model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                model(**inputs, attention_mask=mask, position_ids=positions,
                       cache=cache, use_cache=True)
                 for layer, value in zip(cache.layers, saved, strict=True):
                     layer.cumulative_length.copy_(value)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+            logits = model(**inputs, attention_mask=mask, position_ids=positions,
                            cache=cache, use_cache=True).logits[:, -1, :]
         for layer, value in zip(cache.layers, saved, strict=True):
             layer.cumulative_length.copy_(value)
-        return _CapturedStep(graph, tokens, positions, logits)
+        return _CapturedStep(graph, tokens, positions, logits, embed, embeds)
     except Exception as error:  # capture is an optimisation: never fail the run for it
         logger.warning("CUDA graph capture of the decode step failed (%s: %s); decoding "
                        "eagerly", type(error).__name__, str(error).splitlines()[0][:200])

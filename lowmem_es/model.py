@@ -6,11 +6,14 @@ code runs only when the caller asks for it. Errors name the path and what to do.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+logger = logging.getLogger("lowmem_es")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -45,11 +48,13 @@ def _check_model_path(path: str) -> None:
 
 def load_model(path: str | os.PathLike, *, load_in_4bit: bool = True,
                compute_dtype: str = "auto", device: str = "auto",
-               trust_remote_code: bool = False) -> tuple[nn.Module, object, torch.device]:
+               trust_remote_code: bool = False, embedding_on_cpu: bool = False
+               ) -> tuple[nn.Module, object, torch.device]:
     """Load (model, tokenizer, device): frozen, eval mode, NF4 + double quant when asked.
 
     The tokenizer pads on the left (generation appends on the right) and falls back to
-    EOS as its pad token.
+    EOS as its pad token. ``embedding_on_cpu`` (a profile knob) moves the input embedding
+    to CPU memory after loading (``offload_input_embedding``); ignored on CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -86,4 +91,100 @@ def load_model(path: str | os.PathLike, *, load_in_4bit: bool = True,
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
+    if embedding_on_cpu and target.type == "cuda":
+        offload_input_embedding(model, target)
     return model, tokenizer, target
+
+
+class OffloadedEmbedding(nn.Module):
+    """The input embedding held in CPU memory: token ids gather on the host, rows go over.
+
+    For a 7B model the embedding is vocab x hidden in 16 bits (~1 GiB for Qwen2.5-7B and
+    Llama-3.1-8B), a sixth of what an 8 GB card can give to tensors, while a lookup touches
+    rows x hidden values: moving it to host memory frees that VRAM for the KV cache at the
+    cost of one small device-to-host copy of the ids and one host-to-device copy of the
+    embedded rows per forward.
+
+    The wrapped module (the model's own, so scaled embeddings and the like keep their
+    behaviour) is deliberately not a registered submodule: its weight is invisible to
+    ``parameters()``, ``state_dict()`` and ``model.to()``, so ``model.device`` still names
+    the GPU and nothing moves the weight back by accident.
+    """
+
+    def __init__(self, embedding: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        object.__setattr__(self, "inner", embedding)  # not registered, on purpose
+        self.device = torch.device(device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The host-memory weight (vocab, hidden), for code that inspects the embedding."""
+        return self.inner.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return int(self.inner.weight.shape[0])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.inner.weight.shape[1])
+
+    def host_lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedded rows, still in host memory (the decode loop copies them itself)."""
+        return self.inner(input_ids.to("cpu"))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.host_lookup(input_ids).to(self.device, non_blocking=False)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, in CPU memory -> "
+                f"{self.device}")
+
+
+def offload_input_embedding(model: nn.Module, device: torch.device | str) -> bool:
+    """Keep ``model``'s input embedding in CPU memory (see ``OffloadedEmbedding``).
+
+    Returns False, with a log line, when that cannot help: the embedding is tied to the
+    output head (lm_head needs the same weight on the GPU every step), or is already
+    offloaded. On CUDA the host copy is pinned (faster transfers) when memory allows, and
+    the freed VRAM goes back to the driver.
+    """
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, OffloadedEmbedding):
+        return False
+    output = model.get_output_embeddings()
+    if output is not None and getattr(output, "weight", None) is embedding.weight:
+        logger.info("embedding_on_cpu has no effect for %s: its input embedding is tied to "
+                    "lm_head, which must stay on the GPU", type(model).__name__)
+        return False
+    device = torch.device(device)
+    weight = embedding.weight.detach().to("cpu")
+    if device.type == "cuda":
+        try:
+            weight = weight.pin_memory()
+        except RuntimeError:  # pinning can fail under memory limits: pageable still works
+            pass
+    embedding.weight = nn.Parameter(weight, requires_grad=False)
+    model.set_input_embeddings(OffloadedEmbedding(embedding, device))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return True
+
+
+def restore_input_embedding(model: nn.Module) -> bool:
+    """Undo ``offload_input_embedding``: the weight back on its device (False if not
+    offloaded). For tools that try several profiles on one loaded model."""
+    embedding = offloaded_embedding(model)
+    if embedding is None:
+        return False
+    inner = embedding.inner
+    inner.weight = nn.Parameter(inner.weight.detach().to(embedding.device), requires_grad=False)
+    model.set_input_embeddings(inner)
+    return True
+
+
+def offloaded_embedding(model: nn.Module) -> OffloadedEmbedding | None:
+    """The model's ``OffloadedEmbedding``, or None when its embedding is on the device."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if getter is not None else None
+    return embedding if isinstance(embedding, OffloadedEmbedding) else None

@@ -29,7 +29,7 @@ from lowmem_es import __version__, checkpoint, distributed, es, lora, noise
 from lowmem_es.config import NON_RESULT_FIELDS, ESConfig, to_toml
 from lowmem_es.generate import Completion, generate_population, render_prompt
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
-from lowmem_es.model import load_model, resolve_device
+from lowmem_es.model import load_model, offload_input_embedding, resolve_device
 from lowmem_es.rewards import RewardFunc, RewardScorer, member_fitness
 
 logger = logging.getLogger("lowmem_es")
@@ -104,13 +104,17 @@ class ESTrainer:
                 raise ValueError("`tokenizer` is required when `model` is an ESLoraModel")
             self.es_model, self.tokenizer = model, tokenizer
             self.device = next(model.model.parameters()).device
+            if self.device.type == "cuda" and self._profile_embedding_on_cpu():
+                # The plan counted the embedding as freed: make it so on this model too.
+                offload_input_embedding(model.model, self.device)
         else:
             if model is None or str(model) == "":
                 raise ValueError("`model` is missing; pass a model directory or hub id")
             base, self.tokenizer, self.device = load_model(
                 model, load_in_4bit=self.args.load_in_4bit,
                 compute_dtype=self.args.compute_dtype, device=self.args.device,
-                trust_remote_code=trust_remote_code)
+                trust_remote_code=trust_remote_code,
+                embedding_on_cpu=self._profile_embedding_on_cpu())
             self.es_model = attach_es_lora(base, self.args.lora_target_modules,
                                            self.args.lora_rank, self.args.lora_alpha,
                                            seed=self.args.seed,
@@ -127,6 +131,14 @@ class ESTrainer:
 
         rows = list(self.train_dataset) + list(self.eval_dataset or [])
         warn_long_rows(rows, self.tokenizer, self.args.max_prompt_length)
+
+    def _profile_embedding_on_cpu(self) -> bool:
+        """The profile's ``embedding_on_cpu`` (the plan counted the embedding as freed)."""
+        if not self.args.profile:
+            return False
+        from lowmem_es.profiles import load_profile
+
+        return load_profile(self.args.profile).embedding_on_cpu
 
     def _make_plan(self, model: object) -> object:
         """The memory plan of this rank's share of the population under ``args.profile``."""

@@ -1,0 +1,159 @@
+"""Model loading extras: the input embedding kept in CPU memory (profile ``embedding_on_cpu``)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lowmem_es import decode as decode_module
+from lowmem_es.decode import decode
+from lowmem_es.lora import Member, attach_es_lora
+from lowmem_es.model import (
+    OffloadedEmbedding,
+    load_model,
+    offload_input_embedding,
+    offloaded_embedding,
+    restore_input_embedding,
+)
+from lowmem_es.trainer import ESTrainer
+
+PROMPTS = ["sun 1:", "a much longer prompt here 2:", "x", "rain 33:"]
+MEMBERS = [Member(0, 1), Member(0, -1)]
+
+
+def _es_model(path):
+    model, tokenizer, _ = load_model(path)
+    es_model = attach_es_lora(model, ["q_proj", "v_proj"], 4, 8.0, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    for tensor in es_model.parameters().values():
+        tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
+    batch = tokenizer(PROMPTS * 2, return_tensors="pt", padding=True, add_special_tokens=False)
+    return es_model, tokenizer, batch
+
+
+def _generate(es_model, tokenizer, batch, loop: bool):
+    with es_model.population(7, 2, 0.3, MEMBERS, [(0, 4), (1, 4)]):
+        if loop:
+            return decode(es_model.model, batch["input_ids"], batch["attention_mask"], 10,
+                          [tokenizer.eos_token_id], tokenizer.pad_token_id)
+        out = es_model.model.generate(**batch, max_new_tokens=10, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id)
+        return out[:, batch["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen2"])
+def test_offloaded_embedding_gives_the_same_tokens_and_hides_the_weight(
+        which, tiny_llama_dir, tiny_qwen2_dir):
+    path = tiny_llama_dir if which == "llama" else tiny_qwen2_dir
+    es_model, tokenizer, batch = _es_model(path)
+    model = es_model.model
+    with torch.no_grad():
+        model(**batch)  # bitsandbytes repacks CPU weights at the first forward: warm up
+        logits_before = model(**batch).logits
+    loop_before = _generate(es_model, tokenizer, batch, loop=True)
+    generate_before = _generate(es_model, tokenizer, batch, loop=False)
+    weight = model.get_input_embeddings().weight
+    params_before = sum(p.numel() for p in model.parameters())
+
+    assert offload_input_embedding(model, "cpu") is True
+    embedding = offloaded_embedding(model)
+    assert isinstance(embedding, OffloadedEmbedding)
+    assert torch.equal(embedding.weight, weight)
+    # The host weight is not a parameter, not in the state dict, not moved by .to().
+    assert sum(p.numel() for p in model.parameters()) == params_before - weight.numel()
+    assert next(model.parameters()).device.type == "cpu"
+    # (state_dict() would say the same, but on CPU bitsandbytes' state_dict undoes its
+    # inference repacking, which changes the rounding of the next forward.)
+    assert not any("embed_tokens" in name for name, _ in
+                   [*model.named_parameters(), *model.named_buffers()])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, logits_before)
+    assert torch.equal(_generate(es_model, tokenizer, batch, loop=True), loop_before)
+    assert torch.equal(_generate(es_model, tokenizer, batch, loop=False), generate_before)
+    assert offload_input_embedding(model, "cpu") is False  # already offloaded: a no-op
+    assert restore_input_embedding(model) is True
+    assert model.get_input_embeddings().weight is not None
+    assert offloaded_embedding(model) is None and restore_input_embedding(model) is False
+    assert sum(p.numel() for p in model.parameters()) == params_before
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, logits_before)
+
+
+def test_tied_embedding_is_left_in_place(caplog):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with caplog.at_level("INFO", logger="lowmem_es"):
+        assert offload_input_embedding(model, "cpu") is False
+    assert offloaded_embedding(model) is None
+    assert "tied to lm_head" in caplog.text
+
+
+def test_load_model_ignores_embedding_on_cpu_off_cuda(tiny_llama_dir):
+    model, _, device = load_model(tiny_llama_dir, device="cpu", embedding_on_cpu=True)
+    assert device.type == "cpu"
+    assert offloaded_embedding(model) is None  # everything is in CPU memory already
+
+
+def test_captured_step_feeds_the_graph_embedded_rows(tiny_llama_dir):
+    """With the embedding offloaded, a captured step takes inputs_embeds: the ids are
+    looked up on the host and copied into the graph's static buffer before each replay.
+    (The CUDA graph itself is replaced by a recorder: no GPU here.)"""
+    model, _, _ = load_model(tiny_llama_dir)
+    offload_input_embedding(model, "cpu")
+    embed = offloaded_embedding(model)
+    embeds = torch.zeros(3, 1, embed.embedding_dim)
+    positions = torch.zeros(3, 1, dtype=torch.long)
+    seen = []
+    graph = SimpleNamespace(replay=lambda: seen.append((embeds.clone(), positions.clone())))
+    step = decode_module._CapturedStep(graph, torch.zeros(3, 1, dtype=torch.long), positions,
+                                       torch.zeros(3, 50), embed, embeds)
+    tokens = torch.tensor([[4], [9], [1]])
+    step(tokens, torch.tensor([[5], [6], [7]]), 0)
+    assert len(seen) == 1
+    assert torch.equal(seen[0][0], embed(tokens))
+    assert seen[0][1].flatten().tolist() == [5, 6, 7]
+
+
+def test_trainer_reads_embedding_on_cpu_from_the_profile(tmp_path):
+    from lowmem_es.profiles import profile_dir
+
+    profile = tmp_path / "card.toml"
+    text = (profile_dir() / "8gb.toml").read_text().replace("embedding_on_cpu = false",
+                                                   "embedding_on_cpu = true")
+    profile.write_text(text)
+    reads = ESTrainer._profile_embedding_on_cpu
+    assert reads(SimpleNamespace(args=SimpleNamespace(profile=str(profile)))) is True
+    assert reads(SimpleNamespace(args=SimpleNamespace(profile="24gb"))) is False
+    assert reads(SimpleNamespace(args=SimpleNamespace(profile=None))) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_offload_frees_vram_and_capture_matches_eager(tiny_llama_dir):
+    es_model, tokenizer, batch = _es_model(tiny_llama_dir)
+    device = torch.device("cuda")
+    model, _, _ = load_model(tiny_llama_dir, device="cuda")
+    es_model = attach_es_lora(model, ["q_proj", "v_proj"], 4, 8.0, seed=0)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    eager = _generate_cuda(es_model, tokenizer, batch, capture=False)
+    before = torch.cuda.memory_allocated()
+    assert offload_input_embedding(model, device) is True
+    assert torch.cuda.memory_allocated() < before
+    assert offloaded_embedding(model).weight.device.type == "cpu"
+    assert torch.equal(_generate_cuda(es_model, tokenizer, batch, capture=True), eager)
+
+
+def _generate_cuda(es_model, tokenizer, batch, capture):
+    stats = decode_module.DecodeStats()
+    with es_model.population(7, 2, 0.3, MEMBERS, [(0, 4), (1, 4)]):
+        out = decode(es_model.model, batch["input_ids"], batch["attention_mask"], 10,
+                     [tokenizer.eos_token_id], tokenizer.pad_token_id, capture=capture,
+                     stats=stats)
+    assert stats.captured == capture
+    return out
