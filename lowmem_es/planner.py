@@ -21,15 +21,19 @@ resident for the whole run
   optimizer_state      Adam's two fp32 moments (0 for SGD)
   workspace            the profile's allowance for what is not modelled term by term
 per chunk of R rows, prompt P and completion C tokens, at the larger of two moments:
-  prefill  KV cache of P tokens + the last layer's activations at T = R*P (residual stream,
+  prefill  KV cache + the last layer's activations at T = R*P (residual stream,
            RMSNorm in fp32, projections with the ES-LoRA fp32 term, repeat_kv'd K/V of the
            masked SDPA, the MLP's gate/up/product, bitsandbytes' dequantized weight) +
-           the 4D boolean mask + the last position's logits. When that is what limits the
+           the 4D boolean mask + the last position's logits. With the static-cache decode
+           loop (``generation_backend="loop"``, the default) the cache is allocated in full,
+           P + C tokens, before the first layer writes to it, and the mask and the keys span
+           it; with ``generate()`` (a DynamicCache) they span the P prompt tokens. When that
+           is what limits the
            rows (or keeps one row from fitting), the prompt is prefilled in chunks of K < P
            tokens (``prefill_chunk``): activations at T = R*K, mask and repeated K/V over
            the whole (P + C)-token static cache, which is allocated in full
-  decode   KV cache of P + C tokens + one layer's K/V copy as the cache grows + one decode
-           step's activations (T = R) + its logits
+  decode   KV cache of P + C tokens + one decode step's activations (T = R) + its logits,
+           + with ``generate()`` one layer's K/V copy as its DynamicCache grows (torch.cat)
   logits   the model's output in c plus generate()'s fp32 copy and the sampling processor's
            temporaries; transformers >= 4.45 computes prefill logits for the last position
            only (``logits_to_keep=1``); models without it get R x P x vocab
@@ -55,6 +59,7 @@ LOGITS_TEMPORARIES = 16  # bytes per vocab entry per row: fp32 copy, /T, Gumbel 
 PREFILL_CHUNKS = (1024, 512, 256, 128, 64, 32, 16)
 MIN_LENGTH = 8  # shortest prompt/completion the planner will shrink a profile's length to
 SHIPPED_FALLBACKS = ("8gb", "12gb", "16gb", "24gb")  # suggested, smallest first
+GENERATION_BACKENDS = ("loop", "generate")  # ESConfig.generation_backend
 
 
 class PlanError(ValueError):
@@ -101,6 +106,7 @@ class ModelShape:
     other_params: int  # norms, biases
     buffer_values: int  # rotary tables and other buffers (fp32, not parameters)
     supports_logits_to_keep: bool
+    supports_static_cache: bool = True  # the decode loop can run it (else generate())
 
     @property
     def linear_params(self) -> int:
@@ -186,7 +192,9 @@ def _model_shape(config_json: str) -> ModelShape:
         embedding_params=embedding_params, lm_head_params=lm_head_params,
         other_params=other_params,
         buffer_values=sum(buffer.numel() for buffer in model.buffers()),
-        supports_logits_to_keep=model._supports_logits_to_keep())
+        supports_logits_to_keep=model._supports_logits_to_keep(),
+        supports_static_cache=bool(getattr(model, "_can_compile_fullgraph", False)
+                                   or getattr(model, "_supports_static_cache", False)))
 
 
 # --- activations of one forward pass (Llama-style decoder layer) ---
@@ -355,8 +363,12 @@ class _Estimator:
     def __init__(self, config: Any, profile: Profile, lora_rank: int,
                  target_modules: list[str], population_size: int, batch_size: int,
                  num_generations: int, optimizer: str, lora_kernel: bool,
-                 full_prefill_logits: bool | None, chunked_prefill: bool = True) -> None:
+                 full_prefill_logits: bool | None, chunked_prefill: bool = True,
+                 generation_backend: str = "loop") -> None:
         shape = model_shape(config)
+        if generation_backend not in GENERATION_BACKENDS:
+            raise ValueError(f"`generation_backend` must be one of {GENERATION_BACKENDS}, got "
+                             f"{generation_backend!r}")
         if not target_modules:
             raise ValueError("`lora_target_modules` is empty; name the linears to adapt, "
                              "e.g. ['q_proj', 'v_proj']")
@@ -374,7 +386,8 @@ class _Estimator:
         self.args = dict(lora_rank=lora_rank, target_modules=list(target_modules),
                          population_size=population_size, batch_size=batch_size,
                          num_generations=num_generations, optimizer=optimizer,
-                         lora_kernel=lora_kernel, full_prefill_logits=full_prefill_logits)
+                         lora_kernel=lora_kernel, full_prefill_logits=full_prefill_logits,
+                         generation_backend=generation_backend)
         self.c = c = DTYPE_BYTES[profile.compute_dtype]
         self.kv_per_token = shape.kv_bytes_per_token(DTYPE_BYTES[profile.kv_dtype])
         self.lora_values = shape.lora_values(lora_rank, target_modules)
@@ -386,6 +399,10 @@ class _Estimator:
         self.total_rows = population_size * self.rows_per_member
         self.lora_kernel = lora_kernel
         self.chunked_prefill = chunked_prefill
+        # The decode loop's StaticCache (full length from the start, no copies as it fills)
+        # or generate()'s DynamicCache; the loop falls back to generate() for models that
+        # cannot use a static cache (lowmem_es.decode.supports_loop).
+        self.static_cache = generation_backend == "loop" and shape.supports_static_cache
         self.full_logits = (not shape.supports_logits_to_keep if full_prefill_logits is None
                             else full_prefill_logits)
         self.notes: list[str] = []
@@ -461,10 +478,12 @@ class _Estimator:
             }
         else:
             prefill_chunk = 0
+            keys = prompt + completion if self.static_cache else prompt
             prefill = {
-                "kv_cache": rows * prompt * kv_per_token,
-                "activations": _layer_peak(shape, tokens, c, self.lora, prefill=True)
-                + rows * prompt * prompt  # boolean 4D attention mask
+                "kv_cache": rows * keys * kv_per_token,
+                "activations": _layer_peak(shape, tokens, c, self.lora, prefill=True,
+                                           kv_tokens=rows * keys)
+                + rows * prompt * keys  # boolean 4D attention mask
                 + 2 * tokens * shape.head_dim * c  # rotary cos and sin
                 + build + self.repack,
                 "logits": step_logits + (tokens * vocab * c if self.full_logits else 0),
@@ -473,7 +492,8 @@ class _Estimator:
         decode = {
             "kv_cache": rows * (prompt + completion) * kv_per_token,
             "activations": _layer_peak(shape, rows, c, self.lora, prefill=False)
-            + rows * (prompt + completion) * layer_kv,  # torch.cat copy as the cache grows
+            # generate()'s DynamicCache copies a layer's K/V (torch.cat) at every step
+            + (0 if self.static_cache else rows * (prompt + completion) * layer_kv),
             "logits": step_logits,
         }
         static = dict(self.base_static, lora_member_copies=copies,
@@ -508,7 +528,8 @@ def predict(config: Any, profile: Profile, lora_rank: int, target_modules: list[
             population_size: int, batch_size: int, num_generations: int = 1, *,
             rows_per_chunk: int, max_prompt_length: int, max_completion_length: int,
             optimizer: str = "sgd", lora_kernel: bool = False,
-            full_prefill_logits: bool | None = None, prefill_chunk: int = 0) -> Plan:
+            full_prefill_logits: bool | None = None, prefill_chunk: int = 0,
+            generation_backend: str = "loop") -> Plan:
     """The prediction at exactly these rows, lengths and prefill chunk (0 = whole prompt),
     fitting or not (see ``plan``).
 
@@ -516,7 +537,7 @@ def predict(config: Any, profile: Profile, lora_rank: int, target_modules: list[
     """
     estimator = _Estimator(config, profile, lora_rank, target_modules, population_size,
                            batch_size, num_generations, optimizer, lora_kernel,
-                           full_prefill_logits)
+                           full_prefill_logits, generation_backend=generation_backend)
     return estimator.make_plan(rows_per_chunk, max_prompt_length, max_completion_length,
                                "rows_per_chunk", [], prefill_chunk)
 
@@ -525,7 +546,8 @@ def plan(config: Any, profile: Profile, lora_rank: int, target_modules: list[str
          population_size: int, batch_size: int, num_generations: int = 1, *,
          max_prompt_length: int | None = None, max_completion_length: int | None = None,
          rows_per_chunk: int = 0, optimizer: str = "sgd", lora_kernel: bool = False,
-         full_prefill_logits: bool | None = None, chunked_prefill: bool = True) -> Plan:
+         full_prefill_logits: bool | None = None, chunked_prefill: bool = True,
+         generation_backend: str = "loop") -> Plan:
     """Plan one ES iteration of ``population_size`` x ``batch_size`` x ``num_generations``
     rows under ``profile``: the largest rows per chunk whose predicted peak fits.
 
@@ -536,10 +558,12 @@ def plan(config: Any, profile: Profile, lora_rank: int, target_modules: list[str
     ``full_prefill_logits``: None = R x P x vocab only if the model lacks logits_to_keep.
     ``chunked_prefill``: when the whole prompt's prefill is what does not fit, prefill it in
     chunks (``Plan.prefill_chunk`` tokens) rather than take fewer rows or shorter lengths.
+    ``generation_backend``: "loop" (static cache, allocated in full) or "generate"
+    (DynamicCache, grows by copying), as ``ESConfig.generation_backend``.
     """
     estimate = _Estimator(config, profile, lora_rank, target_modules, population_size,
                           batch_size, num_generations, optimizer, lora_kernel,
-                          full_prefill_logits, chunked_prefill)
+                          full_prefill_logits, chunked_prefill, generation_backend)
     target = profile.target_bytes
     prompt = max_prompt_length or profile.max_prompt_length
     completion = max_completion_length or profile.max_completion_length

@@ -154,7 +154,8 @@ class ESTrainer:
                     args.batch_size, args.num_generations,
                     max_prompt_length=args.max_prompt_length,
                     max_completion_length=args.max_completion_length,
-                    rows_per_chunk=args.rows_per_chunk, optimizer=args.optimizer)
+                    rows_per_chunk=args.rows_per_chunk, optimizer=args.optimizer,
+                    generation_backend=args.generation_backend)
 
     # --- data ---
     def batch_indices(self, iteration: int) -> list[int]:

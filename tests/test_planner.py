@@ -137,10 +137,11 @@ def test_nf4_is_4_127_bits_per_value():
 @pytest.mark.parametrize(("config", "kv_per_token"), [(QWEN25_7B, 57_344),
                                                       (LLAMA31_8B, 131_072)])
 @pytest.mark.parametrize("profile_name", ["8gb", "12gb"])
-def test_plan_terms(config, kv_per_token, profile_name):
+@pytest.mark.parametrize("backend", ["loop", "generate"])
+def test_plan_terms(config, kv_per_token, profile_name, backend):
     """The terms with the whole prompt prefilled at once (chunked prefill: tested below)."""
     profile = load_profile(profile_name)
-    result = _plan(config, profile, chunked_prefill=False)
+    result = _plan(config, profile, chunked_prefill=False, generation_backend=backend)
     shape = model_shape(config)
     rows, prompt, completion = (result.rows_per_chunk, result.max_prompt_length,
                                 result.max_completion_length)
@@ -157,19 +158,29 @@ def test_plan_terms(config, kv_per_token, profile_name):
     assert static["lora_masters"] == 4 * shape.num_layers * lora_per_layer
     assert static["lora_member_copies"] == result.members_per_chunk * static["lora_masters"]
     assert decode["kv_cache"] == rows * (prompt + completion) * kv_per_token
-    assert result.phases["prefill"]["kv_cache"] == rows * prompt * kv_per_token
+    # The decode loop's StaticCache exists in full from the first prefill write; generate()'s
+    # DynamicCache holds the prompt then, and copies one layer's K/V per decode step.
+    prefill_keys = prompt + completion if backend == "loop" else prompt
+    assert result.phases["prefill"]["kv_cache"] == rows * prefill_keys * kv_per_token
+    other = predict(config, profile, 8, ATTENTION, 30, 8, rows_per_chunk=rows,
+                    max_prompt_length=prompt, max_completion_length=completion,
+                    generation_backend="generate" if backend == "loop" else "loop")
+    cat_copy = rows * (prompt + completion) * kv_per_token // shape.num_layers
+    sign = 1 if backend == "generate" else -1
+    assert decode["activations"] - other.phases["decode"]["activations"] == sign * cat_copy
     assert decode["logits"] == rows * shape.vocab_size * (2 + 16)  # bf16 out + fp32 temps
     # The breakdown sums to the peak, the peak fits, and one row more would not.
     assert sum(result.breakdown.values()) == result.predicted_peak_bytes
     assert result.fits and result.predicted_peak_bytes <= profile.target_bytes
     assert result.limited_by == "memory"
-    assert not _fits_more(config, profile, rows, prompt, completion)
+    assert not _fits_more(config, profile, rows, prompt, completion, backend)
     more = predict(config, profile, 8, ATTENTION, 30, 8, rows_per_chunk=rows + 1,
-                   max_prompt_length=prompt, max_completion_length=completion)
+                   max_prompt_length=prompt, max_completion_length=completion,
+                   generation_backend=backend)
     assert more.predicted_peak_bytes > result.predicted_peak_bytes
 
 
-def _fits_more(config, profile, rows, prompt, completion):
+def _fits_more(config, profile, rows, prompt, completion, backend="loop"):
     """Would one chunk fewer fit? (plan evens out chunk sizes, so it may use fewer rows
     than fit; what must not fit is the row count that saves a chunk)."""
     chunks = math.ceil(240 / rows)
@@ -177,7 +188,8 @@ def _fits_more(config, profile, rows, prompt, completion):
         return False
     fewer = math.ceil(240 / (chunks - 1))
     return predict(config, profile, 8, ATTENTION, 30, 8, rows_per_chunk=fewer,
-                   max_prompt_length=prompt, max_completion_length=completion).fits
+                   max_prompt_length=prompt, max_completion_length=completion,
+                   generation_backend=backend).fits
 
 
 def test_8gb_numbers_for_7b_models():
@@ -188,7 +200,10 @@ def test_8gb_numbers_for_7b_models():
         assert result.rows_per_chunk >= 8
     # KV is 2.3x larger per token for Llama, so it gets fewer rows per chunk.
     assert llama.rows_per_chunk < qwen.rows_per_chunk
-    assert llama.peak_phase == "decode"
+    # With generate()'s growing cache Llama's peak is in decode; with the decode loop's
+    # full-length static cache, prefill (cache + activations) is the larger moment.
+    assert _plan(LLAMA31_8B, generation_backend="generate").peak_phase == "decode"
+    assert llama.peak_phase == "prefill"
 
 
 def test_rows_capped_by_profile_total_rows_and_request():
@@ -326,6 +341,18 @@ def test_plan_command_json(qwen_dir, capsys):
     assert data == _plan(QWEN25_7B).to_dict()
 
 
+def test_plan_command_generation_backend(qwen_dir, capsys):
+    from lowmem_es.cli_plan import run_plan
+
+    assert run_plan(_cli("plan", "--model", str(qwen_dir), "--profile", "8gb", "--json",
+                         "--generation-backend", "generate")) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == _plan(QWEN25_7B, generation_backend="generate").to_dict()
+    assert data != _plan(QWEN25_7B).to_dict()
+    with pytest.raises(ValueError, match=r"`generation_backend` must be one of"):
+        _plan(QWEN25_7B, generation_backend="static")
+
+
 def test_plan_command_precedence_and_text(qwen_dir, tmp_path, capsys):
     from lowmem_es.cli_plan import run_plan
 
@@ -396,5 +423,5 @@ def test_chunked_prefill_fits_more_rows_when_prefill_is_the_limit():
 
 
 def test_decode_limited_plan_never_chunks_prefill():
-    plan_ = _plan(LLAMA31_8B)
+    plan_ = _plan(LLAMA31_8B, generation_backend="generate")
     assert plan_.peak_phase == "decode" and plan_.prefill_chunk == 0
