@@ -12,6 +12,8 @@
 #      root never goes on sys.path, its kernels/ would shadow a PyPI package)
 #   4. kernel tests compiled for CUDA (TRITON_INTERPRET=0): noise, fused noisy LoRA with
 #      the fp16/bf16 rows, ES update, the ES-LoRA layer on a tiny 4-bit model  -> tests.log
+#      then the model path on CUDA: decode loop, host-memory embedding + graph capture,
+#      kernel self-check                                               -> tests_model.log
 #   5. bench_noisy_lora.py (providers x 7B shapes), bench_noise.py, a launch sweep
 #                                                                        -> *.md
 # Opt-in sections (environment): GPU_CHECK_NF4=1 (issue 8), GPU_CHECK_PROFILES=1 (issue 4:
@@ -89,6 +91,14 @@ step "kernel tests (CUDA, TRITON_INTERPRET=0)" 210 "$OUT/tests.log" \
     "$PY" -m pytest "$REPO/tests/test_noisy_lora.py" "$REPO/tests/test_es_update_kernel.py" \
     "$REPO/tests/test_noise.py" -q -p no:warnings -p no:cacheprovider -rs --durations=10
 TESTS_RC=$?
+# 4b. the model path on CUDA (needs the carried bitsandbytes): the input embedding kept in
+# host memory with the decode step captured as a CUDA graph, the decode loop, the startup
+# kernel self-check. Separate, so that a bitsandbytes mismatch cannot hide kernel results.
+MODEL_TESTS=("$REPO/tests/test_model.py" "$REPO/tests/test_decode.py")
+[ -f "$REPO/tests/test_kernel_check.py" ] && MODEL_TESTS+=("$REPO/tests/test_kernel_check.py")
+step "model-path tests (CUDA)" 120 "$OUT/tests_model.log" \
+    "$PY" -m pytest "${MODEL_TESTS[@]}" -q -p no:warnings -p no:cacheprovider -rs \
+    --durations=5 || TESTS_RC=$((TESTS_RC > 0 ? TESTS_RC : 1))
 
 # 5. benchmarks ----------------------------------------------------------------------------
 step "bench_noisy_lora.py (grid)" 170 "$OUT/bench_noisy_lora.md" \
@@ -128,6 +138,8 @@ fi
     printf '%s\n' "${SUMMARY[@]}"
     echo
     echo "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1)"
+    echo "model-path tests: $(grep -E '(passed|failed|error)' "$OUT/tests_model.log" \
+        2>/dev/null | tail -1)"
     echo "bitsandbytes: $(tail -1 "$OUT/bnb.txt" 2>/dev/null || echo 'no output')"
 } | tee "$OUT/summary.md"
 # Bundle: summary.md stays readable; everything else goes into one archive when there are

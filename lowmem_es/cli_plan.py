@@ -21,7 +21,7 @@ from lowmem_es.config import ESConfig, read_toml_values
 # ESConfig fields that change the plan; each gets a --kebab-case flag on `plan`.
 PLAN_FIELDS = ("population_size", "batch_size", "num_generations", "max_prompt_length",
                "max_completion_length", "rows_per_chunk", "lora_rank", "lora_target_modules",
-               "optimizer", "generation_backend")
+               "optimizer", "generation_backend", "kv_cache_dtype")
 
 
 def add_plan_parsers(subparsers: Any) -> None:
@@ -44,7 +44,7 @@ def add_plan_parsers(subparsers: Any) -> None:
         help_text = fields[name].metadata.get("help", "")
         if name == "lora_target_modules":
             group.add_argument(flag, dest=name, nargs="+", default=None, help=help_text)
-        elif name in ("optimizer", "generation_backend"):
+        elif name in ("optimizer", "generation_backend", "kv_cache_dtype"):
             group.add_argument(flag, dest=name, default=None, help=help_text)
         else:
             group.add_argument(flag, dest=name, type=int, default=None, help=help_text)
@@ -110,7 +110,8 @@ def run_plan(ns: argparse.Namespace) -> int:
                                              else None),
                       rows_per_chunk=config.rows_per_chunk if explicit["rows_per_chunk"] else 0,
                       optimizer=config.optimizer,
-                      generation_backend=config.generation_backend)
+                      generation_backend=config.generation_backend,
+                      kv_cache_dtype=config.kv_cache_dtype)
     except PlanError as error:
         if ns.json:
             print(json.dumps({"fits": False, "profile": profile.name, "error": str(error),

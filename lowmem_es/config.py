@@ -63,6 +63,9 @@ class ESConfig:
                                 "with a profile, the planner lowers it to what fits).", 0)
     generation_backend: str = _help("'loop' (static-cache decode loop, CUDA graphs on GPU) or "
                                     "'generate' (transformers generate()).", "loop")
+    kv_cache_dtype: str = _help("KV cache of the decode loop: 'auto' (compute dtype) or "
+                                "'int8' (half the memory, per-vector scales; loop only).",
+                                "auto")
     reward_weights: list[float] | None = _help("One weight per reward function.", None)
     pass_at_k: bool = _help("Score a prompt by whether its num_generations samples solve it "
                             "(pass@k, k = num_generations) instead of their mean reward.", False)
@@ -145,10 +148,15 @@ class ESConfig:
         choices = {"fitness_shaping": FITNESS_SHAPINGS, "optimizer": OPTIMIZERS,
                    "lr_schedule": LR_SCHEDULES,
                    "compute_dtype": DTYPES, "noise_backend": ("eager", "compiled"),
-                   "generation_backend": ("loop", "generate")}
+                   "generation_backend": ("loop", "generate"),
+                   "kv_cache_dtype": ("auto", "int8")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise bad(name, f"should be one of {list(valid)}")
+        if self.kv_cache_dtype != "auto" and self.generation_backend != "loop":
+            raise bad("kv_cache_dtype", "needs generation_backend='loop' (generate() keeps its "
+                      "own 16-bit cache); set kv_cache_dtype='auto' or "
+                      "generation_backend='loop'")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
         if not self.lora_target_modules or not all(

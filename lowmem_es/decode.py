@@ -52,6 +52,7 @@ class DecodeStats:
     cache_tokens: int = 0
     rows: int = 0
     captured: bool = False
+    cache_bytes: int = 0  # what the KV cache held at the end (codes + scales for int8)
 
 
 @torch.no_grad()
@@ -59,8 +60,8 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
            max_new_tokens: int, eos_token_ids: list[int], pad_token_id: int, *,
            temperature: float = 0.0, generator: torch.Generator | None = None,
            prefill_chunk: int = 0, capture: bool | None = None,
-           stats: DecodeStats | None = None, logits_processor: object | None = None
-           ) -> torch.Tensor:
+           stats: DecodeStats | None = None, logits_processor: object | None = None,
+           kv_cache_dtype: str = "auto") -> torch.Tensor:
     """Generate ``max_new_tokens`` tokens for every row; returns (rows, max_new_tokens).
 
     ``input_ids``/``attention_mask``: (rows, prompt_len), left-padded. Rows that produced
@@ -71,8 +72,10 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     ``capture`` (default: on CUDA) replays the decode step as a CUDA graph.
     ``logits_processor`` (a transformers ``LogitsProcessor(List)``) is applied to each
     step's scores before the choice, with the sequence so far, as ``generate()`` does.
+    ``kv_cache_dtype="int8"`` stores the cache as int8 + per-vector scales
+    (``lowmem_es.kv_cache``: half the memory, outputs equal up to the quantization error).
     """
-    from transformers import StaticCache
+    from lowmem_es.kv_cache import cache_bytes, make_static_cache
 
     if not supports_loop(model):
         raise UnsupportedModelError(
@@ -81,7 +84,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     rows, prompt_len = input_ids.shape
     device = input_ids.device
     total = prompt_len + max_new_tokens
-    cache = StaticCache(config=model.config, max_cache_len=total)
+    cache = make_static_cache(model.config, total, kv_cache_dtype)
     # Full-length 2D mask: future columns are 0 until their token exists, so the step's
     # inputs keep one shape (graph capture needs static shapes and addresses).
     mask = torch.zeros(rows, total, dtype=attention_mask.dtype, device=device)
@@ -115,6 +118,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     if stats is not None:
         stats.steps, stats.cache_tokens, stats.rows = step + 1, total, rows
         stats.captured = isinstance(step_fn, _CapturedStep)
+        stats.cache_bytes = cache_bytes(cache)
     return out
 
 

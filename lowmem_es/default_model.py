@@ -228,7 +228,8 @@ def score_splits(trainer: Any, data: dict[str, list[dict]], task: Any,
                                 correct_threshold=config.correct_threshold,
                                 max_prompt_length=config.max_prompt_length,
                                 max_completion_length=EVAL_COMPLETION_LENGTH,
-                                rows_per_chunk=config.rows_per_chunk)
+                                rows_per_chunk=config.rows_per_chunk,
+                                kv_cache_dtype=config.kv_cache_dtype)
             for name in splits}
 
 

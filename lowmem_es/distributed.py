@@ -114,11 +114,20 @@ def gather_fitness(local: dict[int, float], population_size: int,
     return values.cpu().tolist()
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor for a collective must live: NCCL reduces CUDA tensors only
+    (a CPU tensor fails with "No backend type associated with device type cpu"), gloo
+    reduces CPU tensors."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def any_rank(flag: bool) -> bool:
     """True when any rank says True (for unanimous stop decisions)."""
     if world_size() == 1:
         return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=collective_device())
     try:
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     except Exception as error:

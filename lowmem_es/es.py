@@ -31,6 +31,11 @@ from lowmem_es.config import FITNESS_SHAPINGS, LR_SCHEDULES, OPTIMIZERS
 from lowmem_es.noise import MASK63, member_key, noise
 
 _STD_EPS = 1e-8  # z-score denominator guard, as in the paper's code
+# The path of ``estimate_direction`` (and so ``es_update``) when its ``force`` is None:
+# None = the kernel for CUDA tensors, "torch" = the torch loop everywhere, "kernel" = the
+# kernel everywhere. lowmem_es.kernel_check sets "torch" when the kernel fails its
+# start-up check, so that the whole run (updates and journal replay) avoids it.
+UPDATE_FORCE: str | None = None
 
 
 def member_schedule(population_size: int, antithetic: bool) -> list[tuple[int, int]]:
@@ -174,8 +179,11 @@ def estimate_direction(shape: torch.Size | tuple[int, ...], key_for_pair: Callab
     fp32 registers, only the output in memory); CPU tensors run the torch loop below,
     which holds two tensors of ``shape`` (the accumulator and the current draw) whatever
     the population and is what the kernel's twin reproduces. ``force="kernel"|"torch"``
-    or ``LOWMEM_ES_FORCE_TORCH=1`` choose, as for every kernel (kernels/noise.py).
+    (None: the module switch ``UPDATE_FORCE``) or ``LOWMEM_ES_FORCE_TORCH=1`` choose, as
+    for every kernel (kernels/noise.py).
     """
+    if force is None:
+        force = UPDATE_FORCE
     pairs = [pair for pair, coefficient in sorted(coefficients.items()) if coefficient != 0.0]
     direction = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
     if force == "kernel" or (force is None and torch.device(device).type == "cuda"):

@@ -70,14 +70,15 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
                   well_formed: Callable[[str], bool] | None = None,
                   correct_threshold: float = 1.0, max_prompt_length: int = 256,
                   max_completion_length: int = 64, rows_per_chunk: int = 0,
-                  reward_weights: Sequence[float] | None = None, samples: int = 0
-                  ) -> dict[str, Any]:
+                  reward_weights: Sequence[float] | None = None, samples: int = 0,
+                  kv_cache_dtype: str = "auto") -> dict[str, Any]:
     """Greedy completions of the current (unperturbed) adapter on ``rows``, scored.
 
     ``scorer`` is the ``RewardScorer`` (or ESTrainer) whose ``score`` to use, e.g. the
     training run's own; without one, ``make_scorer`` builds one from
     ``reward_funcs``. ``samples`` > 0 adds the first few (prompt, completion, reward)
     triples, which is the quickest way to see *what* a model learned.
+    ``kv_cache_dtype``: the decode loop's KV cache ("auto" or "int8", lowmem_es.kv_cache).
     """
     from lowmem_es.generate import generate_population, render_prompt
     from lowmem_es.trainer import validate_rows
@@ -94,7 +95,8 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     completions = generate_population(
         es_model, tokenizer, prompts, [(None, i) for i in range(len(rows))],
         max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
-        temperature=0.0, rows_per_chunk=rows_per_chunk, device=device)
+        temperature=0.0, rows_per_chunk=rows_per_chunk, device=device,
+        kv_cache_dtype=kv_cache_dtype)
     totals, _ = scorer.score(rows, list(range(len(rows))), completions)
     texts = [c.text for c in completions]
     result = summarize(totals, texts, well_formed, correct_threshold)

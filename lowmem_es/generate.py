@@ -69,7 +69,8 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
                         max_completion_length: int = 64, temperature: float = 0.0,
                         rows_per_chunk: int = 0, device: torch.device | str = "cpu",
                         events: list[dict[str, Any]] | None = None,
-                        backend: str = "loop", prefill_chunk: int = 0) -> list[Completion]:
+                        backend: str = "loop", prefill_chunk: int = 0,
+                        kv_cache_dtype: str = "auto") -> list[Completion]:
     """Generate one completion per row; row member ``None`` means the unperturbed centre.
 
     Rows are generated ``rows_per_chunk`` at a time (0 = all at once). When a chunk runs
@@ -91,10 +92,14 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
     ``model.generate()``. Architectures without static-cache support fall back to
     ``generate()`` with a one-time warning. ``prefill_chunk`` > 0 prefills prompts that
     many tokens at a time (the memory plan's choice when a whole prompt's activations do
-    not fit; ``generate()`` gets it as ``prefill_chunk_size``).
+    not fit; ``generate()`` gets it as ``prefill_chunk_size``). ``kv_cache_dtype="int8"``
+    keeps the loop's KV cache in int8 (``lowmem_es.kv_cache``); ``generate()`` cannot.
     """
     if backend not in ("loop", "generate"):
         raise ValueError(f"`generation_backend` must be 'loop' or 'generate', got {backend!r}")
+    if kv_cache_dtype != "auto" and backend != "loop":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs generation_backend='loop' "
+                         "(generate() keeps its own 16-bit cache); set kv_cache_dtype='auto'")
     if not rows:
         return []
     tokenizer.padding_side = "left"
@@ -119,6 +124,8 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
                   "top_k": None, "top_p": None}
         if prefill_chunk:
             kwargs["prefill_chunk_size"] = prefill_chunk
+        if kv_cache_dtype != "auto":
+            kwargs["kv_cache_dtype"] = kv_cache_dtype
         if temperature > 0:
             kwargs["logits_processor"] = _sampler(sample_keys[start:start + size], prompt_len,
                                                   float(temperature))
@@ -157,8 +164,13 @@ def _run_model(model: torch.nn.Module, kwargs: dict[str, Any], backend: str) -> 
         new = decode(model, kwargs["input_ids"], kwargs["attention_mask"],
                      kwargs["max_new_tokens"], kwargs["eos_token_id"] or [],
                      kwargs["pad_token_id"], logits_processor=kwargs.get("logits_processor"),
-                     prefill_chunk=kwargs.get("prefill_chunk_size", 0))
+                     prefill_chunk=kwargs.get("prefill_chunk_size", 0),
+                     kv_cache_dtype=kwargs.get("kv_cache_dtype", "auto"))
         return torch.cat([kwargs["input_ids"], new], dim=1)
+    if kwargs.get("kv_cache_dtype", "auto") != "auto":
+        raise ValueError(f"{type(model).__name__} cannot use the static-cache decode loop, so "
+                         f"kv_cache_dtype={kwargs['kv_cache_dtype']!r} is not available for it; "
+                         "set kv_cache_dtype='auto'")
     if backend == "loop":
         warn_fallback(model)
     return model.generate(**kwargs)

@@ -118,8 +118,11 @@ class ModelShape:
         return self.linear_params + self.embedding_params + self.lm_head_params + \
             self.other_params
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """K and V of every layer for one token: 2 x layers x kv_heads x head_dim x bytes."""
+    def kv_bytes_per_token(self, dtype_bytes: int, int8_scale_bytes: int = 0) -> int:
+        """K and V of every layer for one token: 2 x layers x kv_heads x head_dim x bytes;
+        with ``int8_scale_bytes`` > 0 the int8 cache: 1-byte codes + one scale per head."""
+        if int8_scale_bytes:
+            return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + int8_scale_bytes)
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
     def lora_values(self, rank: int, target_modules: list[str] | tuple[str, ...]) -> int:
@@ -364,7 +367,7 @@ class _Estimator:
                  target_modules: list[str], population_size: int, batch_size: int,
                  num_generations: int, optimizer: str, lora_kernel: bool,
                  full_prefill_logits: bool | None, chunked_prefill: bool = True,
-                 generation_backend: str = "loop") -> None:
+                 generation_backend: str = "loop", kv_cache_dtype: str | None = None) -> None:
         shape = model_shape(config)
         if generation_backend not in GENERATION_BACKENDS:
             raise ValueError(f"`generation_backend` must be one of {GENERATION_BACKENDS}, got "
@@ -387,9 +390,20 @@ class _Estimator:
                          population_size=population_size, batch_size=batch_size,
                          num_generations=num_generations, optimizer=optimizer,
                          lora_kernel=lora_kernel, full_prefill_logits=full_prefill_logits,
-                         generation_backend=generation_backend)
+                         generation_backend=generation_backend, kv_cache_dtype=kv_cache_dtype)
         self.c = c = DTYPE_BYTES[profile.compute_dtype]
-        self.kv_per_token = shape.kv_bytes_per_token(DTYPE_BYTES[profile.kv_dtype])
+        # The run's kv_cache_dtype ("auto" | "int8") wins over the profile's (None: the
+        # profile's); int8 needs the decode loop's static cache (lowmem_es.kv_cache).
+        kv_dtype = profile.kv_dtype if kv_cache_dtype is None else (
+            profile.compute_dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
+        self.int8_kv = kv_dtype == "int8"
+        if self.int8_kv and not (generation_backend == "loop" and shape.supports_static_cache):
+            raise ValueError(f"kv_cache_dtype 'int8' needs the static-cache decode loop, which "
+                             f"{shape.architecture} with generation_backend="
+                             f"{generation_backend!r} does not use; set kv_cache_dtype = "
+                             "\"auto\"")
+        self.kv_per_token = (shape.kv_bytes_per_token(1, int8_scale_bytes=c) if self.int8_kv
+                             else shape.kv_bytes_per_token(DTYPE_BYTES[kv_dtype]))
         self.lora_values = shape.lora_values(lora_rank, target_modules)
         self.largest_lora = max(lora_rank * max(d_in, d_out) for name, d_in, d_out
                                 in shape.linears if name.rpartition(".")[2] in target_modules)
@@ -471,6 +485,7 @@ class _Estimator:
                 "kv_cache": rows * cache_len * kv_per_token,
                 "activations": _layer_peak(shape, chunk_tokens, c, self.lora, prefill=True,
                                            kv_tokens=rows * cache_len)
+                + self.dequantized(rows * cache_len)
                 + rows * prefill_chunk * cache_len  # boolean 4D mask over the cache
                 + 2 * chunk_tokens * shape.head_dim * c  # rotary cos and sin
                 + build + self.repack,
@@ -483,6 +498,7 @@ class _Estimator:
                 "kv_cache": rows * keys * kv_per_token,
                 "activations": _layer_peak(shape, tokens, c, self.lora, prefill=True,
                                            kv_tokens=rows * keys)
+                + self.dequantized(rows * keys)
                 + rows * prompt * keys  # boolean 4D attention mask
                 + 2 * tokens * shape.head_dim * c  # rotary cos and sin
                 + build + self.repack,
@@ -492,6 +508,7 @@ class _Estimator:
         decode = {
             "kv_cache": rows * (prompt + completion) * kv_per_token,
             "activations": _layer_peak(shape, rows, c, self.lora, prefill=False)
+            + self.dequantized(rows * (prompt + completion))
             # generate()'s DynamicCache copies a layer's K/V (torch.cat) at every step
             + (0 if self.static_cache else rows * (prompt + completion) * layer_kv),
             "logits": step_logits,
@@ -499,6 +516,13 @@ class _Estimator:
         static = dict(self.base_static, lora_member_copies=copies,
                       workspace=int(self.profile.workspace_mib * MIB))
         return _Estimate(static, {"prefill": prefill, "decode": decode}, members, prefill_chunk)
+
+    def dequantized(self, kv_tokens: int) -> int:
+        """The int8 cache's transient: one layer's K and V dequantized to the compute
+        dtype for attention (``codes * scales``), over ``kv_tokens`` row-tokens."""
+        if not self.int8_kv:
+            return 0
+        return 2 * kv_tokens * self.shape.num_kv_heads * self.shape.head_dim * self.c
 
     def make_plan(self, rows: int, prompt: int, completion: int, limited_by: str,
                   notes: list[str], prefill_chunk: int | None = None) -> Plan:
@@ -529,7 +553,7 @@ def predict(config: Any, profile: Profile, lora_rank: int, target_modules: list[
             rows_per_chunk: int, max_prompt_length: int, max_completion_length: int,
             optimizer: str = "sgd", lora_kernel: bool = False,
             full_prefill_logits: bool | None = None, prefill_chunk: int = 0,
-            generation_backend: str = "loop") -> Plan:
+            generation_backend: str = "loop", kv_cache_dtype: str | None = None) -> Plan:
     """The prediction at exactly these rows, lengths and prefill chunk (0 = whole prompt),
     fitting or not (see ``plan``).
 
@@ -537,7 +561,8 @@ def predict(config: Any, profile: Profile, lora_rank: int, target_modules: list[
     """
     estimator = _Estimator(config, profile, lora_rank, target_modules, population_size,
                            batch_size, num_generations, optimizer, lora_kernel,
-                           full_prefill_logits, generation_backend=generation_backend)
+                           full_prefill_logits, generation_backend=generation_backend,
+                           kv_cache_dtype=kv_cache_dtype)
     return estimator.make_plan(rows_per_chunk, max_prompt_length, max_completion_length,
                                "rows_per_chunk", [], prefill_chunk)
 
@@ -547,7 +572,7 @@ def plan(config: Any, profile: Profile, lora_rank: int, target_modules: list[str
          max_prompt_length: int | None = None, max_completion_length: int | None = None,
          rows_per_chunk: int = 0, optimizer: str = "sgd", lora_kernel: bool = False,
          full_prefill_logits: bool | None = None, chunked_prefill: bool = True,
-         generation_backend: str = "loop") -> Plan:
+         generation_backend: str = "loop", kv_cache_dtype: str | None = None) -> Plan:
     """Plan one ES iteration of ``population_size`` x ``batch_size`` x ``num_generations``
     rows under ``profile``: the largest rows per chunk whose predicted peak fits.
 
@@ -560,10 +585,13 @@ def plan(config: Any, profile: Profile, lora_rank: int, target_modules: list[str
     chunks (``Plan.prefill_chunk`` tokens) rather than take fewer rows or shorter lengths.
     ``generation_backend``: "loop" (static cache, allocated in full) or "generate"
     (DynamicCache, grows by copying), as ``ESConfig.generation_backend``.
+    ``kv_cache_dtype``: None = the profile's; "auto" (compute dtype) or "int8" (1-byte
+    codes + a scale per head and token, and one layer dequantized at a time) override it.
     """
     estimate = _Estimator(config, profile, lora_rank, target_modules, population_size,
                           batch_size, num_generations, optimizer, lora_kernel,
-                          full_prefill_logits, chunked_prefill, generation_backend)
+                          full_prefill_logits, chunked_prefill, generation_backend,
+                          kv_cache_dtype)
     target = profile.target_bytes
     prompt = max_prompt_length or profile.max_prompt_length
     completion = max_completion_length or profile.max_completion_length

@@ -19,7 +19,7 @@ from typing import Any
 
 DEVICES = ("cuda", "cpu")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
-KV_CACHE_DTYPES = ("auto", *COMPUTE_DTYPES)
+KV_CACHE_DTYPES = ("auto", *COMPUTE_DTYPES, "int8")
 GIB = 2**30
 MIB = 2**20
 
@@ -82,10 +82,10 @@ class Profile:
             raise bad("compute_dtype", f"should be one of {list(COMPUTE_DTYPES)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", f"should be one of {list(KV_CACHE_DTYPES)}")
-        if self.kv_cache_dtype not in ("auto", self.compute_dtype):
-            raise bad("kv_cache_dtype", "must equal compute_dtype (generation keeps the KV "
-                      "cache in the compute dtype; quantized caches are not implemented); "
-                      "set kv_cache_dtype = \"auto\"")
+        if self.kv_cache_dtype not in ("auto", self.compute_dtype, "int8"):
+            raise bad("kv_cache_dtype", "must be \"auto\" (= compute_dtype), the compute_dtype "
+                      "itself or \"int8\" (lowmem_es.kv_cache); a 16-bit cache in another "
+                      "dtype than the activations is not supported")
         if not isinstance(self.embedding_on_cpu, bool):
             raise bad("embedding_on_cpu", "should be true or false")
         if self.embedding_on_cpu and self.device == "cpu":
@@ -120,7 +120,8 @@ class Profile:
                 "compute_dtype": self.compute_dtype,
                 "max_prompt_length": self.max_prompt_length,
                 "max_completion_length": self.max_completion_length,
-                "rows_per_chunk": self.max_rows_in_flight}
+                "rows_per_chunk": self.max_rows_in_flight,
+                "kv_cache_dtype": "int8" if self.kv_cache_dtype == "int8" else "auto"}
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, TOML/JSON friendly."""

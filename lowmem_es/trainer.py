@@ -28,6 +28,7 @@ import torch
 from lowmem_es import __version__, checkpoint, distributed, es, lora, noise
 from lowmem_es.config import NON_RESULT_FIELDS, ESConfig, to_toml
 from lowmem_es.generate import Completion, generate_population, render_prompt
+from lowmem_es.kernel_check import check_kernels
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
 from lowmem_es.model import load_model, offload_input_embedding, resolve_device
 from lowmem_es.rewards import RewardFunc, RewardScorer, member_fitness
@@ -120,6 +121,10 @@ class ESTrainer:
                                            seed=self.args.seed,
                                            base_model_name_or_path=str(model))
         self._check_prompt_lengths()
+        # First contact of the Triton kernels with this GPU: a kernel that fails to compile
+        # or disagrees with its torch twin is switched off, with a warning (on CPU: no-op).
+        # Every rank runs it (it agrees on the outcome through one collective).
+        self.kernel_status = check_kernels(self.es_model, self.device)
         self.adam_state = es.AdamState(0, {}, {}) if self.args.optimizer == "adam" else None
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
@@ -155,7 +160,8 @@ class ESTrainer:
                     max_prompt_length=args.max_prompt_length,
                     max_completion_length=args.max_completion_length,
                     rows_per_chunk=args.rows_per_chunk, optimizer=args.optimizer,
-                    generation_backend=args.generation_backend)
+                    generation_backend=args.generation_backend,
+                    kv_cache_dtype=args.kv_cache_dtype)
 
     # --- data ---
     def batch_indices(self, iteration: int) -> list[int]:
@@ -201,7 +207,8 @@ class ESTrainer:
             max_completion_length=args.max_completion_length, temperature=args.temperature,
             rows_per_chunk=self.rows_per_chunk, device=self.device, events=events,
             backend=args.generation_backend,
-            prefill_chunk=self.plan.prefill_chunk if self.plan is not None else 0)
+            prefill_chunk=self.plan.prefill_chunk if self.plan is not None else 0,
+            kv_cache_dtype=args.kv_cache_dtype)
         if events:  # an OOM backoff: keep the chunk size that worked
             self.rows_per_chunk = min(e["retry_rows"] for e in events)
         generated = time.perf_counter()
@@ -268,7 +275,7 @@ class ESTrainer:
             max_prompt_length=self.args.max_prompt_length,
             max_completion_length=self.args.max_completion_length, temperature=0.0,
             rows_per_chunk=self.rows_per_chunk, device=self.device,
-            backend=self.args.generation_backend)
+            backend=self.args.generation_backend, kv_cache_dtype=self.args.kv_cache_dtype)
         totals, per_func = self.score(rows, list(range(len(rows))), completions)
         result = {"eval_reward": sum(totals) / len(totals)}
         for name, values in per_func.items():
@@ -312,6 +319,8 @@ class ESTrainer:
                 for iteration in range(self.iteration, args.iterations):
                     record = self.step(iteration)
                     entry = {k: record[k] for k in _METRIC_KEYS if k in record}
+                    if iteration == first:  # what this process ran on, once per start
+                        entry["kernels"] = self.kernel_status
                     if main:
                         journal.write(json.dumps(record) + "\n")
                         journal.flush()

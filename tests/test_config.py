@@ -257,7 +257,7 @@ def test_every_result_field_changes_the_hash():
                    compute_dtype="float32", device="cpu", profile="x", pass_at_k=True,
                    pass_at_k_fraction=0.5, correct_threshold=0.5, noise_backend="compiled",
                    generation_backend="generate", nf4_kernel=False,
-                   lr_schedule="cosine", lr_min_ratio=0.5)
+                   lr_schedule="cosine", lr_min_ratio=0.5, kv_cache_dtype="int8")
     # (distributed_timeout and max_hours are in NON_RESULT_FIELDS)
     # A new field must be classified: either it changes results or it is in NON_RESULT_FIELDS.
     assert set(changed) | NON_RESULT_FIELDS == set(ESConfig.field_names())

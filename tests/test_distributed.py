@@ -131,3 +131,18 @@ def test_dead_rank_stops_the_job_with_a_clear_error(tmp_path):
     assert code != 0
     assert time.monotonic() - killed_at < 60
     assert "collective failed" in stderr and "--resume" in stderr, stderr[-2000:]
+
+
+def test_stop_votes_live_where_the_backend_reduces(monkeypatch):
+    """NCCL reduces CUDA tensors only: any_rank's vote must go to the GPU under NCCL (a CPU
+    tensor there fails at the first stop decision), and stay on CPU under gloo."""
+    seen = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce",
+                        lambda tensor, op=None: seen.append(tensor.device.type))
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    assert distributed.collective_device().type == "cpu"
+    assert distributed.any_rank(True) is True and seen == ["cpu"]
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device() == torch.device("cuda", 3)

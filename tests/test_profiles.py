@@ -129,8 +129,10 @@ def test_bad_values_name_key_value_and_fix(tmp_path, change, match):
 
 
 def test_kv_cache_dtype_must_follow_compute_dtype(tmp_path):
-    with pytest.raises(ValueError, match=r"`kv_cache_dtype`.*set kv_cache_dtype = \"auto\""):
+    with pytest.raises(ValueError, match=r"`kv_cache_dtype`.*a 16-bit cache in another dtype"):
         load_profile(str(_write(tmp_path, BASE + 'kv_cache_dtype = "float32"\n')))
+    assert load_profile(str(_write(tmp_path, BASE + 'kv_cache_dtype = "int8"\n'))
+                        ).kv_dtype == "int8"
     assert load_profile(str(_write(tmp_path, BASE + 'kv_cache_dtype = "bfloat16"\n'))
                         ).kv_dtype == "bfloat16"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -203,3 +204,22 @@ def test_long_prompts_are_warned_about_once(tiny_llama_dir, tmp_path, caplog):
                   args=example_config(str(tmp_path), max_prompt_length=32))
     assert any("1 of 2 prompts are longer than max_prompt_length=32" in r.message
                for r in caplog.records)
+
+
+def test_kernel_status_goes_to_the_first_metrics_line(tiny_llama_dir, tmp_path):
+    trainer = _short_run(tiny_llama_dir, tmp_path / "k")
+    # On CPU no Triton kernel runs, so the self-check has nothing to check.
+    assert trainer.kernel_status == {"noisy_lora": "not used", "nf4_matmul": "not used",
+                                     "es_update": "not used"}
+    metrics = [json.loads(x) for x in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["kernels"] == trainer.kernel_status
+    assert all("kernels" not in m for m in metrics[1:])
+
+
+def test_int8_kv_cache_runs_and_needs_the_loop(tiny_llama_dir, tmp_path):
+    trainer = _short_run(tiny_llama_dir, tmp_path / "int8", kv_cache_dtype="int8")
+    assert len(trainer.history) == 2
+    assert all(math.isfinite(h["reward_mean"]) for h in trainer.history)
+    with pytest.raises(ValueError, match=r"`kv_cache_dtype`.*needs generation_backend='loop'"):
+        example_config(str(tmp_path / "x"), kv_cache_dtype="int8",
+                       generation_backend="generate")

@@ -1,0 +1,287 @@
+"""Start-up kernel self-check (lowmem_es/kernel_check.py) on the tiny 4-bit Llama.
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1): the tests force each kernel path with its module switch (restored by
+monkeypatch) and break the kernel on purpose to see it switched off with one warning.
+Only fp32 activations here (bf16 tl.dot is wrong in the interpreter). On a GPU machine
+(pytest with TRITON_INTERPRET=0) the model lives on CUDA and the same tests run the
+compiled kernels, plus the default dispatch, which then checks all three.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+from kernel_device import DEVICE, needs_kernel
+
+from lowmem_es import es, kernel_check, lora
+
+KERNEL_FUNCTIONS = {  # kernel -> (module under lowmem_es.kernels, launcher the callers use)
+    "noisy_lora": ("noisy_lora", "noisy_lora_triton"),
+    "nf4_matmul": ("nf4_matmul", "nf4_matmul_triton"),
+    "es_update": ("es_update", "es_direction_triton"),
+}
+TWIN_FUNCTIONS = {"noisy_lora": "noisy_lora_torch", "nf4_matmul": "nf4_matmul_torch",
+                  "es_update": "es_direction_torch"}
+SWITCHES = {"noisy_lora": (lora, "NOISY_LORA_FORCE"), "nf4_matmul": (lora, "NF4_MATMUL_FORCE"),
+            "es_update": (es, "UPDATE_FORCE")}
+
+
+@pytest.fixture(scope="module")
+def es_model(tiny_llama_dir):
+    """The tiny Llama in NF4 (fp32 compute) with ES-LoRA on all seven projections.
+
+    No forward runs on it: on an AVX512-BF16 CPU bitsandbytes repacks a 4-bit weight on
+    its first eval-mode forward into a layout the NF4 kernel does not read.
+    """
+    pytest.importorskip("bitsandbytes")
+    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.model import load_model
+
+    device = "cuda" if DEVICE == "cuda" else "cpu"
+    model, _, _ = load_model(tiny_llama_dir, device=device, compute_dtype="float32")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return attach_es_lora(model, targets, rank=4, alpha=8.0, seed=0)
+
+
+@pytest.fixture
+def switches(monkeypatch):
+    """Set the kernels' module switches for one test (restored afterwards, also after
+    check_kernels turned one to "torch")."""
+    for module, name in SWITCHES.values():
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.delenv(kernel_check.FORCE_TORCH_ENV, raising=False)
+
+    def force(**values: str | None) -> None:
+        for kernel, value in values.items():
+            module, name = SWITCHES[kernel]
+            setattr(module, name, value)
+
+    return force
+
+
+def _kernel_module(kernel: str):
+    import importlib
+
+    return importlib.import_module(f"lowmem_es.kernels.{KERNEL_FUNCTIONS[kernel][0]}")
+
+
+def _state(es_model) -> tuple:
+    masters = {name: t.clone() for name, t in es_model.parameters().items()}
+    matmul = torch.backends.cuda.matmul
+    precision = (torch.get_float32_matmul_precision(),
+                 matmul.allow_bf16_reduced_precision_reduction,
+                 matmul.allow_fp16_reduced_precision_reduction)
+    return masters, es_model.slot.current, torch.get_rng_state(), precision
+
+
+def _assert_untouched(es_model, before) -> None:
+    """Masters, population slot, layer caches, global RNG and matmul precision as before."""
+    masters, current, rng, precision = before
+    assert _state(es_model)[3] == precision  # the twin's exact matmuls were undone
+    for name, tensor in es_model.parameters().items():
+        assert torch.equal(tensor, masters[name]), name
+    assert es_model.slot.current is current
+    assert all(layer._cache is None and layer._member_cache is None
+               for layer in es_model.layers.values())
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG was never read
+
+
+def _warnings(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "lowmem_es" and r.levelno >= logging.WARNING]
+
+
+def test_cpu_without_forcing_checks_nothing(es_model, switches, monkeypatch, caplog) -> None:
+    """CPU, switches at their defaults: no kernel would run, so none is called or judged."""
+    if DEVICE == "cuda":
+        pytest.skip("the model is on CUDA on a GPU machine")
+    for kernel, (_, function) in KERNEL_FUNCTIONS.items():
+        for name in (function, TWIN_FUNCTIONS[kernel]):
+            monkeypatch.setattr(_kernel_module(kernel), name,
+                                lambda *a, _n=name, **k: pytest.fail(f"{_n} ran"))
+    before = _state(es_model)
+    started = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="lowmem_es"):
+        status = kernel_check.check_kernels(es_model, "cpu")
+    assert time.perf_counter() - started < 1.0
+    assert status == {kernel: "not used" for kernel in KERNEL_FUNCTIONS}
+    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE) == (None, None, None)
+    assert not [r for r in caplog.records if r.name == "lowmem_es"]
+    _assert_untouched(es_model, before)
+
+
+def test_switches_set_to_torch_check_nothing(es_model, switches) -> None:
+    switches(noisy_lora="torch", nf4_matmul="torch", es_update="torch")
+    assert set(kernel_check.check_kernels(es_model, "cpu").values()) == {"not used"}
+
+
+@needs_kernel
+def test_correct_kernels_stay_on(es_model, switches, monkeypatch, caplog, request) -> None:
+    """All three kernels forced: each runs (counted) against its twin and stays on; the
+    masters, the population slot, the caches and the global RNG are as before."""
+    switches(noisy_lora="kernel", nf4_matmul="kernel", es_update="kernel")
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed, as many training scripts do
+    request.addfinalizer(lambda: torch.set_float32_matmul_precision(precision))
+    calls: dict[str, int] = {}
+    for kernel, (_, function) in KERNEL_FUNCTIONS.items():
+        module = _kernel_module(kernel)
+        real = getattr(module, function)
+
+        def counted(*args, _real=real, _kernel=kernel, **kwargs):
+            calls[_kernel] = calls.get(_kernel, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, function, counted)
+    before = _state(es_model)
+    with caplog.at_level(logging.INFO, logger="lowmem_es"):
+        status = kernel_check.check_kernels(es_model, DEVICE)
+    assert status == {kernel: "ok" for kernel in KERNEL_FUNCTIONS}
+    # decode + prefill layouts; GEMV + tl.dot row counts; the A and B masters
+    assert calls == {"noisy_lora": 2, "nf4_matmul": 2, "es_update": 2}
+    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE) == ("kernel",) * 3
+    assert not _warnings(caplog)
+    assert "kernel self-check on" in caplog.text
+    _assert_untouched(es_model, before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", list(KERNEL_FUNCTIONS))
+def test_raising_kernel_is_switched_off_with_one_warning(es_model, switches, monkeypatch,
+                                                         caplog, kernel: str) -> None:
+    switches(**{kernel: "kernel"})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_120\nmore detail")
+
+    monkeypatch.setattr(_kernel_module(kernel), KERNEL_FUNCTIONS[kernel][1], broken)
+    before = _state(es_model)
+    with caplog.at_level(logging.WARNING, logger="lowmem_es"):
+        status = kernel_check.check_kernels(es_model, DEVICE)
+    assert status[kernel].startswith("disabled: RuntimeError: PTX .version 8.7")
+    assert "more detail" in status[kernel]  # the last line of a multi-line error too
+    assert all(value == "not used" for name, value in status.items() if name != kernel)
+    module, name = SWITCHES[kernel]
+    assert getattr(module, name) == "torch"
+    [warning] = _warnings(caplog)
+    message = warning.getMessage()
+    assert f"`{kernel}`" in message and "RuntimeError" in message
+    assert "switched off for the rest of this run" in message
+    assert "same results up to rounding" in message and "LOWMEM_ES_FORCE_TORCH=1" in message
+    _assert_untouched(es_model, before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", list(KERNEL_FUNCTIONS))
+def test_wrong_kernel_result_is_switched_off_with_the_error(es_model, switches, monkeypatch,
+                                                            caplog, kernel: str) -> None:
+    switches(**{kernel: "kernel"})
+    module = _kernel_module(kernel)
+    real = getattr(module, KERNEL_FUNCTIONS[kernel][1])
+
+    def off_by_a_bit(*args, **kwargs):
+        return real(*args, **kwargs).add_(1e-2)
+
+    monkeypatch.setattr(module, KERNEL_FUNCTIONS[kernel][1], off_by_a_bit)
+    with caplog.at_level(logging.WARNING, logger="lowmem_es"):
+        status = kernel_check.check_kernels(es_model, DEVICE)
+    assert status[kernel].startswith("disabled: max abs error 0.01 vs its torch twin")
+    switch_module, name = SWITCHES[kernel]
+    assert getattr(switch_module, name) == "torch"
+    [warning] = _warnings(caplog)
+    assert f"`{kernel}`" in warning.getMessage()
+    assert "max abs error 0.01" in warning.getMessage()
+
+
+@needs_kernel
+def test_nan_from_the_kernel_is_a_failure(es_model, switches, monkeypatch) -> None:
+    switches(es_update="kernel")
+    from lowmem_es.kernels import es_update
+
+    monkeypatch.setattr(es_update, "es_direction_triton",
+                        lambda keys, coefficients, out, *a, **k: out.fill_(float("nan")))
+    status = kernel_check.check_kernels(es_model, DEVICE)
+    assert "are NaN/inf where the torch twin's are finite" in status["es_update"]
+    assert es.UPDATE_FORCE == "torch"
+
+
+@needs_kernel
+def test_failing_twin_leaves_the_kernel_on(es_model, switches, monkeypatch, caplog) -> None:
+    """If the twin itself fails nothing can be concluded: warn, keep the kernel."""
+    switches(es_update="kernel")
+    monkeypatch.setattr(es, "noise", lambda *a, **k: (_ for _ in ()).throw(MemoryError("x")))
+    with caplog.at_level(logging.WARNING, logger="lowmem_es"):
+        status = kernel_check.check_kernels(es_model, DEVICE)
+    assert status["es_update"].startswith("unchecked: its torch twin raised MemoryError")
+    assert es.UPDATE_FORCE == "kernel"
+    [warning] = _warnings(caplog)
+    assert "could not check" in warning.getMessage()
+
+
+@needs_kernel
+def test_a_failure_on_another_rank_switches_the_kernel_off_here(es_model, switches,
+                                                               monkeypatch, caplog) -> None:
+    """torchrun: the ranks must update alike, so a kernel off anywhere is off everywhere."""
+    from lowmem_es import distributed
+
+    switches(es_update="kernel")
+    reduced = []
+
+    def all_reduce(tensor, op=None):
+        reduced.append(tensor.tolist())
+        tensor[kernel_check.KERNELS.index("es_update")] = 1  # another rank failed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with caplog.at_level(logging.WARNING, logger="lowmem_es"):
+        status = kernel_check.check_kernels(es_model, DEVICE)
+    assert reduced == [[0, 0, 0]]  # passed here
+    assert status["es_update"] == "disabled: its self-check failed on another rank"
+    assert es.UPDATE_FORCE == "torch"
+    assert status["noisy_lora"] == status["nf4_matmul"] == "not used"
+    assert "another rank" in _warnings(caplog)[0].getMessage()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the default dispatch uses kernels on CUDA only")
+def test_default_dispatch_on_cuda_checks_every_kernel(es_model, switches) -> None:
+    before = _state(es_model)
+    status = kernel_check.check_kernels(es_model, DEVICE)
+    assert status == {kernel: "ok" for kernel in KERNEL_FUNCTIONS}
+    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE) == (None, None, None)
+    _assert_untouched(es_model, before)
+
+
+def test_force_torch_variable_rules_every_kernel_out(es_model, switches, monkeypatch) -> None:
+    monkeypatch.setenv(kernel_check.FORCE_TORCH_ENV, "1")
+    device = DEVICE or "cpu"
+    assert set(kernel_check.check_kernels(es_model, device).values()) == {"not used"}
+
+
+def test_wrong_arguments_raise(es_model, switches) -> None:
+    with pytest.raises(TypeError, match="ESLoraModel"):
+        kernel_check.check_kernels(es_model.model, "cpu")
+    with pytest.raises(ValueError, match="`dtype` must be one of"):
+        kernel_check.check_kernels(es_model, "cpu", dtype=torch.int8)
+    switches(noisy_lora="gpu")
+    with pytest.raises(ValueError, match="NOISY_LORA_FORCE"):
+        kernel_check.check_kernels(es_model, "cpu")
+
+
+def test_update_switch_routes_estimate_direction(monkeypatch) -> None:
+    """es.UPDATE_FORCE is what estimate_direction (and so es_update) obeys when not told."""
+    from lowmem_es import noise
+
+    def key_for_pair(pair: int) -> int:
+        return noise.member_key(1, 2, pair, 3)
+
+    monkeypatch.setattr(es, "UPDATE_FORCE", "torch")
+    direction = es.estimate_direction((3, 5), key_for_pair, {0: 0.5, 1: -0.25})
+    assert torch.equal(direction, es.estimate_direction((3, 5), key_for_pair, {0: 0.5, 1: -0.25},
+                                                        force="torch"))
+    monkeypatch.setattr(es, "UPDATE_FORCE", "gpu")
+    with pytest.raises(ValueError, match="`force` must be one of"):
+        es.estimate_direction((3, 5), key_for_pair, {0: 0.5})
