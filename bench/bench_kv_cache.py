@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_noise import command_line, machine_info  # noqa: E402
+from bench_noise import command_line, machine_info
 
 
 def main(argv: list[str] | None = None) -> dict:
