@@ -6,11 +6,12 @@
 Loads SmolLM2-135M-Instruct in NF4 (``ensure_default_model``; fp32 compute on CPU), with
 the default ES-LoRA adapter (B = 0: the base model) or ``--adapter``, and generates the
 default task's eval and transfer splits greedily (``EVAL_COMPLETION_LENGTH`` tokens, the
-decode loop) twice: KV cache in the compute dtype ("auto") and in int8
-(``lowmem_es.kv_cache``). Reports per split: accuracy under each, the fraction of
-completions that are identical, wall time, and the KV cache bytes of one chunk as the
-decode loop measured them (``DecodeStats.cache_bytes``). Prints a markdown table with the
-machine and command.
+decode loop) with the KV cache in the compute dtype ("auto") and in int8
+(``lowmem_es.kv_cache``), and, as the yardstick, a third time with the cache stored in
+bfloat16 (what a bf16 GPU run keeps; attention still computes in fp32 here). Reports per
+split: accuracy under each, the fraction of completions identical to the fp32 cache's,
+wall time, and the KV cache bytes of one chunk as the decode loop measured them
+(``DecodeStats.cache_bytes``). Prints a markdown table with the machine and command.
 """
 
 from __future__ import annotations
@@ -25,6 +26,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_noise import command_line, machine_info
+
+BF16 = "bf16-stored"  # the bench's yardstick: fp32 attention over a bfloat16-stored cache
+LABELS = {"auto": "fp32 (compute dtype)", BF16: "bf16 stored", "int8": "int8"}
+
+
+def _bf16_layer() -> type:
+    """A StaticLayer that stores K/V in bfloat16 and hands attention fp32 copies."""
+    from transformers.cache_utils import StaticLayer
+
+    class Bf16StoredLayer(StaticLayer):
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states.to(torch.bfloat16),
+                                        value_states.to(torch.bfloat16))
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states.to(torch.bfloat16),
+                                          value_states.to(torch.bfloat16), *args, **kwargs)
+            return keys.float(), values.float()
+
+    return Bf16StoredLayer
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -72,13 +93,25 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     import lowmem_es.generate as generate_module
+    import lowmem_es.kv_cache as kv_module
+
     generate_module.decode = measured_decode
+    original_cache = kv_module.make_static_cache
+
+    def cache_with_reference(config, length, kv_cache_dtype="auto"):
+        if kv_cache_dtype != BF16:
+            return original_cache(config, length, kv_cache_dtype)
+        cache = original_cache(config, length, "auto")
+        cache.layers = [_bf16_layer()(max_cache_len=length) for _ in cache.layers]
+        return cache
+
+    kv_module.make_static_cache = cache_with_reference
     results: dict = {}
     for split in ("eval", "transfer"):
         rows = data[split]
         prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
         texts = {}
-        for dtype in ("auto", "int8"):
+        for dtype in ("auto", BF16, "int8"):
             started = time.perf_counter()
             completions = generate_population(
                 es_model, tokenizer, prompts, [(None, i) for i in range(len(rows))],
@@ -91,19 +124,20 @@ def main(argv: list[str] | None = None) -> dict:
             metrics = summarize(totals, texts[dtype], task.well_formed,
                                 config.correct_threshold)
             results[(split, dtype)] = {**metrics, "seconds": seconds}
-        same = sum(a == b for a, b in zip(texts["auto"], texts["int8"], strict=True))
-        results[(split, "identical")] = same / len(rows)
+        for dtype in (BF16, "int8"):
+            same = sum(a == b for a, b in zip(texts["auto"], texts[dtype], strict=True))
+            results[(split, f"identical_{dtype}")] = same / len(rows)
 
     print(f"## int8 KV cache vs {config.compute_dtype} (auto) on SmolLM2-135M-Instruct\n")
-    print(f"{machine_info()}\n\nCommand: `{command_line()}`\n")
-    print("| split | rows | accuracy auto | accuracy int8 | identical completions | "
-          "s auto | s int8 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(machine_info()) + f"\n\nCommand: `{command_line()}`\n")
+    print("| split | rows | cache | accuracy | identical to fp32 cache | seconds |")
+    print("|---|---:|---|---:|---:|---:|")
     for split in ("eval", "transfer"):
-        auto, int8 = results[(split, "auto")], results[(split, "int8")]
-        print(f"| {split} | {auto['count']} | {auto['accuracy']:.3f} | {int8['accuracy']:.3f} "
-              f"| {results[(split, 'identical')]:.3f} | {auto['seconds']:.1f} | "
-              f"{int8['seconds']:.1f} |")
+        for dtype in ("auto", BF16, "int8"):
+            result = results[(split, dtype)]
+            same = results.get((split, f"identical_{dtype}"), 1.0)
+            print(f"| {split} | {result['count']} | {LABELS[dtype]} | {result['accuracy']:.3f} "
+                  f"| {same:.3f} | {result['seconds']:.1f} |")
     ratio = cache_bytes["int8"] / cache_bytes["auto"]
     print(f"\nKV cache of the largest chunk: auto {cache_bytes['auto'] / 2**20:.1f} MiB, int8 "
           f"{cache_bytes['int8'] / 2**20:.1f} MiB ({ratio:.3f}x; fp32 compute here, so int8 "
