@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import es_model_and_batch
 
 from lowmem_es import decode as decode_module
 from lowmem_es.decode import DecodeStats, UnsupportedModelError, decode, supports_loop
-from lowmem_es.lora import Member, attach_es_lora
-from lowmem_es.model import load_model
+from lowmem_es.lora import Member
 
 PROMPTS = ["sun 1:", "a much longer prompt here 2:", "x", "rain and more rain 33:"]
 MEMBERS = [Member(0, 1), Member(0, -1), Member(3, 1)]
@@ -17,14 +17,7 @@ MEMBERS = [Member(0, 1), Member(0, -1), Member(3, 1)]
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def setup(request, tiny_llama_dir, tiny_qwen2_dir):
     path = tiny_llama_dir if request.param == "llama" else tiny_qwen2_dir
-    model, tokenizer, _ = load_model(path)
-    es_model = attach_es_lora(model, ["q_proj", "v_proj", "o_proj"], 4, 8.0, seed=0)
-    generator = torch.Generator().manual_seed(3)
-    for tensor in es_model.parameters().values():
-        tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
-    tokenizer.padding_side = "left"
-    batch = tokenizer(PROMPTS * 3, return_tensors="pt", padding=True, add_special_tokens=False)
-    return es_model, tokenizer, batch
+    return es_model_and_batch(path, ["q_proj", "v_proj", "o_proj"], PROMPTS * 3)
 
 
 def _reference(es_model, tokenizer, batch, new, eos):

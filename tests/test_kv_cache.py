@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import es_model_and_batch
 
 from lowmem_es.decode import DecodeStats, decode
 from lowmem_es.kv_cache import (
@@ -12,8 +13,7 @@ from lowmem_es.kv_cache import (
     make_static_cache,
     quantize_int8,
 )
-from lowmem_es.lora import Member, attach_es_lora
-from lowmem_es.model import load_model
+from lowmem_es.lora import Member
 
 PROMPTS = ["sun 1:", "a much longer prompt here 2:", "x", "rain and more rain 33:"]
 
@@ -41,13 +41,7 @@ def test_quantization_error_is_half_a_step(scale_dtype):
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def setup(request, tiny_llama_dir, tiny_qwen2_dir):
     path = tiny_llama_dir if request.param == "llama" else tiny_qwen2_dir
-    model, tokenizer, _ = load_model(path)
-    es_model = attach_es_lora(model, ["q_proj", "v_proj"], 4, 8.0, seed=0)
-    generator = torch.Generator().manual_seed(3)
-    for tensor in es_model.parameters().values():
-        tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
-    batch = tokenizer(PROMPTS * 2, return_tensors="pt", padding=True, add_special_tokens=False)
-    return es_model, tokenizer, batch
+    return es_model_and_batch(path, ["q_proj", "v_proj"], PROMPTS * 2)
 
 
 def _decode(es_model, tokenizer, batch, kv_cache_dtype, seen=None):

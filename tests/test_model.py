@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import es_model_and_batch
 
 from lowmem_es import decode as decode_module
 from lowmem_es.decode import decode
@@ -24,13 +25,7 @@ MEMBERS = [Member(0, 1), Member(0, -1)]
 
 
 def _es_model(path):
-    model, tokenizer, _ = load_model(path)
-    es_model = attach_es_lora(model, ["q_proj", "v_proj"], 4, 8.0, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    for tensor in es_model.parameters().values():
-        tensor.add_(0.1 * torch.randn(tensor.shape, generator=generator))
-    batch = tokenizer(PROMPTS * 2, return_tensors="pt", padding=True, add_special_tokens=False)
-    return es_model, tokenizer, batch
+    return es_model_and_batch(path, ["q_proj", "v_proj"], PROMPTS * 2, seed=1)
 
 
 def _generate(es_model, tokenizer, batch, loop: bool):
