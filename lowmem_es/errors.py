@@ -9,4 +9,9 @@ class RewardFunctionError(RuntimeError):
     """A reward function raised; the message names it and shows the completion that did it."""
 
 
-USER_ERRORS = (ValueError, OSError, DistributedError, RewardFunctionError)
+class KernelError(RuntimeError):
+    """A Triton kernel broke the CUDA context at its start-up check: nothing can run on
+    the GPU in this process any more; the message says how to restart without kernels."""
+
+
+USER_ERRORS = (ValueError, OSError, DistributedError, RewardFunctionError, KernelError)

@@ -27,6 +27,7 @@ import torch
 
 from lowmem_es import __version__, checkpoint, distributed, es, lora, noise
 from lowmem_es.config import NON_RESULT_FIELDS, ESConfig, to_toml
+from lowmem_es.errors import KernelError
 from lowmem_es.generate import Completion, generate_population, render_prompt
 from lowmem_es.kernel_check import check_kernels
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
@@ -125,6 +126,14 @@ class ESTrainer:
         # or disagrees with its torch twin is switched off, with a warning (on CPU: no-op).
         # Every rank runs it (it agrees on the outcome through one collective).
         self.kernel_status = check_kernels(self.es_model, self.device)
+        broken = [name for name, value in self.kernel_status.items()
+                  if "CUDA context was lost" in value]
+        if broken:  # every later CUDA call would fail: stop here, before any work
+            raise KernelError(
+                f"the Triton kernel(s) {broken} crashed the CUDA context at their start-up "
+                f"check ({self.kernel_status[broken[0]]}). Nothing was trained or written; "
+                "restart the same command with LOWMEM_ES_FORCE_TORCH=1 in the environment "
+                "(torch paths only), and please report the warning above")
         self.adam_state = es.AdamState(0, {}, {}) if self.args.optimizer == "adam" else None
         self.iteration = 0
         self.history: list[dict[str, Any]] = []

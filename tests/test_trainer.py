@@ -223,3 +223,20 @@ def test_int8_kv_cache_runs_and_needs_the_loop(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match=r"`kv_cache_dtype`.*needs generation_backend='loop'"):
         example_config(str(tmp_path / "x"), kv_cache_dtype="int8",
                        generation_backend="generate")
+
+
+def test_a_kernel_that_broke_the_cuda_context_stops_before_any_work(tiny_llama_dir, tmp_path,
+                                                                      monkeypatch):
+    from lowmem_es import trainer as trainer_module
+    from lowmem_es.errors import USER_ERRORS, KernelError
+
+    lost = ("disabled: RuntimeError: illegal memory access; the CUDA context was lost, "
+            "restart with LOWMEM_ES_FORCE_TORCH=1")
+    monkeypatch.setattr(trainer_module, "check_kernels", lambda es_model, device: {
+        "noisy_lora": lost, "nf4_matmul": "unchecked: the CUDA context was lost (x)",
+        "es_update": "not used"})
+    with pytest.raises(KernelError, match=r"\['noisy_lora', 'nf4_matmul'\].*"
+                                          r"LOWMEM_ES_FORCE_TORCH=1") as error:
+        _short_run(tiny_llama_dir, tmp_path / "lost")
+    assert isinstance(error.value, USER_ERRORS)  # the CLI reports it without a traceback
+    assert not (tmp_path / "lost").exists()
