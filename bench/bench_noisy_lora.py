@@ -10,10 +10,12 @@ with A_m = A + s sigma eps (r x d_in) and B_m likewise (d_out x r). Providers:
   buffers, perturbed weights, two ``bmm``. ``torch.randn`` is the cheapest generator
   torch has (it does not follow our seeded contract): the best a stored-noise design can do.
 * ``fused``: on CUDA the Triton kernels (``lowmem_es.kernels.noisy_lora``, RowPlan
-  prebuilt as the layer does); on CPU the torch twin, which materialises Philox noise
-  per call (the contract's generator, ~15x torch.randn in eager mode).
+  prebuilt as the layer does); on CPU the torch twin, which regenerates the members'
+  perturbed A and B from Philox per call (``noise.perturbed_rows``: the contract's
+  generator with the perturbation fused in; eager backend, ~9x torch.randn per value).
 * ``fused_compiled`` (CPU only): the twin with ``noise_backend="compiled"`` (torch.compile'd
-  Philox, ~0.8x torch.randn; a one-off compile of a few seconds, not timed).
+  Philox over fixed blocks of tiles, ~1.1x torch.randn per value on one core; one-off
+  compiles of a few seconds, not timed).
 * ``cached`` (CPU only): the ES-LoRA layer's CPU path per decode step once a chunk's
   perturbed weights are built: the two bmm alone.
 
@@ -21,6 +23,8 @@ Times: median wall time per call (CPU), or on CUDA ``triton.testing.do_bench`` o
 call (host launch overhead included) and of a CUDA-graph replay (device time only).
 Memory: peak above what was allocated before the call (CUDA allocator), or the growth of
 peak RSS (Linux VmHWM, reset per call through /proc/self/clear_refs) on CPU.
+CPU timings run with glibc's malloc settled (``_settle_allocator``) so that no provider
+pays page faults for temporaries that a long-running process would not.
 
     python bench/bench_noisy_lora.py                  # CPU: a few minutes; GPU: full grid
     python bench/bench_noisy_lora.py --shapes 4096x4096 --ranks 16 --rows 512 --members 32
@@ -132,7 +136,29 @@ class Case:
 _libc = None
 
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+
+
+def _settle_allocator() -> None:
+    """glibc malloc as a warm, long-running process has it (Linux + glibc; else no-op).
+
+    Blocks below 32 MiB come from the heap (glibc's dynamic mmap ceiling) and freed heap
+    memory up to 64 MiB stays mapped (the trim threshold glibc's dynamic rule pairs with
+    that ceiling). Setting the mmap threshold alone freezes the trim threshold at its
+    128 KiB default, and then every temporary above that is handed back to the OS when
+    freed and page-faulted in again on the next call: that charged each provider for
+    its allocation pattern rather than its work (materialised's temporaries, the eager
+    twin's up to 3x).
+    """
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        _libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    except OSError:
+        pass
 
 
 def _cpu_peak_bytes(fn: Callable[[], None]) -> float:
@@ -140,7 +166,7 @@ def _cpu_peak_bytes(fn: Callable[[], None]) -> float:
 
     Free heap pages are first returned (malloc_trim) and during the call glibc serves
     every block >= 64 KiB by mmap, so the peak counts every page touched; afterwards the
-    threshold goes to 32 MiB (glibc's dynamic ceiling), because page-faulting every
+    allocator is settled again (``_settle_allocator``), because page-faulting every
     temporary would make the timed calls several times slower.
     """
     global _libc
@@ -166,7 +192,7 @@ def _cpu_peak_bytes(fn: Callable[[], None]) -> float:
         return float("nan")
     finally:
         if _libc is not None:
-            _libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            _settle_allocator()
 
 
 def _cpu_time(fn: Callable[[], None], repeats: int) -> float:
@@ -308,6 +334,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cpu":
         torch.manual_seed(0)
+        _settle_allocator()
     print(f"### Noisy LoRA term, {args.dtype} activations, fp32 LoRA masters, "
           f"sigma={SIGMA}, on {args.device}\n")
     print(f"Command: `{command_line()}`\n")
@@ -319,10 +346,11 @@ def main() -> None:
         return
     run_grid(args, args.device)
     if args.device == "cpu":
-        print("\nCPU: `fused` is the torch twin (Philox noise materialised per call, eager "
-              "backend), `fused_compiled` the same with the compiled generator; `cached` is "
-              "lora.py's CPU path per decode step after its one-off per-chunk build. "
-              "Peak = growth of peak RSS during one call.")
+        print("\nCPU: `fused` is the torch twin (members' perturbed A, B regenerated from "
+              "Philox per call, eager backend), `fused_compiled` the same with the compiled "
+              "generator; `cached` is lora.py's CPU path per decode step after its one-off "
+              "per-chunk build. Peak = growth of peak RSS during one call; malloc settled "
+              "(mmap threshold 32 MiB, trim threshold 64 MiB).")
     else:
         print("\n`x plain` uses graph (device) times; eager times include host launch "
               "overhead. Peak = CUDA allocator peak above what was allocated before the call.")

@@ -557,10 +557,18 @@ def noisy_lora_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     """The twin of ``noisy_lora_triton`` (same signature and contract), in torch.
 
     The math of the ES-LoRA layer's CPU path (``lowmem_es/lora.py``): the perturbed
-    ``A_m``, ``B_m`` of the members present are materialised with ``noise.noise_batch``
-    (fp32), each member's rows go through ``(x A_m^T) B_m^T`` in fp32, and
+    ``A_m = A + s_m eps_m``, ``B_m`` of the members present are built in fp32 per call,
+    each member's rows go through ``(x A_m^T) B_m^T`` in fp32, and
     ``out = (out + scale * lora)`` is rounded once to out's dtype. Reads keys and steps
     on the host (a device sync on CUDA): this is the reference, not the GPU path.
+
+    Speed (the CPU path regenerates the noise every call, so that is the bill): the
+    perturbed weights come from ``noise.perturbed_rows``, which fuses ``A + s eps`` into
+    the generator pass (compiled backend: fixed blocks of tiles, no per-key padding) and
+    never holds the noise and the perturbed weights at once, and each run of rows updates
+    its rows of ``out`` directly (no (rows, d_out) fp32 buffer, no final copy). Values
+    are those of the plain formulation (per-member ``noise``, ``A + s * eps``, two
+    matmuls) bit for bit (tests/test_noisy_lora.py).
     """
     out, x_flat, out_flat, plan = _prepare(x, lora_A, lora_B, keys_A, keys_B, steps,
                                            member_index, out)
@@ -570,27 +578,43 @@ def noisy_lora_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     present = sorted(set(plan.run_members))
     slot = {m: i for i, m in enumerate(present)}
     keys_a, keys_b = keys_A.tolist(), keys_B.tolist()
-    step = steps[torch.tensor(present, device=device)][:, None, None]  # (P, 1, 1) fp32
-    eps_a = _noise.noise_batch([keys_a[m] & _noise.MASK63 for m in present], lora_A.shape,
-                               device)
-    eps_b = _noise.noise_batch([keys_b[m] & _noise.MASK63 for m in present], lora_B.shape,
-                               device)
-    a_t = (lora_A.to(torch.float32) + step * eps_a).transpose(1, 2)  # (P, d_in, r)
-    b_t = (lora_B.to(torch.float32) + step * eps_b).transpose(1, 2)  # (P, r, d_out)
-    del eps_a, eps_b
+    step = steps[torch.tensor(present, device=device)]  # (P,) fp32
+    rank, d_in = lora_A.shape
+    d_out = lora_B.shape[0]
+    # (P, r * d_in) and (P, d_out * r): row i is member present[i]'s A_m / B_m, flat.
+    rows_a = _noise.perturbed_rows([keys_a[m] & _noise.MASK63 for m in present], lora_A, step)
+    rows_b = _noise.perturbed_rows([keys_b[m] & _noise.MASK63 for m in present], lora_B, step)
+    # Per-member views, made in one call each: (d_in, r) and (r, d_out), transposed views.
+    a_t = rows_a.view(-1, rank, d_in).transpose(1, 2).unbind(0)
+    b_t = rows_b.view(-1, d_out, rank).transpose(1, 2).unbind(0)
     x32 = x_flat.to(torch.float32)
-    lora = torch.empty((plan.num_rows, lora_B.shape[0]), dtype=torch.float32, device=device)
-    order = None if plan.identity else plan.row_order_cpu.to(device)
-    for member, first, length in zip(plan.run_members, plan.run_starts, plan.run_lengths,
-                                     strict=True):
-        i = slot[member]
-        if order is None:
-            lora[first:first + length] = (x32[first:first + length] @ a_t[i]) @ b_t[i]
-        else:
-            rows = order[first:first + length]
-            lora[rows] = (x32[rows] @ a_t[i]) @ b_t[i]
-    out_flat.copy_((out_flat.to(torch.float32) + lora * scale).to(out_flat.dtype))
+    members = [slot[m] for m in plan.run_members]
+    if plan.identity:  # runs are consecutive row ranges: views, split in one call each
+        for i, x_run, out_run in zip(members, x32.split(plan.run_lengths),
+                                     out_flat.split(plan.run_lengths), strict=True):
+            _add_scaled(out_run, (x_run @ a_t[i]) @ b_t[i], scale)
+        return out
+    order = plan.row_order_cpu.to(device)
+    for i, first, length in zip(members, plan.run_starts, plan.run_lengths, strict=True):
+        rows = order[first:first + length]
+        lora = (x32[rows] @ a_t[i]) @ b_t[i]
+        out_flat[rows] = _add_scaled(out_flat[rows], lora, scale)
     return out
+
+
+def _add_scaled(out_rows: torch.Tensor, lora: torch.Tensor, scale: float) -> torch.Tensor:
+    """``out_rows = (out_rows + scale * lora)`` rounded once to out's dtype; returns it.
+
+    One run of rows at a time, so the twin never holds a (rows, d_out) fp32 copy of the
+    whole output; ``lora`` (fp32, a temporary) is scaled in place. The arithmetic per
+    element is the reference's ``(out.float() + lora * scale).to(out.dtype)``. ``out_rows``
+    is updated in place (a view of ``out`` for sorted rows; a gathered copy otherwise,
+    which the caller scatters back).
+    """
+    lora.mul_(scale)
+    if out_rows.dtype == torch.float32:
+        return out_rows.add_(lora)
+    return out_rows.copy_((out_rows.to(torch.float32) + lora).to(out_rows.dtype))
 
 
 # ----------------------------------------------------------------------------- dispatch

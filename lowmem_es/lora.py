@@ -206,13 +206,15 @@ class ESLoraLinear(nn.Module):
         if self._cache_version != population.version or self._cache is None:
             device = self.lora_A.device
             steps = torch.tensor([m.sign * population.sigma for m in population.members],
-                                 dtype=torch.float32, device=device)[:, None, None]
+                                 dtype=torch.float32, device=device)
             stacked = []
             for master, tid in ((self.lora_A, self.tensor_id_A), (self.lora_B, self.tensor_id_B)):
                 keys = [noise.member_key(population.run_seed, population.iteration, m.pair, tid)
                         for m in population.members]
-                eps = noise.noise_batch(keys, master.shape, device)  # (M, *master.shape)
-                stacked.append((master + steps * eps).transpose(1, 2).contiguous())
+                # master + s sigma eps per member, written by the generator pass itself
+                # (no noise tensor; the same bits as master + steps * noise_batch(...)).
+                rows = noise.perturbed_rows(keys, master, steps)  # (M, numel)
+                stacked.append(rows.view(len(keys), *master.shape).transpose(1, 2).contiguous())
             self._cache = (stacked[0], stacked[1])
             self._cache_version = population.version
         return self._cache

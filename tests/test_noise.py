@@ -393,3 +393,103 @@ def test_compiled_backend_matches_eager() -> None:
                                    atol=2e-6, rtol=0)
     finally:
         noise.set_backend(previous)
+
+
+# ---------------------------------------------------------------- batch generators
+
+
+def _compiled_or_skip() -> str:
+    """Switch to the compiled backend (the caller restores it) or skip the test."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend = noise.set_backend("compiled")
+    if backend != "compiled":
+        reasons = "; ".join(str(w.message) for w in caught) or "set_backend fell back"
+        pytest.skip(f"torch.compile unusable here: {reasons}")
+    return backend
+
+
+BATCH_KEYS = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63 + 5,  # taken modulo 2**63
+              noise.member_key(1234, 10, 3, noise.tensor_id(Q_PROJ, "A")),
+              noise.member_key(1234, 10, 4, noise.tensor_id(Q_PROJ, "B"))]
+
+
+@pytest.mark.parametrize("key", list(KEYS.values()), ids=list(KEYS))
+def test_batch_generators_bit_identical_to_reference(key: int) -> None:
+    """The batch paths' generators (eager buffered ``_randn_block``, and ``_randn_low``
+    which the compiled tiles run) against the readable ``_randn_eager``, bit for bit,
+    where the counter's words carry and overflow."""
+    key_t = torch.tensor([[key], [2**63 - 1 - key]])
+    work = [torch.empty(2 * 600, dtype=torch.int64) for _ in range(5)]
+    work += [torch.empty(2 * 600) for _ in range(2)]
+    for start in (0, 2**31 - 300, 2**32 - 300, 2**45 + 7):
+        reference = noise._randn_eager(key_t, torch.arange(start, start + 600)[None, :])
+        assert torch.equal(noise._randn_block(key_t, start, 600, work), reference)
+        if start + 600 <= 2**32:
+            assert torch.equal(noise._randn_low(key_t, torch.arange(start, start + 600)),
+                               reference)
+    low = torch.randint(0, 2**32, (5000,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(noise._randn_low(key_t[:1], low), noise._randn_eager(key_t[:1], low))
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, noise.DEFAULT_CHUNK])
+def test_eager_noise_batch_andperturbed_rows_bit_identical(chunk: int) -> None:
+    shape = (37, 129)
+    batch = noise.noise_batch(BATCH_KEYS, shape, chunk=chunk, backend="eager")
+    generator = torch.Generator().manual_seed(4)
+    master = torch.randn(shape, generator=generator)
+    steps = torch.randn(len(BATCH_KEYS), generator=generator)
+    rows = noise.perturbed_rows(BATCH_KEYS, master.to(torch.bfloat16), steps, backend="eager")
+    for i, key in enumerate(BATCH_KEYS):
+        eps = noise.noise(key, shape, backend="eager")
+        assert torch.equal(batch[i], eps)
+        expected = master.to(torch.bfloat16).float() + steps[i] * eps
+        assert torch.equal(rows[i, :master.numel()].view(shape), expected)
+
+
+# Shapes for the compiled tiles: one partial tile; several keys a block (the ring of
+# master rows); > 256 tiles a key, so blocks wrap from one key to the next, with 64- and
+# 16-tile remainder blocks; whole tiles (no copy, master viewed in place).
+COMPILED_SHAPES = [(5,), (37, 129), (300, 1000), (8, 4096)]
+
+
+def test_compiled_noise_batch_equals_noise_per_key_bit_for_bit() -> None:
+    previous = noise.get_backend()
+    try:
+        _compiled_or_skip()
+        for shape in COMPILED_SHAPES:
+            keys = BATCH_KEYS[:3] if shape == (300, 1000) else BATCH_KEYS
+            batch = noise.noise_batch(keys, shape)
+            assert batch.shape == (len(keys), *shape) and batch.is_contiguous()
+            for row, key in zip(batch, keys, strict=True):
+                assert torch.equal(row, noise.noise(key, shape))  # the per-key compiled path
+        assert noise.noise_batch([], (3, 4)).shape == (0, 3, 4)
+        # Every block height is compiled now: new shapes and key counts reuse them.
+        with torch.compiler.set_stance("fail_on_recompile"):
+            batch = noise.noise_batch(BATCH_KEYS[:5], (77, 13))
+            rows = noise.perturbed_rows(BATCH_KEYS[:2], torch.ones(3, 700), torch.ones(2))
+        assert torch.equal(batch[4], noise.noise(BATCH_KEYS[4], (77, 13)))
+        assert torch.equal(rows[1, :2100], 1 + noise.noise(BATCH_KEYS[1], (2100,)))
+    finally:
+        noise.set_backend(previous)
+
+
+def test_compiledperturbed_rows_equal_master_plus_step_noise() -> None:
+    """``master + step * eps`` fused into the compiled pass rounds like eager (two
+    roundings, no FMA), and padded rows are sliced off by the caller."""
+    previous = noise.get_backend()
+    try:
+        _compiled_or_skip()
+        generator = torch.Generator().manual_seed(5)
+        for shape in COMPILED_SHAPES:
+            keys = BATCH_KEYS[:3] if shape == (300, 1000) else BATCH_KEYS
+            master = torch.randn(shape, generator=generator)
+            steps = torch.randn(len(keys), generator=generator)
+            rows = noise.perturbed_rows(keys, master, steps)
+            numel = master.numel()
+            assert rows.shape[0] == len(keys) and rows.shape[1] >= numel
+            for i, key in enumerate(keys):
+                expected = master + steps[i] * noise.noise(key, shape)
+                assert torch.equal(rows[i, :numel].view(shape), expected)
+    finally:
+        noise.set_backend(previous)

@@ -409,3 +409,72 @@ def test_es_lora_layer_logits_kernel_equal_torch_paths(tiny_es_model, monkeypatc
     torch.testing.assert_close(twin_path, torch_path, atol=5e-5, rtol=5e-5)
     monkeypatch.setattr(knl, "noisy_lora_triton", lambda *a, **k: pytest.fail("kernel ran"))
     torch.testing.assert_close(logits("kernel", sigma=0.0), plain, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ twin vs its plain form
+
+
+def _plain_twin(x, out, a, b, keys_a, keys_b, steps, member_index, scale):
+    """The twin's math written plainly, as the twin computed it before its generation was
+    fused: the present members' noise from ``noise.noise`` key by key, stacked, ``A + s *
+    eps``; per member, its rows (a slice when rows are sorted by member, else gathered)
+    through two fp32 matmuls; ``(out + lora * scale)`` rounded once to out's dtype.
+
+    Operand layouts (stacked weights, row slices) are the twin's on purpose: BLAS results
+    can differ in the last bit with where an operand starts, and this test is about
+    bits.
+    """
+    result = out.clone()
+    x_flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    out_flat = result.view(-1, result.shape[-1])
+    tokens = x_flat.shape[0] // member_index.shape[0]
+    flat_member = member_index.repeat_interleave(tokens)
+    present = sorted(set(member_index.tolist()))
+    step = steps[torch.tensor(present)][:, None, None]
+    a_all = a.to(torch.float32) + step * torch.stack(
+        [noise.noise(int(keys_a[m]), a.shape) for m in present])
+    b_all = b.to(torch.float32) + step * torch.stack(
+        [noise.noise(int(keys_b[m]), b.shape) for m in present])
+    in_order = bool((member_index[1:] >= member_index[:-1]).all())
+    for i, member in enumerate(present):
+        rows = (flat_member == member).nonzero().squeeze(1)
+        if in_order:
+            rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        lora = (x_flat[rows] @ a_all[i].t()) @ b_all[i].t()
+        out_flat[rows] = (out_flat[rows].to(torch.float32) + lora * scale).to(out.dtype)
+    return result
+
+
+TWIN_CASES = {  # (rows, tokens, d_in, d_out, rank, member ids, dtype)
+    "contiguous_fp32": (8, 1, D_IN, D_OUT, 8, [0, 0, 1, 1, 2, 2, 3, 3], torch.float32),
+    "permuted_tokens_bf16": (6, 3, D_IN, D_OUT, 5, [3, 0, 2, 0, 1, 3], torch.bfloat16),
+    # > 256 compiled tiles per key of A: blocks wrap between members, remainder blocks.
+    "many_tiles_fp32": (6, 1, 4100, 70, 64, [0, 0, 1, 1, 2, 2], torch.float32),
+}
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("case", list(TWIN_CASES))
+def test_twin_bit_identical_to_plain_formulation(case: str, backend: str) -> None:
+    """The twin's fused generation (perturbation inside the generator pass, padded
+    rows, per-run output updates) changes no bit of its result."""
+    if DEVICE != "cpu" and backend == "compiled":
+        pytest.skip("the compiled generator is the CPU path")
+    rows, tokens, d_in, d_out, rank, members, dtype = TWIN_CASES[case]
+    previous = noise.get_backend()
+    try:
+        if noise.set_backend(backend) != backend:
+            pytest.skip("torch.compile unusable here")
+        a, b = _weights(rank, seed=6, d_in=d_in, d_out=d_out)
+        keys_a, keys_b, steps = _members(max(members) + 1, 0.05)
+        shape = (rows, tokens, d_in) if tokens > 1 else (rows, d_in)
+        x, out = _inputs(shape, seed=7, dtype=dtype, d_out=d_out)
+        member_index = torch.tensor(members, device=DEVICE)
+        twin = knl.noisy_lora_torch(x, a, b, keys_a, keys_b, steps, member_index, 1.5,
+                                    out=out.clone())
+        plain = _plain_twin(x, out, a, b, keys_a, keys_b, steps, member_index, 1.5)
+        assert twin.dtype == dtype
+        assert torch.equal(twin, plain)
+        assert not torch.equal(twin, out)
+    finally:
+        noise.set_backend(previous)
