@@ -9,6 +9,10 @@ process, three (four) ways:
 * ``plain``: the ceiling: the same rows in the same chunks through the same decode loop
   (``lowmem_es.decode.decode``) on the bare 4-bit model, no ES-LoRA layer in the way (the
   ES-LoRA layers are swapped back to their frozen base layers for these runs);
+* ``lora`` (``--lora``): the adapted model served the ordinary way: the same ES-LoRA
+  layers with no population active (one adapter, ``x W^T + s (x A^T) B^T`` accumulated in
+  place), same rows, chunks and decode loop: what LoRA inference itself costs, so that
+  ``mixed / lora`` is the price of the population alone;
 * ``member``: member by member: the same rows, one member's ``batch`` rows per forward
   pass (``rows_per_chunk = batch``), as an ES implementation without per-row members does;
 * ``hf_generate`` (reference, ``--hf-generate``): ``model.generate()`` on the bare model,
@@ -159,7 +163,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """tokens/s ratios of mixed over the others (medians of the same run)."""
     out = {}
     mixed = results.get("mixed", {}).get("tokens_per_s")
-    for other in ("plain", "plain_nf4_kernel", "member", "hf_generate"):
+    for other in ("plain", "lora", "plain_nf4_kernel", "member", "hf_generate"):
         value = results.get(other, {}).get("tokens_per_s")
         if mixed and value:
             out[f"mixed/{other}"] = mixed / value
@@ -288,13 +292,16 @@ class Bench:
         """One member's rows per forward pass."""
         return self.mixed(rows_per_chunk=self.args.batch)
 
-    def plain(self, wrap: Callable[[nn.Module], nn.Module] | None = None) -> list[list[int]]:
-        """The bare 4-bit model, same rows, chunks and decode loop."""
+    def plain(self, wrap: Callable[[nn.Module], nn.Module] | None = None, bare: bool = True
+              ) -> list[list[int]]:
+        """The bare 4-bit model (``bare=False``: with its adapter), same rows, chunks and
+        decode loop."""
         from lowmem_es.decode import decode
 
         out = []
         pad = self.tokenizer.pad_token_id
-        with self.switch.bare(wrap) as model:
+        context = self.switch.bare(wrap) if bare else contextlib.nullcontext(self.switch.model)
+        with context as model:
             for part in chunks(len(self.rows), self.chunk):
                 index = torch.tensor([self.rows[i][1] for i in part], device=self.device)
                 new = decode(model, self.input_ids[index], self.attention[index],
@@ -307,6 +314,10 @@ class Bench:
                     out.append(row)
         self._sync()
         return out
+
+    def lora(self) -> list[list[int]]:
+        """The adapted model with no population: one adapter, same rows and chunks."""
+        return self.plain(wrap=None, bare=False)
 
     def plain_nf4_kernel(self) -> list[list[int]]:
         """Plain, with the adapted linears' base through lowmem-es' NF4 matmul (CUDA)."""
@@ -336,6 +347,8 @@ class Bench:
         names = ["plain", "mixed", "member"]
         if self.device.type == "cuda":
             names.insert(1, "plain_nf4_kernel")
+        if self.args.lora:
+            names.insert(1, "lora")
         if self.args.hf_generate:
             names.append("hf_generate")
         return {name: getattr(self, name) for name in names}
@@ -442,6 +455,8 @@ def report(args: argparse.Namespace, bench: Bench, results: dict[str, dict[str, 
                      "target)")
     if "mixed/plain_nf4_kernel" in ratio:
         lines.append(f"mixed / plain (NF4 kernel base) = {ratio['mixed/plain_nf4_kernel']:.3f}")
+    if "mixed/lora" in ratio:
+        lines.append(f"mixed / lora (one adapter, no population) = {ratio['mixed/lora']:.3f}")
     if mm is not None:
         lines.append(f"mixed / member-by-member = {mm:.3f} "
                      f"({'faster' if mm > 1 else 'not faster'})")
@@ -488,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                              " 'compiled' = torch.compile, compiled during the warm-up)")
     parser.add_argument("--hf-generate", action="store_true",
                         help="also time model.generate() on the bare model (reference)")
+    parser.add_argument("--lora", action="store_true",
+                        help="also time the adapted model with no population (one adapter)")
     parser.add_argument("--profile-ops", action="store_true",
                         help="add a torch.profiler table of one mixed call")
     parser.add_argument("--json-out", default=None, help="also write the results as JSON here")

@@ -241,13 +241,17 @@ class ESLoraLinear(nn.Module):
         if len(set(counts)) == 1:
             # Equal segments: one batched matmul over members. (M, rows_m * T, d_in)
             grouped = x.reshape(len(counts), -1, d_in)
-            idx = torch.tensor(indices, device=x.device)
-            down = torch.bmm(grouped, a_t[idx])
+            if indices != list(range(len(a_t))):  # segments not in member order: gather
+                idx = torch.tensor(indices, device=x.device)
+                a_t, b_t = a_t[idx], b_t[idx]
+            # (in member order, the usual layout, the cached stacks serve as they are: a
+            # gather would copy every member's A and B on every forward)
+            down = torch.bmm(grouped, a_t)
             if out is not None:
-                out.view(len(counts), -1, out.shape[-1]).baddbmm_(down, b_t[idx],
+                out.view(len(counts), -1, out.shape[-1]).baddbmm_(down, b_t,
                                                                   alpha=self.scaling)
                 return out
-            return torch.bmm(down, b_t[idx]).reshape(rows, *tail, -1)
+            return torch.bmm(down, b_t).reshape(rows, *tail, -1)
         if out is not None:  # each segment's rows of `out` are a contiguous view
             for index, chunk, target in zip(indices, torch.split(x, counts),
                                             torch.split(out, counts), strict=True):
