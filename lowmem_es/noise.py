@@ -147,8 +147,8 @@ def set_backend(name: str) -> str:
     """Choose how the CPU twin runs: ``"eager"`` torch ops or ``"compiled"`` (torch.compile).
 
     ``"compiled"`` fuses the ~130 integer ops of Philox into one vectorised C++ loop
-    (about 20x faster than eager on 2 cores, bench/bench_noise.py) at the price of a
-    one-off compile (~15 s, cached on disk by inductor). Its transcendental functions
+    (about 5x faster than the eager generator on one thread, bench/bench_noise.py) at the
+    price of a one-off compile (3-9 s, cached on disk by inductor). Its transcendental functions
     (Sleef) may differ from eager in the last float bit, so a run uses one backend
     throughout. If compiling fails, this warns and stays on eager. Returns the backend
     now in use.
