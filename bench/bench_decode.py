@@ -136,6 +136,13 @@ def main() -> None:
         if device.type == "cuda":
             providers["loop + CUDA graph"] = lambda ids=ids, mask=mask: decode(
                 model, ids, mask, args.new_tokens, [], tokenizer.pad_token_id, capture=True)
+            # Issue 3's design question: the fused kernel regenerates every member's noise
+            # at every step; the torch path builds the members' perturbed A/B once per
+            # call (timed here: caches cleared first) and runs grouped matmuls per step.
+            providers["loop + CUDA graph, cached LoRA (torch path)"] = (
+                lambda ids=ids, mask=mask: _torch_lora_path(
+                    es_model, lambda: decode(model, ids, mask, args.new_tokens, [],
+                                             tokenizer.pad_token_id, capture=True)))
         baseline = None
         with torch.no_grad(), es_model.population(0, 0, 0.01, members, segments):
             for name, fn in providers.items():
@@ -146,6 +153,21 @@ def main() -> None:
                 print(f"| {rows} | {name} | {step_ms:.2f} | "
                       f"{rows * args.new_tokens / seconds:.0f} | {seconds / baseline:.2f} | "
                       f"{floor} |")
+
+
+def _torch_lora_path(es_model, call):
+    """``call()`` with the ES-LoRA layers on their cached torch path (no fused kernel),
+    their per-member caches rebuilt as a generation call rebuilds them."""
+    from lowmem_es import lora
+
+    previous = lora.NOISY_LORA_FORCE
+    lora.NOISY_LORA_FORCE = "torch"
+    try:
+        for layer in es_model.layers.values():
+            layer.clear_cache()
+        return call()
+    finally:
+        lora.NOISY_LORA_FORCE = previous
 
 
 if __name__ == "__main__":

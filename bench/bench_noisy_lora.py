@@ -16,7 +16,7 @@ with A_m = A + s sigma eps (r x d_in) and B_m likewise (d_out x r). Providers:
 * ``fused_compiled`` (CPU only): the twin with ``noise_backend="compiled"`` (torch.compile'd
   Philox over fixed blocks of tiles, ~1.1x torch.randn per value on one core; one-off
   compiles of a few seconds, not timed).
-* ``cached`` (CPU only): the ES-LoRA layer's CPU path per decode step once a chunk's
+* ``cached``: the ES-LoRA layer's torch path per decode step once a chunk's
   perturbed weights are built: the two bmm alone.
 
 Times: median wall time per call (CPU), or on CUDA ``triton.testing.do_bench`` of the eager
@@ -123,7 +123,8 @@ class Case:
         if self.cached is None:  # built once per chunk in lora.py; not timed
             steps = self.steps[:, None, None]
             self.cached = tuple(
-                (w + steps * noise.noise_batch(keys.tolist(), w.shape)).transpose(1, 2)
+                (w + steps * noise.noise_batch(keys.tolist(), w.shape, w.device))
+                .transpose(1, 2)
                 .contiguous() for w, keys in ((self.a, self.keys_a), (self.b, self.keys_b)))
         a_t, b_t = self.cached
         grouped = self.x.float().view(self.members, -1, self.x.shape[1])
@@ -267,7 +268,7 @@ def run_grid(args: argparse.Namespace, device: str) -> None:
             providers.append("fused_compiled")
             print(f"<!-- torch.compile of the noise twin: {time.perf_counter() - start:.1f} s "
                   "-->\n")
-        providers.append("cached")
+    providers.append("cached")  # on CUDA too: issue 3's question, fused vs cached per step
     cuda = device == "cuda"
     time_cols = "eager ms | graph ms" if cuda else "ms"
     print(f"| d_in x d_out | r | rows | members | provider | {time_cols} | x plain | "
