@@ -17,7 +17,8 @@
 #   5. bench_noisy_lora.py (providers x 7B shapes), bench_noise.py, a launch sweep
 #                                                                        -> *.md
 # Opt-in sections (environment): GPU_CHECK_NF4=1 (issue 8), GPU_CHECK_PROFILES=1 (issue 4:
-# 7B/8B under 8/12 GB caps), GPU_CHECK_GRPO=1 (issue 10): each adds minutes, and the whole
+# 7B/8B under 8/12 GB caps), GPU_CHECK_DECODE=1 (issues 9, 3, 4: decode loop, graph
+# capture, fused vs cached LoRA, population tokens/s), GPU_CHECK_GRPO=1 (issue 10): each adds minutes, and the whole
 # command must fit one 10-minute device call, so pick one or two per run.
 # A summary table goes to stdout and $OUT/summary.md; with more than 7 files the rest is
 # bundled into $OUT/gpu_check.tar.gz. Exit status: that of the tests.
@@ -125,6 +126,18 @@ fi
 if [ "${GPU_CHECK_GRPO:-0}" = "1" ]; then
     OUT="$OUT" PYTHON="$PY" bash "$REPO/bench/gpu_check_grpo.sh" \
         || SUMMARY+=("| gpu_check_grpo.sh | $? | - |")
+fi
+# Decode loop (issue 9) and population evaluation (issue 4), ~3-4 min more; opt in
+# (GPU_CHECK_DECODE=1): generate() vs the loop vs the loop + CUDA graph, with the fused LoRA
+# kernel and with the cached torch LoRA path (issue 3's design question), on a 4-layer
+# Qwen2.5-7B-shaped NF4 model, in ms/step and as a multiple of the weight-read floor; then
+# mixed-member vs plain vs one-adapter vs member-by-member tokens/s on the same widths.
+if [ "${GPU_CHECK_DECODE:-0}" = "1" ]; then
+    step "bench_decode.py (CUDA)" 200 "$OUT/bench_decode.md" \
+        "$PY" "$REPO/bench/bench_decode.py" --rows 8 32 128 --new-tokens 32 --layers 4
+    step "bench_population.py (CUDA)" 150 "$OUT/bench_population.md" \
+        "$PY" "$REPO/bench/bench_population.py" --device cuda --shape qwen7b --population 8 \
+        --batch 4 --prompt 64 --completion 32 --repeats 3 --lora
 fi
 # Each opt-in section adds ~2 files; the device tool returns at most 8 from $OUT, so with
 # more than one section run the per-section files are bundled at the end (see below).
