@@ -432,6 +432,11 @@ class _Estimator:
                                   "lm_head, which must stay on the GPU")
             else:
                 embedding = 0
+                self.notes.append(f"the input embedding ({shape.embedding_params * c / GIB:.2f}"
+                                  " GiB) stays in CPU memory (embedding_on_cpu)")
+        if self.int8_kv:
+            self.notes.append("KV cache in int8: 1-byte codes + one scale per head and token "
+                              "(kv_cache_dtype; one layer dequantized at a time)")
         self.base_static = {
             "nf4_linear_weights": sum(nf4_bytes(d_in * d_out, cpu_packed)
                                       for _, d_in, d_out in shape.linears),

@@ -425,3 +425,10 @@ def test_chunked_prefill_fits_more_rows_when_prefill_is_the_limit():
 def test_decode_limited_plan_never_chunks_prefill():
     plan_ = _plan(LLAMA31_8B, generation_backend="generate")
     assert plan_.peak_phase == "decode" and plan_.prefill_chunk == 0
+
+
+def test_plan_notes_say_where_the_embedding_and_the_cache_are():
+    notes = "\n".join(_plan(QWEN25_7B, kv_cache_dtype="int8").notes)
+    assert "input embedding (1.02 GiB) stays in CPU memory" in notes
+    assert "KV cache in int8" in notes
+    assert not any("int8" in n or "CPU memory" in n for n in _plan(QWEN25_7B, "24gb").notes)
