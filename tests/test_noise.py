@@ -374,15 +374,21 @@ def test_twin_permuted_offsets_give_permuted_values() -> None:
 # ---------------------------------------------------------------- compiled backend
 
 
+def _compiled_or_skip() -> str:
+    """Switch to the compiled backend (the caller restores it) or skip the test."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend = noise.set_backend("compiled")
+    if backend != "compiled":
+        reasons = "; ".join(str(w.message) for w in caught) or "set_backend fell back"
+        pytest.skip(f"torch.compile unusable here: {reasons}")
+    return backend
+
+
 def test_compiled_backend_matches_eager() -> None:
     previous = noise.get_backend()
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            backend = noise.set_backend("compiled")
-        if backend != "compiled":
-            reasons = "; ".join(str(w.message) for w in caught) or "set_backend fell back"
-            pytest.skip(f"torch.compile unusable here: {reasons}")
+        _compiled_or_skip()
         key = KEYS["member_q_proj_A"]
         shape = (3, 37, 1001)  # more than one chunk, a partial last chunk
         eager = noise.noise(key, shape, backend="eager")
@@ -398,15 +404,6 @@ def test_compiled_backend_matches_eager() -> None:
 # ---------------------------------------------------------------- batch generators
 
 
-def _compiled_or_skip() -> str:
-    """Switch to the compiled backend (the caller restores it) or skip the test."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        backend = noise.set_backend("compiled")
-    if backend != "compiled":
-        reasons = "; ".join(str(w.message) for w in caught) or "set_backend fell back"
-        pytest.skip(f"torch.compile unusable here: {reasons}")
-    return backend
 
 
 BATCH_KEYS = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63 + 5,  # taken modulo 2**63
