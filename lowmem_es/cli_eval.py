@@ -50,6 +50,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--no-base", action="store_true",
                         help="skip the base model (only with --adapter)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:i]'")
+    parser.add_argument("--profile", default=None,
+                        help="VRAM profile name or path: its device, dtype, host embedding, "
+                             "KV-cache dtype and the planner's rows per chunk")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8"],
+                        help="KV cache of the decode loop (default: the profile's, else auto)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run_eval)
     return parser
@@ -97,7 +102,7 @@ def run_eval(ns: argparse.Namespace) -> int:
         max_completion_length=ns.max_completion_length or defaults.get(
             "max_completion_length", 64),
         rows_per_chunk=ns.rows_per_chunk, limit=ns.limit, samples=ns.samples,
-        device=ns.device)
+        device=ns.device, profile=ns.profile, kv_cache_dtype=ns.kv_cache_dtype)
     if ns.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -157,8 +157,15 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
              correct_threshold: float | None = None, include_base: bool = True,
              max_prompt_length: int = 256, max_completion_length: int = 64,
              rows_per_chunk: int = 0, limit: int | None = None, samples: int = 0,
-             device: str = "auto") -> dict[str, Any]:
+             device: str = "auto", profile: str | None = None,
+             kv_cache_dtype: str | None = None) -> dict[str, Any]:
     """Base model and adapter side by side on the task's held-out splits.
+
+    ``profile`` (a VRAM profile name or path) loads and generates as a training run under
+    it would: its device and compute dtype, the input embedding in host memory if it says
+    so, its KV-cache dtype, and, unless ``rows_per_chunk`` is given, the rows per chunk the
+    memory planner fits (``PlanError`` before loading if not even one row fits).
+    ``kv_cache_dtype`` ("auto" or "int8") overrides the profile's.
 
     ``task`` is a Task or a registered name (``splits`` may give rows directly instead);
     its reward functions, well-formed test and threshold apply unless overridden.
@@ -191,7 +198,32 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     if settings and settings["base_model"] and str(settings["base_model"]) != str(model):
         logger.warning("adapter %s was trained on %s, evaluating it on %s", adapter,
                        settings["base_model"], model)
-    base, tokenizer, _ = load_model(model, device=device)
+    card = None
+    compute_dtype = "auto"
+    if profile is not None:
+        from lowmem_es.profiles import load_profile
+
+        card = load_profile(profile)
+        device = card.device if device == "auto" else device
+        compute_dtype = card.compute_dtype
+        if kv_cache_dtype is None:
+            kv_cache_dtype = "int8" if card.kv_cache_dtype == "int8" else "auto"
+    kv_cache_dtype = kv_cache_dtype or "auto"
+    if card is not None and not rows_per_chunk:  # plan before loading any weights
+        from lowmem_es.cli_plan import read_model_config
+        from lowmem_es.planner import plan
+
+        lora = settings or {"rank": 1, "target_modules": None}
+        config = read_model_config(str(model))
+        rows = max(len(splits[name]) if limit is None else min(limit, len(splits[name]))
+                   for name in chosen)
+        targets = lora["target_modules"] or [_first_linear_name_of_config(config)]
+        rows_per_chunk = plan(config, card, lora["rank"], targets, 1, max(1, rows),
+                              max_prompt_length=max_prompt_length,
+                              max_completion_length=max_completion_length,
+                              kv_cache_dtype=kv_cache_dtype).rows_per_chunk
+    base, tokenizer, _ = load_model(model, device=device, compute_dtype=compute_dtype,
+                                    embedding_on_cpu=bool(card and card.embedding_on_cpu))
     if settings is None:  # base only: a rank-1 adapter with B = 0 adds exactly zero
         settings = {"rank": 1, "alpha": 1.0, "target_modules": [_first_linear_name(base)]}
     es_model = attach_es_lora(base, settings["target_modules"], settings["rank"],
@@ -206,10 +238,11 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     common = dict(scorer=scorer, well_formed=well_formed, correct_threshold=threshold,
                   max_prompt_length=max_prompt_length,
                   max_completion_length=max_completion_length, rows_per_chunk=rows_per_chunk,
-                  samples=samples)
+                  samples=samples, kv_cache_dtype=kv_cache_dtype)
     report: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None,
                               "task": task.name if task is not None else None,
-                              "correct_threshold": threshold, "splits": {}}
+                              "correct_threshold": threshold, "rows_per_chunk": rows_per_chunk,
+                              "kv_cache_dtype": kv_cache_dtype, "splits": {}}
     for name in chosen:
         report["splits"][name] = {}
     variants = (["base"] if include_base or adapter is None else []) + (
@@ -221,6 +254,13 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
             report["splits"][name][variant] = evaluate_rows(
                 es_model, tokenizer, rows_by_split[name], **common)
     return report
+
+
+def _first_linear_name_of_config(config: dict[str, Any]) -> str:
+    """``_first_linear_name`` of the model a config describes (built on the meta device)."""
+    from lowmem_es.planner import model_shape
+
+    return model_shape(config).linears[0][0].rpartition(".")[2]
 
 
 def _first_linear_name(model: Any) -> str:

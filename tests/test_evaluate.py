@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,46 @@ def test_long_prompts_warn_with_the_fix(caplog):
     assert "1 of 3 prompts are longer than max_prompt_length=4 tokens (longest 8)" in caplog.text
     assert "--max-prompt-length" in caplog.text
     assert warn_long_prompts(["abc"], tokenizer, 4) == 0
+
+
+def test_evaluate_under_a_profile_plans_rows_and_takes_its_kv_cache(tiny_llama_dir, tmp_path):
+    from lowmem_es.cli_plan import read_model_config
+    from lowmem_es.planner import plan
+    from lowmem_es.profiles import load_profile
+
+    adapter = _adapter(tiny_llama_dir, tmp_path / "adapter")
+    settings = adapter_settings(adapter)
+    common = dict(adapter=adapter, splits={"eval": ROWS}, split_names=["eval"],
+                  reward_funcs=[target_fraction], correct_threshold=0.5,
+                  max_completion_length=6, include_base=False, samples=len(ROWS))
+    plain = evaluate(tiny_llama_dir, **common)
+    assert plain["rows_per_chunk"] == 0 and plain["kv_cache_dtype"] == "auto"
+    # A profile that allows at most 4 rows in flight: the planner picks the chunk (3 + 3).
+    text = tmp_path / "small.toml"
+    body = (Path(load_profile("cpu").source).read_text()
+            .replace("max_rows_in_flight = 256", "max_rows_in_flight = 4"))
+    assert "max_rows_in_flight = 4" in body
+    text.write_text(body)
+    expected = plan(read_model_config(str(tiny_llama_dir)), load_profile(str(text)),
+                    settings["rank"], settings["target_modules"], 1, len(ROWS),
+                    max_prompt_length=256, max_completion_length=6)
+    assert 1 <= expected.rows_per_chunk < len(ROWS)
+    planned = evaluate(tiny_llama_dir, profile=str(text), **common)
+    assert planned["rows_per_chunk"] == expected.rows_per_chunk
+    # Chunking never changes greedy completions.
+    texts = [[x["completion"] for x in r["splits"]["eval"]["adapter"]["samples"]]
+             for r in (plain, planned)]
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1
+    int8 = evaluate(tiny_llama_dir, profile="cpu", kv_cache_dtype="int8", **common)
+    assert int8["kv_cache_dtype"] == "int8"
+    assert 0.0 <= int8["splits"]["eval"]["adapter"]["accuracy"] <= 1.0
+
+
+def test_cli_eval_profile_and_kv_cache_flags(tiny_llama_dir, capsys):
+    ns = _parse(["--model", str(tiny_llama_dir), "--task", "arithmetic", "--split", "eval",
+                 "--limit", "3", "--max-completion-length", "4", "--profile", "cpu",
+                 "--kv-cache-dtype", "int8", "--json"])
+    assert run_eval(ns) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kv_cache_dtype"] == "int8" and report["rows_per_chunk"] >= 1
+    assert report["splits"]["eval"]["base"]["count"] == 3
