@@ -99,19 +99,21 @@ def make_plan(args: argparse.Namespace, profile_name: str) -> tuple[Any, Any, An
     planned = plan(config, profile, args.rank, args.targets, args.population, args.batch,
                    max_prompt_length=args.prompt or profile.max_prompt_length,
                    max_completion_length=args.completion or profile.max_completion_length,
-                   optimizer=args.optimizer)
+                   optimizer=args.optimizer, kv_cache_dtype=args.kv_cache_dtype)
     as_run = predict(config, profile, args.rank, args.targets, args.population, args.batch,
                      rows_per_chunk=planned.rows_per_chunk,
                      max_prompt_length=planned.max_prompt_length,
                      max_completion_length=planned.max_completion_length,
                      optimizer=args.optimizer, lora_kernel=args.device == "cuda",
-                     prefill_chunk=planned.prefill_chunk)
+                     prefill_chunk=planned.prefill_chunk, kv_cache_dtype=args.kv_cache_dtype)
     return profile, planned, as_run
 
 
 def run_iteration(es_model: Any, tokenizer: object, args: argparse.Namespace, planned: Any,
-                  device: torch.device, events: list[dict[str, Any]]) -> dict[str, Any]:
-    """One ES iteration at the plan's rows per chunk and lengths; returns what it did."""
+                  device: torch.device, events: list[dict[str, Any]],
+                  kv_cache_dtype: str = "auto") -> dict[str, Any]:
+    """One ES iteration at the plan's rows per chunk, lengths and KV-cache dtype; returns
+    what it did."""
     from bench_memory import prompts_for
 
     from lowmem_es import es
@@ -129,7 +131,7 @@ def run_iteration(es_model: Any, tokenizer: object, args: argparse.Namespace, pl
         iteration=0, sigma=0.01, max_prompt_length=planned.max_prompt_length,
         max_completion_length=planned.max_completion_length,
         rows_per_chunk=planned.rows_per_chunk, device=device, events=events,
-        prefill_chunk=planned.prefill_chunk)
+        prefill_chunk=planned.prefill_chunk, kv_cache_dtype=kv_cache_dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     generated = time.perf_counter() - started
@@ -216,7 +218,9 @@ def check_profile(es_model: Any, tokenizer: object, args: argparse.Namespace,
     events: list[dict[str, Any]] = record["events"]
 
     def step() -> dict[str, Any]:
-        return run_iteration(es_model, tokenizer, args, planned, device, events)
+        return run_iteration(es_model, tokenizer, args, planned, device, events,
+                             args.kv_cache_dtype or ("int8" if profile.kv_cache_dtype == "int8"
+                                                     else "auto"))
 
     started = time.perf_counter()
     try:
@@ -316,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LoRA target modules")
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
                         help="ES optimizer the plan counts state for (the update runs SGD)")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=("auto", "int8"),
+                        help="KV cache of the decode loop (default: each profile's)")
     parser.add_argument("--chunks", type=int, default=0,
                         help="generate only the first N chunks of rows (0 = the whole iteration)")
     parser.add_argument("--context-gib", type=float, default=0.5,

@@ -19,7 +19,8 @@
 #   $OUT/profiles/profiles.json  the records of bench/check_profile_fit.py, both shapes
 # Knobs (environment): PYTHON (python3), PROFILES_CHUNKS (2), PROFILES_TIMEOUT (s per
 # shape, 110), PROFILES_SHAPES ("qwen7b llama8b"), PROFILES_LIST ("8gb 12gb"),
-# PROFILES_ARGS (more check_profile_fit.py options), PROFILES_DEVICE (cuda; "cpu" skips
+# PROFILES_ARGS (more check_profile_fit.py options, e.g. "--kv-cache-dtype int8" to check
+# the int8 KV cache's plan), PROFILES_DEVICE (cuda; "cpu" skips
 # the CUDA probe: a dry run of this script's steps on a machine without a GPU, e.g.
 #   PROFILES_DEVICE=cpu PROFILES_SHAPES=tiny PROFILES_LIST=cpu PROFILES_ARGS="--population 4
 #   --batch 2 --prompt 16 --completion 8" OUT=/tmp/x bash bench/gpu_check_profiles.sh).
