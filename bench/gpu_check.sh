@@ -95,7 +95,7 @@ TESTS_RC=$?
 # 4b. the model path on CUDA (needs the carried bitsandbytes): the input embedding kept in
 # host memory with the decode step captured as a CUDA graph, the decode loop, the startup
 # kernel self-check. Separate, so that a bitsandbytes mismatch cannot hide kernel results.
-MODEL_TESTS=("$REPO/tests/test_model.py" "$REPO/tests/test_decode.py")
+MODEL_TESTS=("$REPO/tests/test_model.py" "$REPO/tests/test_decode.py" "$REPO/tests/test_kv_cache.py")
 [ -f "$REPO/tests/test_kernel_check.py" ] && MODEL_TESTS+=("$REPO/tests/test_kernel_check.py")
 step "model-path tests (CUDA)" 120 "$OUT/tests_model.log" \
     "$PY" -m pytest "${MODEL_TESTS[@]}" -q -p no:warnings -p no:cacheprovider -rs \

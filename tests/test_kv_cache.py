@@ -141,3 +141,23 @@ def test_profiles_accept_int8_and_pass_it_to_runs(tmp_path):
     path.write_text(text.replace('kv_cache_dtype = "auto"', 'kv_cache_dtype = "float16"'))
     with pytest.raises(ValueError, match=r"`kv_cache_dtype`.*\"int8\""):
         load_profile(str(path))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int8_cache_under_cuda_graph_capture_matches_eager(tiny_llama_dir):
+    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.model import load_model
+
+    model, tokenizer, _ = load_model(tiny_llama_dir, device="cuda")
+    es_model = attach_es_lora(model, ["q_proj", "v_proj"], 4, 8.0, seed=0)
+    batch = tokenizer(PROMPTS * 2, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    outs = []
+    for capture in (False, True):
+        stats = DecodeStats()
+        with es_model.population(5, 1, 0.3, [Member(0, 1), Member(0, -1)], [(0, 4), (1, 4)]):
+            outs.append(decode(model, batch["input_ids"], batch["attention_mask"], 12,
+                               [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                               capture=capture, stats=stats, kv_cache_dtype="int8"))
+        assert stats.captured == capture
+    assert torch.equal(outs[0], outs[1])
