@@ -39,7 +39,9 @@ class ESConfig:
     """Configuration of one ES fine-tuning run (see ../shared/DESIGN.md, "The algorithm")."""
 
     # --- ES ---
-    population_size: int = _help("Members per iteration (N); even when antithetic.", 30)
+    population_size: int = _help("Members per iteration (N); even when antithetic. At a "
+                                 "fixed learning_rate the step shrinks as 1/sqrt(N): scale "
+                                 "the rate with sqrt(N) when changing N.", 30)
     sigma: float = _help("Perturbation scale; LoRA wants ~1e-2 (B starts at zero).", 1e-2)
     learning_rate: float = _help("Step size, 1/sigma folded in (paper: lr/sigma = 0.5).", 5e-3)
     antithetic: bool = _help("Evaluate +eps and -eps of each noise draw (halves variance).", True)
