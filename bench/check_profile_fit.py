@@ -219,8 +219,7 @@ def check_profile(es_model: Any, tokenizer: object, args: argparse.Namespace,
 
     def step() -> dict[str, Any]:
         return run_iteration(es_model, tokenizer, args, planned, device, events,
-                             args.kv_cache_dtype or ("int8" if profile.kv_cache_dtype == "int8"
-                                                     else "auto"))
+                             args.kv_cache_dtype or profile.run_kv_cache_dtype)
 
     started = time.perf_counter()
     try:

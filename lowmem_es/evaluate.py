@@ -207,19 +207,20 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
         device = card.device if device == "auto" else device
         compute_dtype = card.compute_dtype
         if kv_cache_dtype is None:
-            kv_cache_dtype = "int8" if card.kv_cache_dtype == "int8" else "auto"
+            kv_cache_dtype = card.run_kv_cache_dtype
     kv_cache_dtype = kv_cache_dtype or "auto"
     if card is not None and not rows_per_chunk:  # plan before loading any weights
         from lowmem_es.cli_plan import read_model_config
         from lowmem_es.planner import plan
 
-        lora = settings or {"rank": 1, "target_modules": None}
         config = read_model_config(str(model))
-        rows = max(len(splits[name]) if limit is None else min(limit, len(splits[name]))
-                   for name in chosen)
-        targets = lora["target_modules"] or [_first_linear_name_of_config(config)]
-        rows_per_chunk = plan(config, card, lora["rank"], targets, 1, max(1, rows),
-                              max_prompt_length=max_prompt_length,
+        if settings is None:  # base only: as below, named from the config (no weights yet)
+            settings = {"rank": 1, "alpha": 1.0,
+                        "target_modules": [_first_linear_name_of_config(config)]}
+        most_rows = max(len(splits[name]) if limit is None else min(limit, len(splits[name]))
+                        for name in chosen)
+        rows_per_chunk = plan(config, card, settings["rank"], settings["target_modules"], 1,
+                              max(1, most_rows), max_prompt_length=max_prompt_length,
                               max_completion_length=max_completion_length,
                               kv_cache_dtype=kv_cache_dtype).rows_per_chunk
     base, tokenizer, _ = load_model(model, device=device, compute_dtype=compute_dtype,

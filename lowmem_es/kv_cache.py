@@ -25,6 +25,8 @@ window, linear attention) are refused with a clear error rather than silently ke
 from __future__ import annotations
 
 import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
 KV_CACHE_DTYPES = ("auto", "int8")  # "auto" = the compute dtype (a plain StaticCache)
 _INT8_MAX = 127.0
@@ -50,79 +52,60 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return codes * scales
 
 
-def _static_layer_class() -> type:
-    from transformers.cache_utils import StaticLayer
+class Int8StaticLayer(StaticLayer):
+    """A ``StaticLayer`` whose keys and values are stored as int8 + per-vector scales.
 
-    return StaticLayer
+    Same preallocated shape, the same in-place ``index_copy_`` writes at the cache's
+    own position counter (capturable in a CUDA graph), the same ``get_mask_sizes``;
+    ``update`` returns the dequantized full-length keys and values in the dtype of the
+    states written (the compute dtype), as ``StaticLayer.update`` returns its buffers.
+    """
 
+    def lazy_initialization(self, key_states: torch.Tensor,
+                            value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim = key_states.shape[-1]
+        self.v_head_dim = value_states.shape[-1]
+        shape = (self.batch_size, self.num_heads, self.max_cache_len)
+        self.keys = torch.zeros((*shape, self.k_head_dim), dtype=torch.int8,
+                                device=self.device)
+        self.values = torch.zeros((*shape, self.v_head_dim), dtype=torch.int8,
+                                  device=self.device)
+        self.key_scales = torch.zeros((*shape, 1), dtype=self.dtype, device=self.device)
+        self.value_scales = torch.zeros((*shape, 1), dtype=self.dtype, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self.is_initialized = True
 
-def _int8_layer_class() -> type:
-    """``Int8StaticLayer``, defined on first use (imports transformers only when needed)."""
-    global _INT8_LAYER
-    if _INT8_LAYER is not None:
-        return _INT8_LAYER
-    static_layer = _static_layer_class()
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = key_states.shape[-2]
+        position = torch.arange(length, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(length)
+        for codes, scales, states in ((self.keys, self.key_scales, key_states),
+                                      (self.values, self.value_scales, value_states)):
+            new_codes, new_scales = quantize_int8(states, self.dtype)
+            codes.index_copy_(2, position, new_codes)
+            scales.index_copy_(2, position, new_scales)
+        return (dequantize_int8(self.keys, self.key_scales),
+                dequantize_int8(self.values, self.value_scales))
 
-    class Int8StaticLayer(static_layer):
-        """A ``StaticLayer`` whose keys and values are stored as int8 + per-vector scales.
+    def reset(self) -> None:
+        if self.is_initialized:
+            for tensor in (self.keys, self.values, self.key_scales, self.value_scales):
+                tensor.zero_()
+            self.cumulative_length.zero_()
 
-        Same preallocated shape, the same in-place ``index_copy_`` writes at the cache's
-        own position counter (capturable in a CUDA graph), the same ``get_mask_sizes``;
-        ``update`` returns the dequantized full-length keys and values in the dtype of the
-        states written (the compute dtype), as ``StaticLayer.update`` returns its buffers.
-        """
-
-        def lazy_initialization(self, key_states: torch.Tensor,
-                                value_states: torch.Tensor) -> None:
-            self.device = key_states.device
-            self.dtype = key_states.dtype
-            self.batch_size, self.num_heads = key_states.shape[:2]
-            self.k_head_dim = key_states.shape[-1]
-            self.v_head_dim = value_states.shape[-1]
-            shape = (self.batch_size, self.num_heads, self.max_cache_len)
-            self.keys = torch.zeros((*shape, self.k_head_dim), dtype=torch.int8,
-                                    device=self.device)
-            self.values = torch.zeros((*shape, self.v_head_dim), dtype=torch.int8,
-                                      device=self.device)
-            self.key_scales = torch.zeros((*shape, 1), dtype=self.dtype, device=self.device)
-            self.value_scales = torch.zeros((*shape, 1), dtype=self.dtype, device=self.device)
-            self.cumulative_length = self.cumulative_length.to(self.device)
-            self.is_initialized = True
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
-                   **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            length = key_states.shape[-2]
-            position = torch.arange(length, device=self.device) + self.cumulative_length
-            self.cumulative_length.add_(length)
-            for codes, scales, states in ((self.keys, self.key_scales, key_states),
-                                          (self.values, self.value_scales, value_states)):
-                new_codes, new_scales = quantize_int8(states, self.dtype)
-                codes.index_copy_(2, position, new_codes)
-                scales.index_copy_(2, position, new_scales)
-            return (dequantize_int8(self.keys, self.key_scales),
-                    dequantize_int8(self.values, self.value_scales))
-
-        def reset(self) -> None:
-            if self.is_initialized:
-                for tensor in (self.keys, self.values, self.key_scales, self.value_scales):
-                    tensor.zero_()
-                self.cumulative_length.zero_()
-
-        @property
-        def stored_bytes(self) -> int:
-            """Bytes this layer holds (codes + scales), 0 before its first write."""
-            if not self.is_initialized:
-                return 0
-            return sum(t.numel() * t.element_size() for t in
-                       (self.keys, self.values, self.key_scales, self.value_scales))
-
-    _INT8_LAYER = Int8StaticLayer
-    return Int8StaticLayer
-
-
-_INT8_LAYER: type | None = None
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this layer holds (codes + scales), 0 before its first write."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in
+                   (self.keys, self.values, self.key_scales, self.value_scales))
 
 
 def make_static_cache(config: object, max_cache_len: int, kv_cache_dtype: str = "auto"
@@ -133,22 +116,20 @@ def make_static_cache(config: object, max_cache_len: int, kv_cache_dtype: str = 
     ValueError for another value, or when the model has cache layers this int8 cache does
     not cover (it names them and says to use "auto").
     """
-    from transformers import StaticCache
-
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"`kv_cache_dtype` must be one of {KV_CACHE_DTYPES}, got "
                          f"{kv_cache_dtype!r}")
     cache = StaticCache(config=config, max_cache_len=max_cache_len)
     if kv_cache_dtype == "auto":
         return cache
-    static_layer, int8_layer = _static_layer_class(), _int8_layer_class()
     others = sorted({type(layer).__name__ for layer in cache.layers
-                     if type(layer) is not static_layer})
+                     if type(layer) is not StaticLayer})
     if others:
         raise ValueError(f"kv_cache_dtype='int8' covers full-attention static cache layers "
                          f"only; this model also has {others}. Set kv_cache_dtype = \"auto\" "
                          "(in the profile or the run config)")
-    cache.layers = [int8_layer(max_cache_len=layer.max_cache_len) for layer in cache.layers]
+    cache.layers = [Int8StaticLayer(max_cache_len=layer.max_cache_len)
+                    for layer in cache.layers]
     return cache
 
 

@@ -101,6 +101,12 @@ class Profile:
         return self.compute_dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     @property
+    def run_kv_cache_dtype(self) -> str:
+        """What a run under this profile sets ``ESConfig.kv_cache_dtype`` to: "int8" or
+        "auto" (a 16-bit cache in the compute dtype, however the profile spells it)."""
+        return "int8" if self.kv_cache_dtype == "int8" else "auto"
+
+    @property
     def usable_bytes(self) -> int:
         """Memory tensors may take: the budget less the reserve."""
         return int((self.memory_budget_gib - self.reserve_gib) * GIB)
@@ -121,7 +127,7 @@ class Profile:
                 "max_prompt_length": self.max_prompt_length,
                 "max_completion_length": self.max_completion_length,
                 "rows_per_chunk": self.max_rows_in_flight,
-                "kv_cache_dtype": "int8" if self.kv_cache_dtype == "int8" else "auto"}
+                "kv_cache_dtype": self.run_kv_cache_dtype}
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, TOML/JSON friendly."""

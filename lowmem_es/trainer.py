@@ -32,6 +32,7 @@ from lowmem_es.generate import Completion, generate_population, render_prompt
 from lowmem_es.kernel_check import check_kernels
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
 from lowmem_es.model import load_model, offload_input_embedding, resolve_device
+from lowmem_es.profiles import Profile, load_profile
 from lowmem_es.rewards import RewardFunc, RewardScorer, member_fitness
 
 logger = logging.getLogger("lowmem_es")
@@ -97,8 +98,11 @@ class ESTrainer:
                                                        distributed.rank())
         self.rows_per_chunk = self.args.rows_per_chunk
         self.plan = None
-        if self.args.profile:  # fit rows and lengths to the budget before loading weights
-            self.plan = self._make_plan(model)
+        profile = load_profile(self.args.profile) if self.args.profile else None
+        # The plan counts the input embedding as freed when the profile keeps it on the host.
+        embedding_on_cpu = profile is not None and profile.embedding_on_cpu
+        if profile is not None:  # fit rows and lengths to the budget before loading weights
+            self.plan = self._make_plan(model, profile)
             self.rows_per_chunk = self.plan.rows_per_chunk
             logger.info("memory plan (profile %s):\n%s", self.args.profile, self.plan.format())
         if isinstance(model, ESLoraModel):
@@ -106,9 +110,8 @@ class ESTrainer:
                 raise ValueError("`tokenizer` is required when `model` is an ESLoraModel")
             self.es_model, self.tokenizer = model, tokenizer
             self.device = next(model.model.parameters()).device
-            if self.device.type == "cuda" and self._profile_embedding_on_cpu():
-                # The plan counted the embedding as freed: make it so on this model too.
-                offload_input_embedding(model.model, self.device)
+            if self.device.type == "cuda" and embedding_on_cpu:
+                offload_input_embedding(model.model, self.device)  # as the plan assumed
         else:
             if model is None or str(model) == "":
                 raise ValueError("`model` is missing; pass a model directory or hub id")
@@ -116,7 +119,7 @@ class ESTrainer:
                 model, load_in_4bit=self.args.load_in_4bit,
                 compute_dtype=self.args.compute_dtype, device=self.args.device,
                 trust_remote_code=trust_remote_code,
-                embedding_on_cpu=self._profile_embedding_on_cpu())
+                embedding_on_cpu=embedding_on_cpu)
             self.es_model = attach_es_lora(base, self.args.lora_target_modules,
                                            self.args.lora_rank, self.args.lora_alpha,
                                            seed=self.args.seed,
@@ -146,24 +149,15 @@ class ESTrainer:
         rows = list(self.train_dataset) + list(self.eval_dataset or [])
         warn_long_rows(rows, self.tokenizer, self.args.max_prompt_length)
 
-    def _profile_embedding_on_cpu(self) -> bool:
-        """The profile's ``embedding_on_cpu`` (the plan counted the embedding as freed)."""
-        if not self.args.profile:
-            return False
-        from lowmem_es.profiles import load_profile
-
-        return load_profile(self.args.profile).embedding_on_cpu
-
-    def _make_plan(self, model: object) -> object:
-        """The memory plan of this rank's share of the population under ``args.profile``."""
+    def _make_plan(self, model: object, profile: Profile) -> object:
+        """The memory plan of this rank's share of the population under ``profile``."""
         from lowmem_es.cli_plan import read_model_config
         from lowmem_es.planner import plan
-        from lowmem_es.profiles import load_profile
 
         args = self.args
         config = (model.model.config if isinstance(model, ESLoraModel)
                   else read_model_config(str(model)))
-        return plan(config, load_profile(args.profile), args.lora_rank,
+        return plan(config, profile, args.lora_rank,
                     list(args.lora_target_modules), max(1, len(self.local_members)),
                     args.batch_size, args.num_generations,
                     max_prompt_length=args.max_prompt_length,

@@ -116,17 +116,40 @@ def test_captured_step_feeds_the_graph_embedded_rows(tiny_llama_dir):
     assert seen[0][1].flatten().tolist() == [5, 6, 7]
 
 
-def test_trainer_reads_embedding_on_cpu_from_the_profile(tmp_path):
+def test_trainer_reads_embedding_on_cpu_from_the_profile(tmp_path, tiny_llama_dir,
+                                                         monkeypatch):
+    """The trainer hands the profile's embedding_on_cpu to the loader (which ignores it
+    off CUDA): captured here at the load_model call."""
+    from lowmem_es import trainer as trainer_module
+    from lowmem_es.config import ESConfig
     from lowmem_es.profiles import profile_dir
+    from lowmem_es.rewards import target_fraction
 
     profile = tmp_path / "card.toml"
     text = (profile_dir() / "8gb.toml").read_text().replace("embedding_on_cpu = false",
-                                                   "embedding_on_cpu = true")
+                                                            "embedding_on_cpu = true")
     profile.write_text(text)
-    reads = ESTrainer._profile_embedding_on_cpu
-    assert reads(SimpleNamespace(args=SimpleNamespace(profile=str(profile)))) is True
-    assert reads(SimpleNamespace(args=SimpleNamespace(profile="24gb"))) is False
-    assert reads(SimpleNamespace(args=SimpleNamespace(profile=None))) is False
+
+    class Loaded(Exception):
+        pass
+
+    def reads(name):
+        seen = {}
+
+        def fake_load(*args, **kwargs):
+            seen.update(kwargs)
+            raise Loaded
+
+        monkeypatch.setattr(trainer_module, "load_model", fake_load)
+        args = ESConfig(profile=name, output_dir=str(tmp_path / "run"), device="cpu")
+        with pytest.raises(Loaded):
+            ESTrainer(str(tiny_llama_dir), [target_fraction],
+                      train_dataset=[{"prompt": "a", "target": "a"}], args=args)
+        return seen["embedding_on_cpu"]
+
+    assert reads(str(profile)) is True
+    assert reads("24gb") is False
+    assert reads(None) is False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
