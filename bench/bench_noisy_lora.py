@@ -6,13 +6,16 @@ with A_m = A + s sigma eps (r x d_in) and B_m likewise (d_out x r). Providers:
 
 * ``plain``: LoRA with no noise, as ``ESLoraLinear`` computes it at sigma = 0 (fp32
   matmuls, cast back). The floor: what the population term costs without perturbations.
-* ``materialised``: ``torch.randn`` into (members, r, d_in) and (members, d_out, r)
-  buffers, perturbed weights, two ``bmm``. ``torch.randn`` is the cheapest generator
-  torch has (it does not follow our seeded contract): the best a stored-noise design can do.
+* ``materialised``: ``torch.randn`` into one (r, d_in) and one (d_out, r) buffer per
+  antithetic pair (members 2k and 2k+1 share it, as in the noise contract), perturbed
+  weights (members, r, d_in) / (members, d_out, r), two ``bmm``. ``torch.randn`` is the
+  cheapest generator torch has (it does not follow our seeded contract): the best a
+  stored-noise design can do.
 * ``fused``: on CUDA the Triton kernels (``lowmem_es.kernels.noisy_lora``, RowPlan
   prebuilt as the layer does); on CPU the torch twin, which regenerates the members'
   perturbed A and B from Philox per call (``noise.perturbed_rows``: the contract's
-  generator with the perturbation fused in; eager backend, ~9x torch.randn per value).
+  generator with the perturbation fused in, each pair's noise drawn once for both
+  members; eager backend, ~6x torch.randn per value).
 * ``fused_compiled`` (CPU only): the twin with ``noise_backend="compiled"`` (torch.compile'd
   Philox over fixed blocks of tiles, ~1.1x torch.randn per value on one core; one-off
   compiles of a few seconds, not timed).
@@ -96,14 +99,20 @@ class Case:
 
     def materialised(self) -> None:
         m = self.members
-        steps = self.steps[:, None, None]
-        a_t = (self.a + steps * torch.randn(m, *self.a.shape, device=self.a.device)
-               ).transpose(1, 2)
-        b_t = (self.b + steps * torch.randn(m, *self.b.shape, device=self.b.device)
-               ).transpose(1, 2)
+        a_t, b_t = (self._perturbed_randn(w).transpose(1, 2) for w in (self.a, self.b))
         grouped = self.x.float().view(m, -1, self.x.shape[1])
         lora = torch.bmm(torch.bmm(grouped, a_t), b_t).view(self.rows, -1)
         self.out.add_((lora * SCALE).to(self.out.dtype))
+
+    def _perturbed_randn(self, weight: torch.Tensor) -> torch.Tensor:
+        """(members, *weight.shape): weight + s sigma eps with ``torch.randn`` noise, one
+        draw per antithetic pair (members 2k and 2k+1 share it, as in the contract)."""
+        m = self.members
+        if m % 2:  # an odd population: the last member has no partner; draw per member
+            return weight + self.steps[:, None, None] * torch.randn(m, *weight.shape,
+                                                                    device=weight.device)
+        eps = torch.randn(m // 2, 1, *weight.shape, device=weight.device)
+        return (weight + self.steps.view(m // 2, 2, 1, 1) * eps).view(m, *weight.shape)
 
     def fused(self) -> None:
         fn = knl.noisy_lora_triton if self.x.is_cuda else knl.noisy_lora_torch

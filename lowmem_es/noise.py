@@ -346,23 +346,41 @@ def _tile_block(keys: torch.Tensor, starts: torch.Tensor, steps: torch.Tensor,
     out.copy_(master + steps[:, None] * eps)
 
 
-_tile_kernels: dict[int, Callable[..., None] | None] = {}
+def _tile_block_pair(keys: torch.Tensor, starts: torch.Tensor, steps: torch.Tensor,
+                     master: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[j, t] = master[t] + steps[t, j] * noise(keys[t])[starts[t] : + TILE]``, j = 0, 1.
+
+    ``_tile_block`` for a key two members share (an antithetic pair): the noise of a tile
+    is generated once and both members' rows are written from it; ``out`` is
+    (2, tiles, ``_TILE``) and ``steps`` (tiles, 2). Same roundings as ``_tile_block``.
+    """
+    offsets = starts[:, None] + torch.arange(out.shape[2], dtype=torch.int64,
+                                             device=out.device)
+    eps = _randn_low(keys[:, None], offsets)
+    out.copy_(torch.stack((master + steps[:, 0:1] * eps, master + steps[:, 1:2] * eps)))
 
 
-def _get_tile_kernel(tiles: int) -> Callable[..., None] | None:
-    """The compiled ``_tile_block`` for blocks of ``tiles`` tiles (None if compiling failed)."""
-    if tiles not in _tile_kernels:
+_tile_kernels: dict[tuple[int, bool], Callable[..., None] | None] = {}
+
+
+def _get_tile_kernel(tiles: int, paired: bool = False) -> Callable[..., None] | None:
+    """The compiled ``_tile_block`` (``paired``: ``_tile_block_pair``) for blocks of
+    ``tiles`` tiles (None if compiling failed)."""
+    if (tiles, paired) not in _tile_kernels:
         try:
-            fn = torch.compile(_tile_block, dynamic=False, fullgraph=True)
+            body = _tile_block_pair if paired else _tile_block
+            fn = torch.compile(body, dynamic=False, fullgraph=True)
             with torch.no_grad():
                 fn(torch.ones(tiles, dtype=torch.int64), torch.zeros(tiles, dtype=torch.int64),
-                   torch.ones(tiles), torch.zeros(tiles, _TILE), torch.empty(tiles, _TILE))
-            _tile_kernels[tiles] = fn
+                   torch.ones(tiles, 2) if paired else torch.ones(tiles),
+                   torch.zeros(tiles, _TILE),
+                   torch.empty(2, tiles, _TILE) if paired else torch.empty(tiles, _TILE))
+            _tile_kernels[tiles, paired] = fn
         except Exception as error:
             warnings.warn(f"torch.compile of the batched noise generator failed ({error!r}); "
                           "noise_batch generates key by key instead", stacklevel=3)
-            _tile_kernels[tiles] = None
-    return _tile_kernels[tiles]
+            _tile_kernels[tiles, paired] = None
+    return _tile_kernels[tiles, paired]
 
 
 @functools.cache
@@ -407,6 +425,40 @@ def _zeros_block() -> torch.Tensor:
     return torch.zeros(_BLOCK_TILES_BULK, _TILE)
 
 
+SharedKeys = tuple[list[int], list[tuple[list[int], list[int]]]]
+
+
+def _shared_keys(keys: list[int]) -> SharedKeys | None:
+    """How a batch's keys share noise streams, or None when every key is distinct.
+
+    With antithetic sampling members 2k and 2k+1 share pair k's key (signs +1 and -1),
+    so the batch generators draw each distinct key once and write both members' rows
+    from the same noise: half the generation, the same bits. Keys are compared modulo
+    2**63 (the generator's domain). Returns the distinct keys (first-seen order) and, for
+    the first and the second occurrence of a key, (indices into the distinct keys,
+    positions in ``keys``). None as well if a key occurs more than twice (no population
+    layout does; the key-by-key path then serves it).
+    """
+    index: dict[int, int] = {}
+    occurrences: list[tuple[list[int], list[int]]] = [([], []), ([], [])]
+    seen_twice: set[int] = set()
+    for position, key in enumerate(keys):
+        key &= MASK63
+        if key not in index:
+            index[key] = len(index)
+            occurrences[0][0].append(index[key])
+            occurrences[0][1].append(position)
+        elif index[key] in seen_twice:
+            return None
+        else:
+            seen_twice.add(index[key])
+            occurrences[1][0].append(index[key])
+            occurrences[1][1].append(position)
+    if not occurrences[1][1]:
+        return None
+    return list(index), occurrences
+
+
 def _batch_tiled(keys: list[int], numel: int, master: torch.Tensor | None,
                  steps: torch.Tensor | None) -> torch.Tensor | None:
     """CPU, compiled: (keys, numel) fp32, row p = ``master + steps[p] * noise(keys[p])``.
@@ -420,12 +472,24 @@ def _batch_tiled(keys: list[int], numel: int, master: torch.Tensor | None,
     per_key = -(-numel // _TILE)
     if per_key * _TILE > 1 << 32:  # the kernel takes offsets below 2**32
         return None
-    calls, member, starts = _tile_layout(count, per_key)
-    kernels = {height: _get_tile_kernel(height) for _, height in calls}
+    shared = _shared_keys(keys)
+    distinct = keys if shared is None else shared[0]
+    calls, member, starts = _tile_layout(len(distinct), per_key)
+    kernels = {height: _get_tile_kernel(height, shared is not None) for _, height in calls}
     if any(kernel is None for kernel in kernels.values()):
         return None
-    key_t = torch.tensor([k & MASK63 for k in keys], dtype=torch.int64)[member]
-    step_t = torch.ones(len(member)) if steps is None else steps.to(torch.float32)[member]
+    key_t = torch.tensor([k & MASK63 for k in distinct], dtype=torch.int64)[member]
+    if shared is None:
+        step_t = torch.ones(len(member)) if steps is None else steps.to(torch.float32)[member]
+    else:  # (tiles, 2): the steps of a distinct key's first and second member
+        step_t = torch.ones(len(distinct), 2)
+        for j, (picks, positions) in enumerate(shared[1]):
+            if steps is not None:
+                step_t[picks, j] = steps.to(torch.float32)[positions]
+        step_t = step_t[member]
+        copies = _pair_copies(len(distinct), tuple(tuple(map(tuple, o)) for o in shared[1]),
+                              per_key, len(member), calls)
+        scratch = torch.empty(2, _BLOCK_TILES_BULK, _TILE)
     # Block rows of master: tile first % per_key, then the next ones modulo per_key. A
     # block that wraps past the last tile gets a copy; with few tiles a key, every block
     # does, so a ring (tiles repeated past the end) is built once instead.
@@ -439,7 +503,7 @@ def _batch_tiled(keys: list[int], numel: int, master: torch.Tensor | None,
         if per_key < _BLOCK_TILES_BULK:  # repeat: a plain copy, ~3x faster than a gather
             ring = grid.repeat(-(-(per_key + _BLOCK_TILES_BULK) // per_key), 1)
             grid = None
-    out = torch.empty(len(member), _TILE)
+    out = torch.empty(len(member) if shared is None else count * per_key, _TILE)
     with torch.no_grad():
         for first, height in calls:
             row, stop = first % per_key, first + height
@@ -449,13 +513,52 @@ def _batch_tiled(keys: list[int], numel: int, master: torch.Tensor | None,
                 window = grid[row:row + height]
             else:
                 window = torch.cat([grid[row:], grid[:row + height - per_key]])
-            kernels[height](key_t[first:stop], starts[first:stop], step_t[first:stop], window,
-                            out[first:stop])
+            if shared is None:
+                kernels[height](key_t[first:stop], starts[first:stop], step_t[first:stop],
+                                window, out[first:stop])
+                continue
+            block = scratch[:, :height]
+            kernels[height](key_t[first:stop], starts[first:stop], step_t[first:stop],
+                            window, block)
+            for j, (source, dest) in enumerate(copies[first]):  # into the members' rows
+                out.index_copy_(0, dest, block[j] if source is None else block[j, source])
     rows = out[:count * per_key].view(count, per_key * _TILE)
     # Whole tiles: a view. Otherwise a compact copy, so that member p's tensor starts at
     # p * numel as in any (keys, numel) tensor: BLAS results can depend on where an
     # operand starts (alignment), and the twin's must not change with the tiling.
     return rows if numel == per_key * _TILE else rows[:, :numel].contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_copies(distinct: int, occurrences: tuple[tuple[tuple[int, ...], ...], ...],
+                 per_key: int, tiles: int, calls: tuple[tuple[int, int], ...]
+                 ) -> dict[int, list[tuple[torch.Tensor | None, torch.Tensor]]]:
+    """Where a paired block's rows go: per call (by first tile), for each occurrence j,
+    (block rows to take, or None for all; rows of the members' (count * per_key) tile
+    grid). Tiles past the last real one, and keys with no second member, are dropped.
+    ``occurrences`` is ``_shared_keys``'s second item as tuples; cached like
+    ``_tile_layout`` (a model has a few LoRA shapes and one population layout)."""
+    tile = torch.arange(tiles)
+    key = tile // per_key
+    valid_tile = key < distinct
+    targets = []
+    for picks, positions in occurrences:
+        position = torch.full((distinct + 1,), -1, dtype=torch.int64)
+        position[list(picks)] = torch.tensor(positions)
+        owner = position[torch.clamp(key, max=distinct)]
+        valid = valid_tile & (owner >= 0)
+        targets.append((valid, owner * per_key + (tile - key * per_key)))
+    copies = {}
+    for first, height in calls:
+        stop, plan = first + height, []
+        for valid, dest in targets:
+            keep = valid[first:stop]
+            if bool(keep.all()):
+                plan.append((None, dest[first:stop]))
+            else:
+                plan.append((torch.nonzero(keep).view(-1), dest[first:stop][keep]))
+        copies[first] = plan
+    return copies
 
 
 def _randn_block(key: torch.Tensor, start: int, width: int, work: list[torch.Tensor]
@@ -512,26 +615,57 @@ def _batch_eager(keys: list[int], numel: int, master: torch.Tensor | None,
     Philox runs once over a (keys x columns) block of about ``chunk`` elements, so many
     small tensors cost one set of torch ops, not one per key; the perturbation is applied
     to the block while it is in cache. ``master`` None means zeros, ``steps`` None ones.
+    A key that occurs twice (an antithetic pair) is generated once and both rows are
+    written from it (``_shared_keys``).
     """
     count = len(keys)
     out = torch.empty(count, numel, dtype=torch.float32, device=device)
     if count == 0 or numel == 0:
         return out
-    key_t = torch.tensor([k & MASK63 for k in keys], dtype=torch.int64, device=device)[:, None]
-    step_col = None if steps is None else steps.to(device, torch.float32)[:, None]
+    shared = _shared_keys(keys)
+    distinct = keys if shared is None else shared[0]
+    key_t = torch.tensor([k & MASK63 for k in distinct], dtype=torch.int64,
+                         device=device)[:, None]
+    steps32 = None if steps is None else steps.to(device, torch.float32)
     flat = None if master is None else master.reshape(-1)
-    width = max(1, min(numel, chunk // count))
-    size = count * width
+    width = max(1, min(numel, chunk // len(distinct)))
+    size = len(distinct) * width
     work = [torch.empty(size, dtype=torch.int64, device=device) for _ in range(5)]
     work += [torch.empty(size, dtype=torch.float32, device=device) for _ in range(2)]
+    if shared is None:
+        step_col = None if steps32 is None else steps32[:, None]
+        for pos in range(0, numel, width):
+            stop = min(pos + width, numel)
+            eps = _randn_block(key_t, pos, stop - pos, work)
+            if step_col is not None:
+                eps.mul_(step_col)
+            if flat is not None:
+                eps.add_(flat[pos:stop])
+            out[:, pos:stop] = eps
+        return out
+    # (rows of the block to read, or None for all; rows of ``out``; steps) per occurrence.
+    groups = []
+    for picks, positions in shared[1]:
+        select = None if picks == list(range(len(distinct))) else torch.tensor(
+            picks, device=device)
+        dest = torch.tensor(positions, device=device)
+        groups.append((select, dest, None if steps32 is None else steps32[dest][:, None]))
+    scratch = torch.empty(size, dtype=torch.float32, device=device)
     for pos in range(0, numel, width):
         stop = min(pos + width, numel)
         eps = _randn_block(key_t, pos, stop - pos, work)
-        if step_col is not None:
-            eps.mul_(step_col)
-        if flat is not None:
-            eps.add_(flat[pos:stop])
-        out[:, pos:stop] = eps
+        for select, dest, step_col in groups:
+            src = eps if select is None else eps[select]
+            value = scratch[:src.numel()].view(src.shape)
+            if step_col is not None:  # the same two roundings as the path above
+                torch.mul(src, step_col, out=value)
+                if flat is not None:
+                    value.add_(flat[pos:stop])
+            elif flat is not None:
+                torch.add(src, flat[pos:stop], out=value)
+            else:
+                value = src
+            out[dest, pos:stop] = value
     return out
 
 

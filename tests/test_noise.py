@@ -490,3 +490,60 @@ def test_compiledperturbed_rows_equal_master_plus_step_noise() -> None:
                 assert torch.equal(rows[i, :numel].view(shape), expected)
     finally:
         noise.set_backend(previous)
+
+
+# Keys as populations lay them out: antithetic pairs share a key (members 2k, 2k+1),
+# shuffled pairs, a key with no partner, keys equal modulo 2**63, and a key three times
+# (no sharing: the plain path).
+SHARED_KEY_LAYOUTS = [[5, 5, 9, 9, 11], [9, 5, 11, 9, 5], [2**63 + 5, 5, 3, 3], [7, 7],
+                      [4, 4, 4, 6]]
+
+
+def test_shared_keys_groups_pairs_and_declines_otherwise() -> None:
+    assert noise._shared_keys([5, 5, 9, 9, 11]) == ([5, 9, 11], [([0, 1, 2], [0, 2, 4]),
+                                                                 ([0, 1], [1, 3])])
+    assert noise._shared_keys([2**63 + 5, 5]) == ([5], [([0], [0]), ([0], [1])])
+    assert noise._shared_keys([1, 2, 3]) is None  # every key distinct
+    assert noise._shared_keys([4, 4, 4, 6]) is None  # a key three times
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("keys", SHARED_KEY_LAYOUTS, ids=str)
+def test_shared_keys_give_the_bits_of_key_by_key(backend: str, keys: list[int]) -> None:
+    """A pair's noise drawn once and written to both members' rows: the same bits as
+    generating each member on its own, whatever the order, for perturbed rows (opposite
+    steps, as antithetic members have) and for plain noise."""
+    previous = noise.get_backend()
+    try:
+        if backend == "compiled":
+            _compiled_or_skip()
+        _check_shared_layout(keys, backend)
+    finally:
+        noise.set_backend(previous)
+
+
+def _check_shared_layout(keys: list[int], backend: str) -> None:
+    generator = torch.Generator().manual_seed(6)
+    shapes = [(5,), (37, 129)] + ([(300, 1000)] if backend == "compiled" else [])
+    for shape in shapes:
+        master = torch.randn(shape, generator=generator)
+        steps = torch.randn(len(keys), generator=generator)
+        steps[1::2] = -steps[::2][:len(steps[1::2])]
+        rows = noise.perturbed_rows(keys, master, steps, backend=backend)
+        batch = noise.noise_batch(keys, shape, backend=backend)
+        assert rows.shape == (len(keys), master.numel()) and rows.is_contiguous()
+        for i, key in enumerate(keys):
+            eps = noise.noise(key, shape, backend=backend)
+            assert torch.equal(batch[i], eps), (shape, i)
+            assert torch.equal(rows[i].view(shape), master + steps[i] * eps), (shape, i)
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_eager_shared_keys_independent_of_block_width(chunk: int) -> None:
+    keys, shape = [5, 9, 5, 11, 9], (37, 129)
+    master = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    steps = torch.tensor([1.0, 0.5, -1.0, 2.0, -0.5])
+    rows = noise._batch_eager(keys, master.numel(), master.reshape(-1), steps, "cpu", chunk)
+    for i, key in enumerate(keys):
+        expected = master + steps[i] * noise.noise(key, shape, backend="eager")
+        assert torch.equal(rows[i].view(shape), expected)
