@@ -90,7 +90,8 @@ class Case:
         self.steps = torch.tensor([sign * SIGMA for _, sign in schedule], dtype=torch.float32,
                                   device=device)
         member_index = [m for m in range(members) for _ in range(rows // members)]
-        self.plan = knl.plan_rows(member_index, members, 1, device)
+        self.plan = knl.plan_rows(member_index, members, 1, device,
+                                  pairs=[pair for pair, _ in schedule])
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def plain(self) -> None:

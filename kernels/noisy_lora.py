@@ -36,6 +36,16 @@ fp32 partial buffer (<= 2 MiB at 512 rows, r = 64), which stays in L2. These are
 first-principles numbers (instruction counts, not measurements): no GPU was available
 when this was written, and CPU interpreter timings say nothing about GPU speed.
 
+Antithetic pairs. Members 2k and 2k+1 perturb by +eps_k and -eps_k: the same noise.
+When the RowPlan knows the pairs (``plan_rows(..., pairs=)``; the ES-LoRA layer passes
+them), a program takes a block of a member's rows and a block of its partner's side by
+side (``PAIRED``), generates each noise tile once and applies it with both steps: half
+the Philox and Box-Muller work, which the paragraph above makes the dominant cost at
+decode. The pairing is a hint, never trusted for values: the program compares the two
+keys and regenerates the partner's tile when they differ. Unpaired blocks (a member
+whose partner has no rows here, or more blocks than its partner) run with an empty
+partner side.
+
 Ranks 1-64: ``tl.dot`` needs tiles >= 16, so a rank below 16 is padded to 16 columns.
 The noise is generated on the unpadded (tile, next_pow2(r)) tile and zero columns are
 interleaved afterwards (``_pad_rank``: ``tl.join`` + ``tl.reshape``), so rank 8 does not
@@ -117,8 +127,10 @@ class RowPlan:
     """
 
     def __init__(self, member_index: torch.Tensor | Sequence[int], num_members: int,
-                 tokens_per_row: int = 1, device: torch.device | str = "cpu") -> None:
+                 tokens_per_row: int = 1, device: torch.device | str = "cpu",
+                 pairs: Sequence[int] | None = None) -> None:
         index = _member_index_cpu(member_index, num_members)
+        self.partner = _partners(pairs, num_members)
         if isinstance(tokens_per_row, bool) or not isinstance(tokens_per_row, int) \
                 or tokens_per_row < 1:
             raise ValueError(f"`tokens_per_row` must be a positive integer, got "
@@ -146,31 +158,86 @@ class RowPlan:
                 + torch.arange(tokens_per_row)[None, :]).reshape(-1)
         self.row_order_cpu = flat  # sorted position -> flat row of x, int64
         self.row_order = flat.to(torch.int32).to(self.device)
+        present = set(self.run_members)
+        # Paired blocks when some member and its partner both have rows here.
+        self.paired = any(self.partner[m] in present for m in present)
         self._blocks: dict[int, tuple[torch.Tensor, int]] = {}
 
     def blocks(self, block_m: int) -> tuple[torch.Tensor, int]:
-        """(3, blocks) int32 device tensor of (member, start, stop) rows, and the count.
+        """Block table (an int32 device tensor) and its block count.
 
         Each run of one member is cut into blocks of at most ``block_m`` flat rows
-        (positions into ``row_order``).
+        (positions into ``row_order``). Unpaired plans: (3, blocks) rows (member, start,
+        stop). Paired plans (``paired``): (6, blocks), a block of a member and one of its
+        partner side by side (member, start, stop, partner, start, stop), so a program
+        generates the pair's shared noise once for both; a block with no partner block
+        (a longer run, a member without partner) repeats its member with no rows.
         """
         if block_m not in self._blocks:
-            member, start, stop = [], [], []
-            for m, first, length in zip(self.run_members, self.run_starts, self.run_lengths,
-                                        strict=True):
-                for offset in range(0, length, block_m):
-                    member.append(m)
-                    start.append(first + offset)
-                    stop.append(first + min(offset + block_m, length))
-            table = torch.tensor([member, start, stop], dtype=torch.int32).reshape(3, -1)
-            self._blocks[block_m] = (table.to(self.device), len(member))
+            cuts = {m: [(first + offset, first + min(offset + block_m, length))
+                        for offset in range(0, length, block_m)]
+                    for m, first, length in zip(self.run_members, self.run_starts,
+                                                self.run_lengths, strict=True)}
+            columns: list[tuple[int, ...]] = []
+            done: set[int] = set()
+            for m in self.run_members:
+                if m in done:
+                    continue
+                other = self.partner[m] if self.paired else -1
+                mine, theirs = cuts[m], cuts.get(other, [])
+                done.update((m, other))
+                for i in range(max(len(mine), len(theirs))):
+                    if i < len(mine) and i < len(theirs):
+                        columns.append((m, *mine[i], other, *theirs[i]))
+                    else:
+                        owner, (start, stop) = (m, mine[i]) if i < len(mine) else (other,
+                                                                                   theirs[i])
+                        columns.append((owner, start, stop, owner, stop, stop))
+            height = 6 if self.paired else 3
+            table = torch.tensor([column[:height] for column in columns],
+                                 dtype=torch.int32).reshape(-1, height).t().contiguous()
+            self._blocks[block_m] = (table.to(self.device), len(columns))
         return self._blocks[block_m]
 
 
 def plan_rows(member_index: torch.Tensor | Sequence[int], num_members: int,
-              tokens_per_row: int = 1, device: torch.device | str = "cpu") -> RowPlan:
-    """A ``RowPlan`` for rows with these member ids (see ``RowPlan``)."""
-    return RowPlan(member_index, num_members, tokens_per_row, device)
+              tokens_per_row: int = 1, device: torch.device | str = "cpu",
+              pairs: Sequence[int] | None = None) -> RowPlan:
+    """A ``RowPlan`` for rows with these member ids (see ``RowPlan``).
+
+    ``pairs`` (optional, one entry per member): members with the same pair id share their
+    noise keys (antithetic pairs, ``es.member_schedule``'s pair of each member), and the
+    kernel then generates a pair's noise once for both. It is a scheduling hint only:
+    the kernel compares the two keys and regenerates when they differ.
+    """
+    return RowPlan(member_index, num_members, tokens_per_row, device, pairs)
+
+
+def _partners(pairs: Sequence[int] | None, num_members: int) -> list[int]:
+    """Each member's partner (the other member of its pair) or -1, validated."""
+    partner = [-1] * num_members
+    if pairs is None:
+        return partner
+    if isinstance(pairs, torch.Tensor):
+        pairs = pairs.tolist()
+    pairs = list(pairs)
+    if len(pairs) != num_members:
+        raise ValueError(f"`pairs` has {len(pairs)} entries; expected one pair id per "
+                         f"member ({num_members})")
+    first: dict[int, int] = {}
+    for member, pair in enumerate(pairs):
+        if isinstance(pair, bool) or not isinstance(pair, int):
+            raise TypeError(f"`pairs` must hold integer pair ids, got {pair!r} for member "
+                            f"{member}")
+        if pair not in first:
+            first[pair] = member
+        elif partner[first[pair]] != -1:
+            raise ValueError(f"`pairs` gives pair id {pair} to more than two members "
+                             f"({first[pair]}, {partner[first[pair]]}, {member}); an "
+                             "antithetic pair has two")
+        else:
+            partner[first[pair]], partner[member] = member, first[pair]
+    return partner
 
 
 def _member_index_cpu(member_index: torch.Tensor | Sequence[int], num_members: int
@@ -332,30 +399,55 @@ if HAS_TRITON:
         return t
 
     @triton.jit
+    def _block_rows(blocks_ptr, n_blocks, block, first_row: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+        """Member, first and end position, positions, mask and rows of x of a block side."""
+        member = tl.load(blocks_ptr + first_row * n_blocks + block)
+        start = tl.load(blocks_ptr + (first_row + 1) * n_blocks + block)
+        stop = tl.load(blocks_ptr + (first_row + 2) * n_blocks + block)
+        pos = start + tl.arange(0, BLOCK_M)
+        row_mask = pos < stop
+        return member, start, stop, pos, row_mask
+
+    @triton.jit
+    def _shared_randn(key, key2, eps, offsets):
+        """The partner's noise: ``eps`` itself when the keys agree (an antithetic pair)."""
+        if key2 == key:
+            eps2 = eps
+        else:  # the pairing was only a hint: keys that differ get their own noise
+            eps2 = tl.randn(key2, offsets)
+        return eps2
+
+    @triton.jit
     def _noisy_lora_shrink_kernel(
             x_ptr, a_ptr, keys_ptr, steps_ptr, row_order_ptr, blocks_ptr, partial_ptr,
             n_rows, n_blocks, d_in, rank, stride_x, k_per_split,
             R_P2: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr):
         """partial[split, p, :] = x[row_order[p]] (A + step eps_A)^T over one K-slice.
 
-        Program (block, split): rows of one member, columns [split * k_per_split, +k_per_split)
-        of A. eps_A of that slice is generated once, as a (BLOCK_K, R_P2) tile per step:
+        Program (block, split): rows of one member (``PAIRED``: and rows of its partner),
+        columns [split * k_per_split, +k_per_split) of A. eps_A of that slice is generated
+        once, as a (BLOCK_K, R_P2) tile per step, and serves both members of a pair:
         element (k, j) is A's flat index j * d_in + k.
         """
         block = tl.program_id(0)
         split = tl.program_id(1)
-        member = tl.load(blocks_ptr + block)
-        start = tl.load(blocks_ptr + n_blocks + block)
-        stop = tl.load(blocks_ptr + 2 * n_blocks + block)
-        pos = start + tl.arange(0, BLOCK_M)
-        row_mask = pos < stop
+        member, _start, _stop, pos, row_mask = _block_rows(blocks_ptr, n_blocks, block, 0,
+                                                           BLOCK_M)
         rows = tl.load(row_order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
         key = tl.load(keys_ptr + member) & 0x7FFFFFFFFFFFFFFF  # the twin takes keys mod 2**63
         step = tl.load(steps_ptr + member)
         ranks = tl.arange(0, R_P2)
         rank_mask = ranks < rank
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        if PAIRED:
+            member2, _start2, _stop2, pos2, row_mask2 = _block_rows(blocks_ptr, n_blocks,
+                                                                    block, 3, BLOCK_M)
+            rows2 = tl.load(row_order_ptr + pos2, mask=row_mask2, other=0).to(tl.int64)
+            key2 = tl.load(keys_ptr + member2) & 0x7FFFFFFFFFFFFFFF
+            step2 = tl.load(steps_ptr + member2)
+            acc2 = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         k_lo = split * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, d_in)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -366,71 +458,115 @@ if HAS_TRITON:
             offsets = ranks[None, :] * d_in + cols[:, None]  # (BLOCK_K, R_P2) into A
             a_mask = col_mask[:, None] & rank_mask[None, :]
             a = tl.load(a_ptr + offsets, mask=a_mask, other=0.0).to(tl.float32)
-            a = tl.where(a_mask, a + step * tl.randn(key, offsets), 0.0)
-            acc = tl.dot(xt, _pad_rank(a, BLOCK_K, R_P2, R_PAD), acc,
-                         input_precision=PRECISION)
-        out_offsets = ((split * n_rows + pos.to(tl.int64))[:, None] * R_PAD
-                       + tl.arange(0, R_PAD)[None, :])
+            eps = tl.randn(key, offsets)
+            acc = tl.dot(xt, _pad_rank(tl.where(a_mask, a + step * eps, 0.0), BLOCK_K, R_P2,
+                                       R_PAD), acc, input_precision=PRECISION)
+            if PAIRED:
+                xt2 = tl.load(x_ptr + rows2[:, None] * stride_x + cols[None, :],
+                              mask=row_mask2[:, None] & col_mask[None, :],
+                              other=0.0).to(tl.float32)
+                eps2 = _shared_randn(key, key2, eps, offsets)
+                a2 = tl.where(a_mask, a + step2 * eps2, 0.0)
+                acc2 = tl.dot(xt2, _pad_rank(a2, BLOCK_K, R_P2, R_PAD), acc2,
+                              input_precision=PRECISION)
+        r_cols = tl.arange(0, R_PAD)
+        out_offsets = (split * n_rows + pos.to(tl.int64))[:, None] * R_PAD + r_cols[None, :]
         tl.store(partial_ptr + out_offsets, acc, mask=row_mask[:, None])
+        if PAIRED:
+            out_offsets2 = ((split * n_rows + pos2.to(tl.int64))[:, None] * R_PAD
+                            + r_cols[None, :])
+            tl.store(partial_ptr + out_offsets2, acc2, mask=row_mask2[:, None])
+
+    @triton.jit
+    def _partial_sum(partial_ptr, pos, row_mask, n_rows, n_splits, BLOCK_M: tl.constexpr,
+                     R_PAD: tl.constexpr):
+        """h = the sum of a block's stage-1 partials over the splits, in a fixed order."""
+        r_cols = tl.arange(0, R_PAD)
+        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for split in range(n_splits):  # fixed order: the same sum on every run
+            h += tl.load(partial_ptr + (split * n_rows + pos.to(tl.int64))[:, None] * R_PAD
+                         + r_cols[None, :], mask=row_mask[:, None], other=0.0)
+        return h
+
+    @triton.jit
+    def _expand_run(b_t, start, stop, row_order_ptr, partial_ptr, n_rows, n_splits, cols,
+                    col_mask, out_ptr, stride_out, scale, BLOCK_M: tl.constexpr,
+                    R_PAD: tl.constexpr, PRECISION: tl.constexpr):
+        """A long run's rows [start, stop) against one column tile, BLOCK_M at a time."""
+        for m0 in range(start, stop, BLOCK_M):
+            pos = m0 + tl.arange(0, BLOCK_M)
+            row_mask = pos < stop
+            rows = tl.load(row_order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+            h = _partial_sum(partial_ptr, pos, row_mask, n_rows, n_splits, BLOCK_M, R_PAD)
+            _expand_rows(h, b_t, rows, row_mask, cols, col_mask, out_ptr, stride_out, scale,
+                         PRECISION)
 
     @triton.jit
     def _noisy_lora_expand_kernel(
             b_ptr, keys_ptr, steps_ptr, row_order_ptr, blocks_ptr, partial_ptr, out_ptr,
             n_rows, n_blocks, d_out, rank, stride_out, n_splits, n_per_group, scale,
             R_P2: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, SUB_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
+            BLOCK_N: tl.constexpr, SUB_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
+            PAIRED: tl.constexpr):
         """out[row_order[p], cols] += scale * h[p] (B + step eps_B)[cols]^T.
 
         Program (block, group): columns [group * n_per_group, +n_per_group) in BLOCK_N
-        steps, for a block of up to SUB_BLOCKS * BLOCK_M rows of one member; h is the sum
-        of the rows' stage-1 partials. eps_B element (n, j) is B's flat index n * r + j,
+        steps, for a block of up to SUB_BLOCKS * BLOCK_M rows of one member (``PAIRED``:
+        and a block of its partner's rows, from the same eps_B tiles); h is the sum of the
+        rows' stage-1 partials. eps_B element (n, j) is B's flat index n * r + j,
         generated once per block and column tile: with SUB_BLOCKS > 1 (long runs, e.g.
         prefill) the rows are walked inside the column loop, so the noise is shared by
         up to SUB_BLOCKS * BLOCK_M rows at the price of re-reading h per column tile.
         """
         block = tl.program_id(0)
         group = tl.program_id(1)
-        member = tl.load(blocks_ptr + block)
-        start = tl.load(blocks_ptr + n_blocks + block)
-        stop = tl.load(blocks_ptr + 2 * n_blocks + block)
+        member, start, stop, pos, row_mask = _block_rows(blocks_ptr, n_blocks, block, 0,
+                                                         BLOCK_M)
         key = tl.load(keys_ptr + member) & 0x7FFFFFFFFFFFFFFF
         step = tl.load(steps_ptr + member)
         ranks = tl.arange(0, R_P2)
         rank_mask = ranks < rank
-        r_cols = tl.arange(0, R_PAD)
         n_lo = group * n_per_group
         n_hi = tl.minimum(n_lo + n_per_group, d_out)
         if SUB_BLOCKS == 1:  # decode: h once, then every column tile
-            pos = start + tl.arange(0, BLOCK_M)
-            row_mask = pos < stop
             rows = tl.load(row_order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-            h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            for split in range(n_splits):  # fixed order: the same sum on every run
-                h += tl.load(partial_ptr + (split * n_rows + pos.to(tl.int64))[:, None] * R_PAD
-                             + r_cols[None, :], mask=row_mask[:, None], other=0.0)
+            h = _partial_sum(partial_ptr, pos, row_mask, n_rows, n_splits, BLOCK_M, R_PAD)
+        if PAIRED:
+            member2, start2, stop2, pos2, row_mask2 = _block_rows(blocks_ptr, n_blocks, block,
+                                                                  3, BLOCK_M)
+            key2 = tl.load(keys_ptr + member2) & 0x7FFFFFFFFFFFFFFF
+            step2 = tl.load(steps_ptr + member2)
+            if SUB_BLOCKS == 1:
+                rows2 = tl.load(row_order_ptr + pos2, mask=row_mask2, other=0).to(tl.int64)
+                h2 = _partial_sum(partial_ptr, pos2, row_mask2, n_rows, n_splits, BLOCK_M,
+                                  R_PAD)
         for n0 in range(n_lo, n_hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < n_hi
             offsets = cols[:, None] * rank + ranks[None, :]  # (BLOCK_N, R_P2) into B
             b_mask = col_mask[:, None] & rank_mask[None, :]
             b = tl.load(b_ptr + offsets, mask=b_mask, other=0.0).to(tl.float32)
-            b = tl.where(b_mask, b + step * tl.randn(key, offsets), 0.0)
-            b_t = tl.trans(_pad_rank(b, BLOCK_N, R_P2, R_PAD))  # (R_PAD, BLOCK_N)
+            eps = tl.randn(key, offsets)
+            b_t = tl.trans(_pad_rank(tl.where(b_mask, b + step * eps, 0.0), BLOCK_N, R_P2,
+                                     R_PAD))  # (R_PAD, BLOCK_N)
             if SUB_BLOCKS == 1:
                 _expand_rows(h, b_t, rows, row_mask, cols, col_mask, out_ptr, stride_out,
                              scale, PRECISION)
             else:
-                for m0 in range(start, stop, BLOCK_M):
-                    pos = m0 + tl.arange(0, BLOCK_M)
-                    row_mask = pos < stop
-                    rows = tl.load(row_order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-                    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-                    for split in range(n_splits):
-                        h += tl.load(partial_ptr
-                                     + (split * n_rows + pos.to(tl.int64))[:, None] * R_PAD
-                                     + r_cols[None, :], mask=row_mask[:, None], other=0.0)
-                    _expand_rows(h, b_t, rows, row_mask, cols, col_mask, out_ptr,
+                _expand_run(b_t, start, stop, row_order_ptr, partial_ptr, n_rows, n_splits,
+                            cols, col_mask, out_ptr, stride_out, scale, BLOCK_M, R_PAD,
+                            PRECISION)
+            if PAIRED:
+                eps2 = _shared_randn(key, key2, eps, offsets)
+                b2_t = tl.trans(_pad_rank(tl.where(b_mask, b + step2 * eps2, 0.0), BLOCK_N,
+                                          R_P2, R_PAD))
+                if SUB_BLOCKS == 1:
+                    _expand_rows(h2, b2_t, rows2, row_mask2, cols, col_mask, out_ptr,
                                  stride_out, scale, PRECISION)
+                else:
+                    _expand_run(b2_t, start2, stop2, row_order_ptr, partial_ptr, n_rows,
+                                n_splits, cols, col_mask, out_ptr, stride_out, scale,
+                                BLOCK_M, R_PAD, PRECISION)
 
     @triton.jit
     def _expand_rows(h, b_t, rows, row_mask, cols, col_mask, out_ptr, stride_out, scale,
@@ -535,7 +671,8 @@ def noisy_lora_triton(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         x_flat, lora_A, keys_A, steps, plan.row_order, blocks, partial,
         plan.num_rows, n_blocks, d_in, rank, x_flat.stride(0), cfg["k_per_split"],
         R_P2=cfg["r_p2"], R_PAD=cfg["r_pad"], BLOCK_M=cfg["block_m"],
-        BLOCK_K=cfg["block_k"], PRECISION=precision, num_warps=cfg["num_warps"])
+        BLOCK_K=cfg["block_k"], PRECISION=precision, PAIRED=plan.paired,
+        num_warps=cfg["num_warps"])
     blocks_2, n_blocks_2 = plan.blocks(cfg["block_m"] * cfg["sub_blocks"])
     _noisy_lora_expand_kernel[(n_blocks_2, cfg["groups"])](
         lora_B, keys_B, steps, plan.row_order, blocks_2, partial, out_flat,
@@ -543,7 +680,7 @@ def noisy_lora_triton(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         cfg["n_per_group"], float(scale),
         R_P2=cfg["r_p2"], R_PAD=cfg["r_pad"], BLOCK_M=cfg["block_m"],
         BLOCK_N=cfg["block_n"], SUB_BLOCKS=cfg["sub_blocks"], PRECISION=precision,
-        num_warps=cfg["num_warps"])
+        PAIRED=plan.paired, num_warps=cfg["num_warps"])
     return out
 
 

@@ -316,8 +316,10 @@ def _noisy_lora_cases(layer: ESLoraLinear, device: torch.device, dtype: torch.dt
 
         def kernel(run: Callable[..., torch.Tensor] = run, member_index: list[int] = member_index,
                    tokens: int = tokens) -> torch.Tensor:
-            # The kernel path builds its RowPlan as the layer does (lora._row_plan).
-            plan = noisy_lora.plan_rows(member_index, len(MEMBERS), tokens, device)
+            # The kernel path builds its RowPlan as the layer does (lora._row_plan),
+            # antithetic pairs included (the paired kernel variant).
+            plan = noisy_lora.plan_rows(member_index, len(MEMBERS), tokens, device,
+                                        pairs=[pair for pair, _ in MEMBERS])
             return run(noisy_lora.noisy_lora_triton, plan)
 
         index = torch.tensor(member_index, dtype=torch.int64, device=device)

@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,8 +280,13 @@ def _row_plan(population: Population, rows: int, tokens: int, device: torch.devi
         from lowmem_es.kernels import noisy_lora
 
         member_index = [index for index, count in population.segments for _ in range(count)]
+        # Antithetic partners share their keys: the kernel draws a pair's noise once. A
+        # pair id held by one member, or by more than two, is not paired (own id < 0).
+        held = Counter(m.pair for m in population.members)
+        pairs = [m.pair if held[m.pair] == 2 else -1 - i
+                 for i, m in enumerate(population.members)]
         _ROW_PLAN["plan"] = noisy_lora.plan_rows(member_index, len(population.members), tokens,
-                                                 device)
+                                                 device, pairs=pairs)
         _ROW_PLAN["key"], _ROW_PLAN["population"] = key, population
     return _ROW_PLAN["plan"]
 

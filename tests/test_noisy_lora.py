@@ -107,17 +107,28 @@ def test_kernel_matches_twin_odd_shapes(rank: int, sigma: float) -> None:
     assert not torch.equal(kernel, out)  # the LoRA term was added
 
 
+def _pairs(count: int) -> list[int]:
+    """Pair id of each of ``count`` antithetic members (es.member_schedule's layout)."""
+    return [m // 2 for m in range(count)]
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["unpaired", "paired"])
 @pytest.mark.parametrize("mapping", list(MAPPINGS))
 @pytest.mark.parametrize("rank", [8, 16])
-def test_kernel_twin_and_dense_reference_agree_for_any_mapping(mapping: str, rank: int
-                                                              ) -> None:
-    """(rows, T, d_in) input: rows of a member share it across their T tokens."""
+def test_kernel_twin_and_dense_reference_agree_for_any_mapping(mapping: str, rank: int,
+                                                              paired: bool) -> None:
+    """(rows, T, d_in) input: rows of a member share it across their T tokens. Paired:
+    the plan knows the antithetic pairs, and a program serves a member and its partner
+    from one noise draw (with a partner absent, or runs of unequal length, too)."""
     members = MAPPINGS[mapping]
+    count = max(members) + 1
     a, b = _weights(rank, seed=2)
-    keys_a, keys_b, steps = _members(max(members) + 1, 0.1)
+    keys_a, keys_b, steps = _members(count, 0.1)
     x, out = _inputs((len(members), 3, D_IN), seed=3)
     member_index = torch.tensor(members, device=DEVICE)
-    kernel = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, member_index, 2.0,
+    plan = knl.plan_rows(members, count, 3, DEVICE, pairs=_pairs(count) if paired else None)
+    assert plan.paired == (paired and mapping != "one_member")
+    kernel = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, plan, 2.0,
                                    out=out.clone())
     twin = knl.noisy_lora_torch(x, a, b, keys_a, keys_b, steps, member_index, 2.0,
                                 out=out.clone())
@@ -188,21 +199,67 @@ def test_out_none_starts_from_zeros_in_x_dtype() -> None:
     {"block_m": 32, "block_k": 16, "splits": 1, "block_n": 16, "groups": 9},
     {"block_m": 16, "block_k": 32, "splits": 2, "block_n": 64, "groups": 2, "sub_blocks": 3},
 ], ids=["splits3_groups2", "groups9", "sub_blocks3"])
-def test_split_k_and_column_groups_match_twin(monkeypatch, overrides) -> None:
+@pytest.mark.parametrize("paired", [False, True], ids=["unpaired", "paired"])
+def test_split_k_and_column_groups_match_twin(monkeypatch, overrides, paired: bool) -> None:
     """The GPU launch shapes (several K-splits summed in stage 2, column groups looped,
     a member cut into several row blocks, stage-2 programs walking several row blocks
-    per noise tile) give the same result; the interpreter's own default is one of each."""
+    per noise tile) give the same result; the interpreter's own default is one of each.
+    Paired: member 0's 40 rows share noise with member 1's 17 (unequal block counts),
+    member 3's partner has no rows."""
     monkeypatch.setattr(knl, "LAUNCH_OVERRIDES", overrides)
     a, b = _weights(5, seed=10)
     keys_a, keys_b, steps = _members(4, 0.1)
     members = [0] * 40 + [3] * 3 + [1] * 17  # 40 rows > block_m: several blocks
     x, out = _inputs((len(members), D_IN), seed=11)
     member_index = torch.tensor(members)
-    kernel = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, member_index, 0.5,
+    plan = knl.plan_rows(members, 4, 1, DEVICE, pairs=_pairs(4) if paired else None)
+    kernel = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, plan, 0.5,
                                    out=out.clone())
     twin = knl.noisy_lora_torch(x, a, b, keys_a, keys_b, steps, member_index, 0.5,
                                 out=out.clone())
     torch.testing.assert_close(kernel, twin, atol=1e-5, rtol=1e-5)
+
+
+def test_pairing_is_only_a_hint_keys_that_differ_get_their_own_noise() -> None:
+    """A plan that pairs members whose keys differ (not antithetic partners) still gives
+    each member its own noise: the kernel compares the keys and regenerates."""
+    a, b = _weights(8, seed=30)
+    keys_a, keys_b, steps = _members(4, 0.1, antithetic=False)
+    x, out = _inputs((6, D_IN), seed=31)
+    members = [0, 1, 2, 3, 1, 0]
+    wrong = knl.plan_rows(members, 4, 1, DEVICE, pairs=[0, 0, 1, 1])
+    assert wrong.paired
+    kernel = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, wrong, 1.0,
+                                   out=out.clone())
+    twin = knl.noisy_lora_torch(x, a, b, keys_a, keys_b, steps, torch.tensor(members), 1.0,
+                                out=out.clone())
+    torch.testing.assert_close(kernel, twin, atol=1e-5, rtol=1e-5)
+
+
+def test_paired_block_table_puts_partners_side_by_side() -> None:
+    """Blocks of a member and of its partner share a column; leftovers stand alone with
+    an empty partner side; the plan is unpaired when no partner has rows."""
+    plan = knl.plan_rows([0] * 5 + [1] * 2 + [3], 4, pairs=[7, 7, 9, 9])
+    table, count = plan.blocks(2)
+    assert plan.paired and count == 4
+    assert table.tolist() == [[0, 0, 0, 3],   # member
+                              [0, 2, 4, 7],   # start
+                              [2, 4, 5, 8],   # stop
+                              [1, 0, 0, 3],   # partner (itself when it has none)
+                              [5, 4, 5, 8],   # partner start
+                              [7, 4, 5, 8]]   # partner stop (empty: start == stop)
+    assert not knl.plan_rows([0, 0, 2], 4, pairs=[0, 0, 1, 1]).paired
+    assert knl.plan_rows([0, 0, 2], 4, pairs=[0, 0, 1, 1]).blocks(2)[0].shape == (3, 2)
+
+
+@pytest.mark.parametrize(("pairs", "error", "match"), [
+    ([0, 0, 0, 1], ValueError, "more than two members"),
+    ([0, 0, 1], ValueError, "one pair id per member"),
+    ([0, 0, 1.0, 1], TypeError, "integer pair ids"),
+])
+def test_bad_pairs_raise_clear_errors(pairs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        knl.plan_rows([0, 1], 4, pairs=pairs)
 
 
 def test_rows_do_not_depend_on_batch_mates() -> None:
