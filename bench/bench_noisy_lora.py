@@ -19,6 +19,8 @@ with A_m = A + s sigma eps (r x d_in) and B_m likewise (d_out x r). Providers:
 * ``fused_compiled`` (CPU only): the twin with ``noise_backend="compiled"`` (torch.compile'd
   Philox over fixed blocks of tiles, ~1.1x torch.randn per value on one core; one-off
   compiles of a few seconds, not timed).
+* ``fused_unpaired`` (CUDA only): the kernels without the antithetic pairing (each
+  member's program draws its own noise): what sharing a pair's noise saves.
 * ``cached``: the ES-LoRA layer's torch path per decode step once a chunk's
   perturbed weights are built: the two bmm alone.
 
@@ -92,6 +94,7 @@ class Case:
         member_index = [m for m in range(members) for _ in range(rows // members)]
         self.plan = knl.plan_rows(member_index, members, 1, device,
                                   pairs=[pair for pair, _ in schedule])
+        self.plan_unpaired = knl.plan_rows(member_index, members, 1, device)
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def plain(self) -> None:
@@ -119,6 +122,12 @@ class Case:
         fn = knl.noisy_lora_triton if self.x.is_cuda else knl.noisy_lora_torch
         fn(self.x, self.a, self.b, self.keys_a, self.keys_b, self.steps, self.plan, SCALE,
            out=self.out)
+
+    def fused_unpaired(self) -> None:
+        """CUDA: the kernels with a RowPlan that does not know the antithetic pairs, so
+        every member's program draws its own noise (what pairing saves)."""
+        knl.noisy_lora_triton(self.x, self.a, self.b, self.keys_a, self.keys_b, self.steps,
+                              self.plan_unpaired, SCALE, out=self.out)
 
     def fused_compiled(self) -> None:
         """CPU: the twin with the torch.compile'd Philox generator (noise.set_backend)."""
@@ -278,6 +287,8 @@ def run_grid(args: argparse.Namespace, device: str) -> None:
             providers.append("fused_compiled")
             print(f"<!-- torch.compile of the noise twin: {time.perf_counter() - start:.1f} s "
                   "-->\n")
+    else:
+        providers.append("fused_unpaired")
     providers.append("cached")  # on CUDA too: issue 3's question, fused vs cached per step
     cuda = device == "cuda"
     time_cols = "eager ms | graph ms" if cuda else "ms"

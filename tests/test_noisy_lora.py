@@ -468,6 +468,22 @@ def test_es_lora_layer_logits_kernel_equal_torch_paths(tiny_es_model, monkeypatc
     torch.testing.assert_close(logits("kernel", sigma=0.0), plain, atol=1e-5, rtol=1e-5)
 
 
+def test_layer_row_plan_pairs_antithetic_partners_only() -> None:
+    """The layer's RowPlan pairs the two members of an antithetic pair; a pair id held by
+    one member, or by three (no population has that, but a caller may), stays unpaired
+    instead of failing."""
+    from lowmem_es.lora import Member, Population
+
+    members = [Member(0, 1), Member(3, 1), Member(0, -1)]
+    population = Population(5, 2, 0.1, members, [(0, 1), (1, 1), (2, 1)], version=901)
+    plan = lora_module._row_plan(population, 3, 2, torch.device(DEVICE))
+    assert plan.paired and plan.partner == [2, -1, 0]
+    odd = Population(5, 2, 0.1, [Member(1, 1), Member(1, -1), Member(1, 1)],
+                     [(0, 1), (1, 1), (2, 1)], version=902)
+    plan = lora_module._row_plan(odd, 3, 1, torch.device(DEVICE))
+    assert not plan.paired and plan.partner == [-1, -1, -1]
+
+
 # ------------------------------------------------------------------ twin vs its plain form
 
 
