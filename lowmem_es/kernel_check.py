@@ -5,8 +5,9 @@ CPU; the first compile on a user's GPU may fail (an unsupported architecture, a 
 version that rejects a construct), crash at launch, or, worst, give wrong numbers that
 would silently corrupt a run of hours. ``check_kernels`` is the first contact: before the
 first iteration it runs every kernel that this run WOULD use (same dispatch rules and
-module switches as the layers and the update) on a small problem shaped like a real layer
-of the model, runs the torch twin on the same inputs, and compares with the tolerances of
+module switches as the layers and the update) on small problems shaped like the model's
+real layers (every distinct LoRA and NF4 weight shape, since the GPU launch depends on
+them), runs the torch twin on the same inputs, and compares with the tolerances of
 the kernel tests. A kernel that raises or disagrees is switched off for the rest of the
 process through its module switch (``lora.NOISY_LORA_FORCE``, ``lora.NF4_MATMUL_FORCE``,
 ``es.UPDATE_FORCE``), with one warning saying what failed and that the run continues on
@@ -58,6 +59,9 @@ CHECK_SEED = 0x5E1F  # run seed of the check's noise keys and its private input 
 # steps (one token per row) and a prefill whose runs of one member span more than one row
 # block on a GPU (160 > BLOCK_M_MAX_GPU), so the stage-2 multi-block path compiles too.
 NOISY_LORA_LAYOUTS = (("decode", 2, 1), ("prefill", 1, 160))
+# Distinct layer shapes checked per kernel (a 7B with q/k/v/o targets has 2, with the MLP
+# too 4; the check costs a few milliseconds per shape on a GPU once compiled).
+MAX_CHECKED_SHAPES = 6
 # Rows of the NF4 check: the one-row GEMV kernel and the tl.dot kernel.
 NF4_ROWS = (1, 24)
 # Fitnesses of the four members in the update check (any distinct values do).
@@ -166,8 +170,8 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
     ``NF4_MATMUL_FORCE="kernel"`` on CPU is checked too (the layer itself calls the NF4
     kernel on CUDA tensors only), so that the interpreter tests can reach it.
     """
-    layer = _largest_layer(es_model, device)
-    if layer is None:
+    layers = _distinct_layers(es_model, device)
+    if not layers:
         return None
     if name == NOISY_LORA:
         force = lora.NOISY_LORA_FORCE
@@ -178,7 +182,8 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
         if not noisy_lora.use_kernel(device, force):
             return None
         return _Check(NOISY_LORA, "fused noisy LoRA (lowmem_es.kernels.noisy_lora)",
-                      lambda: _noisy_lora_cases(layer, device, dtype),
+                      lambda: [case for layer in layers
+                               for case in _noisy_lora_cases(layer, device, dtype)],
                       lambda: setattr(lora, "NOISY_LORA_FORCE", "torch"),
                       "the ES-LoRA layers use their cached torch path",
                       f"set {FORCE_TORCH_ENV}=1 (all kernels)")
@@ -188,11 +193,12 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
             return None
         from lowmem_es.kernels import nf4_matmul
 
-        base = _nf4_base(es_model, device)
-        if base is None or not nf4_matmul.use_kernel(device, force):
+        bases = _nf4_bases(es_model, device)
+        if not bases or not nf4_matmul.use_kernel(device, force):
             return None
         return _Check(NF4_MATMUL, "NF4 base matmul (lowmem_es.kernels.nf4_matmul)",
-                      lambda: _nf4_cases(base, device, dtype),
+                      lambda: [case for base in bases
+                               for case in _nf4_cases(base, device, dtype)],
                       lambda: setattr(lora, "NF4_MATMUL_FORCE", "torch"),
                       "the frozen 4-bit base layers use bitsandbytes",
                       f"pass --nf4-kernel false (ESConfig.nf4_kernel=False) or set "
@@ -205,7 +211,7 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
     if not es_update.use_kernel(device, force):
         return None
     return _Check(ES_UPDATE, "ES update (lowmem_es.kernels.es_update)",
-                  lambda: _es_update_cases(layer, device),
+                  lambda: [case for layer in layers for case in _es_update_cases(layer, device)],
                   lambda: setattr(es, "UPDATE_FORCE", "torch"),
                   "the ES update regenerates noise with the torch loop",
                   f"set {FORCE_TORCH_ENV}=1 (all kernels)")
@@ -216,20 +222,30 @@ def _on_device(tensor: torch.Tensor, device: torch.device) -> bool:
         device.index is None or tensor.device.index in (None, device.index))
 
 
-def _largest_layer(es_model: ESLoraModel, device: torch.device) -> ESLoraLinear | None:
-    """The ES-LoRA layer on ``device`` with the most LoRA weights (first by name on ties):
-    the largest shapes the fused LoRA and the update kernels will meet."""
-    layers = [layer for layer in es_model.layers.values() if _on_device(layer.lora_A, device)]
-    return max(layers, key=lambda layer: layer.lora_A.numel() + layer.lora_B.numel(),
-               default=None)
+def _distinct_layers(es_model: ESLoraModel, device: torch.device) -> list[ESLoraLinear]:
+    """One ES-LoRA layer on ``device`` per distinct (A shape, B shape), largest first
+    (first by name among equals), at most ``MAX_CHECKED_SHAPES``.
+
+    The GPU launch (K-splits, column groups, masks of the last tiles) depends on d_in,
+    d_out and the rank, so a kernel that is right for q_proj can still be wrong for a
+    grouped-query k_proj or an MLP projection: every shape the run will meet is checked.
+    """
+    chosen: dict[tuple[tuple[int, ...], tuple[int, ...]], ESLoraLinear] = {}
+    for layer in es_model.layers.values():
+        if _on_device(layer.lora_A, device):
+            chosen.setdefault((tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)), layer)
+    layers = sorted(chosen.values(), key=lambda layer: -(layer.lora_A.numel()
+                                                          + layer.lora_B.numel()))
+    return layers[:MAX_CHECKED_SHAPES]
 
 
-def _nf4_base(es_model: ESLoraModel, device: torch.device) -> torch.nn.Module | None:
-    """The largest 4-bit base layer on ``device`` whose packed layout the kernel reads
-    (``nf4_linear`` leaves the others to bitsandbytes, so they never meet the kernel)."""
+def _nf4_bases(es_model: ESLoraModel, device: torch.device) -> list[torch.nn.Module]:
+    """One 4-bit base layer on ``device`` per distinct weight shape whose packed layout
+    the kernel reads (``nf4_linear`` leaves the others to bitsandbytes, so they never
+    meet the kernel), largest first, at most ``MAX_CHECKED_SHAPES``."""
     from lowmem_es.kernels import nf4_matmul
 
-    best, best_size = None, 0
+    chosen: dict[tuple[int, int], torch.nn.Module] = {}
     for layer in es_model.layers.values():
         base = layer.base_layer
         weight = getattr(base, "weight", None)
@@ -242,10 +258,10 @@ def _nf4_base(es_model: ESLoraModel, device: torch.device) -> torch.nn.Module | 
             layout = nf4_matmul.nf4_layout(weight, state)
         except (TypeError, ValueError):  # not NF4, or a layout it does not read
             continue
-        size = layout.out_features * layout.in_features
-        if nf4_matmul.kernel_unsupported_reason(layout) is None and size > best_size:
-            best, best_size = base, size
-    return best
+        if nf4_matmul.kernel_unsupported_reason(layout) is None:
+            chosen.setdefault((layout.out_features, layout.in_features), base)
+    shapes = sorted(chosen, key=lambda shape: -shape[0] * shape[1])
+    return [chosen[shape] for shape in shapes[:MAX_CHECKED_SHAPES]]
 
 
 def _quant_state(base: torch.nn.Module) -> object | None:

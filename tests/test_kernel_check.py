@@ -140,8 +140,14 @@ def test_correct_kernels_stay_on(es_model, switches, monkeypatch, caplog, reques
     with caplog.at_level(logging.INFO, logger="lowmem_es"):
         status = kernel_check.check_kernels(es_model, DEVICE)
     assert status == {kernel: "ok" for kernel in KERNEL_FUNCTIONS}
-    # decode + prefill layouts; GEMV + tl.dot row counts; the A and B masters
-    assert calls == {"noisy_lora": 2, "nf4_matmul": 2, "es_update": 2}
+    # Per distinct layer shape (the tiny Llama's seven projections have four: q/o,
+    # grouped-query k/v, gate/up, down): decode + prefill layouts; GEMV + tl.dot row
+    # counts; the A and B masters.
+    shapes = {(tuple(layer.lora_A.shape), tuple(layer.lora_B.shape))
+              for layer in es_model.layers.values()}
+    assert len(shapes) == 4
+    assert calls == {"noisy_lora": 2 * len(shapes), "nf4_matmul": 2 * len(shapes),
+                     "es_update": 2 * len(shapes)}
     assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE) == ("kernel",) * 3
     assert not _warnings(caplog)
     assert "kernel self-check on" in caplog.text
@@ -194,6 +200,37 @@ def test_wrong_kernel_result_is_switched_off_with_the_error(es_model, switches, 
     [warning] = _warnings(caplog)
     assert f"`{kernel}`" in warning.getMessage()
     assert "max abs error 0.01" in warning.getMessage()
+
+
+@needs_kernel
+def test_a_kernel_wrong_for_one_layer_shape_only_is_caught(es_model, switches,
+                                                          monkeypatch) -> None:
+    """Right for the largest layers, wrong for the grouped-query k/v shape (the smallest
+    d_out): the check meets every shape, so the kernel is still switched off."""
+    switches(noisy_lora="kernel")
+    from lowmem_es.kernels import noisy_lora
+
+    smallest = min(layer.lora_B.shape[0] for layer in es_model.layers.values())
+    real = noisy_lora.noisy_lora_triton
+
+    def wrong_for_small(x, lora_A, lora_B, *args, **kwargs):
+        result = real(x, lora_A, lora_B, *args, **kwargs)
+        return result.add_(1e-2) if lora_B.shape[0] == smallest else result
+
+    monkeypatch.setattr(noisy_lora, "noisy_lora_triton", wrong_for_small)
+    status = kernel_check.check_kernels(es_model, DEVICE)
+    assert status["noisy_lora"].startswith("disabled: max abs error 0.01")
+    assert f"d_out={smallest}" in status["noisy_lora"]
+    assert lora.NOISY_LORA_FORCE == "torch"
+
+
+def test_distinct_shapes_are_capped(es_model, monkeypatch) -> None:
+    device = next(iter(es_model.layers.values())).lora_A.device
+    layers = kernel_check._distinct_layers(es_model, device)
+    sizes = [layer.lora_A.numel() + layer.lora_B.numel() for layer in layers]
+    assert len(layers) == 4 and sizes == sorted(sizes, reverse=True)
+    monkeypatch.setattr(kernel_check, "MAX_CHECKED_SHAPES", 2)
+    assert kernel_check._distinct_layers(es_model, device) == layers[:2]
 
 
 @needs_kernel
