@@ -229,7 +229,9 @@ def score_splits(trainer: Any, data: dict[str, list[dict]], task: Any,
                                 max_prompt_length=config.max_prompt_length,
                                 max_completion_length=EVAL_COMPLETION_LENGTH,
                                 rows_per_chunk=config.rows_per_chunk,
-                                kv_cache_dtype=config.kv_cache_dtype)
+                                kv_cache_dtype=config.kv_cache_dtype,
+                                prefill_chunk=(trainer.plan.prefill_chunk
+                                               if trainer.plan is not None else 0))
             for name in splits}
 
 

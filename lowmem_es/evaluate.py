@@ -71,7 +71,7 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
                   correct_threshold: float = 1.0, max_prompt_length: int = 256,
                   max_completion_length: int = 64, rows_per_chunk: int = 0,
                   reward_weights: Sequence[float] | None = None, samples: int = 0,
-                  kv_cache_dtype: str = "auto") -> dict[str, Any]:
+                  kv_cache_dtype: str = "auto", prefill_chunk: int = 0) -> dict[str, Any]:
     """Greedy completions of the current (unperturbed) adapter on ``rows``, scored.
 
     ``scorer`` is the ``RewardScorer`` (or ESTrainer) whose ``score`` to use, e.g. the
@@ -79,6 +79,8 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     ``reward_funcs``. ``samples`` > 0 adds the first few (prompt, completion, reward)
     triples, which is the quickest way to see *what* a model learned.
     ``kv_cache_dtype``: the decode loop's KV cache ("auto" or "int8", lowmem_es.kv_cache).
+    ``prefill_chunk``: prompt tokens per prefill pass (0: whole prompts), as the memory
+    plan that sized ``rows_per_chunk`` assumed.
     """
     from lowmem_es.generate import generate_population, render_prompt
     from lowmem_es.trainer import validate_rows
@@ -96,7 +98,7 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
         es_model, tokenizer, prompts, [(None, i) for i in range(len(rows))],
         max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
         temperature=0.0, rows_per_chunk=rows_per_chunk, device=device,
-        kv_cache_dtype=kv_cache_dtype)
+        kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk)
     totals, _ = scorer.score(rows, list(range(len(rows))), completions)
     texts = [c.text for c in completions]
     result = summarize(totals, texts, well_formed, correct_threshold)
@@ -209,6 +211,7 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
         if kv_cache_dtype is None:
             kv_cache_dtype = card.run_kv_cache_dtype
     kv_cache_dtype = kv_cache_dtype or "auto"
+    prefill_chunk = 0
     if card is not None and not rows_per_chunk:  # plan before loading any weights
         from lowmem_es.cli_plan import read_model_config
         from lowmem_es.planner import plan
@@ -219,10 +222,12 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
                         "target_modules": [_first_linear_name_of_config(config)]}
         most_rows = max(len(splits[name]) if limit is None else min(limit, len(splits[name]))
                         for name in chosen)
-        rows_per_chunk = plan(config, card, settings["rank"], settings["target_modules"], 1,
-                              max(1, most_rows), max_prompt_length=max_prompt_length,
-                              max_completion_length=max_completion_length,
-                              kv_cache_dtype=kv_cache_dtype).rows_per_chunk
+        planned = plan(config, card, settings["rank"], settings["target_modules"], 1,
+                       max(1, most_rows), max_prompt_length=max_prompt_length,
+                       max_completion_length=max_completion_length,
+                       kv_cache_dtype=kv_cache_dtype)
+        # The plan's rows assume its prefill chunking: evaluation must prefill the same way.
+        rows_per_chunk, prefill_chunk = planned.rows_per_chunk, planned.prefill_chunk
     base, tokenizer, _ = load_model(model, device=device, compute_dtype=compute_dtype,
                                     embedding_on_cpu=bool(card and card.embedding_on_cpu))
     if settings is None:  # base only: a rank-1 adapter with B = 0 adds exactly zero
@@ -239,10 +244,11 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     common = dict(scorer=scorer, well_formed=well_formed, correct_threshold=threshold,
                   max_prompt_length=max_prompt_length,
                   max_completion_length=max_completion_length, rows_per_chunk=rows_per_chunk,
-                  samples=samples, kv_cache_dtype=kv_cache_dtype)
+                  samples=samples, kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk)
     report: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None,
                               "task": task.name if task is not None else None,
                               "correct_threshold": threshold, "rows_per_chunk": rows_per_chunk,
+                              "prefill_chunk": prefill_chunk,
                               "kv_cache_dtype": kv_cache_dtype, "splits": {}}
     for name in chosen:
         report["splits"][name] = {}

@@ -278,7 +278,8 @@ class ESTrainer:
             max_prompt_length=self.args.max_prompt_length,
             max_completion_length=self.args.max_completion_length, temperature=0.0,
             rows_per_chunk=self.rows_per_chunk, device=self.device,
-            backend=self.args.generation_backend, kv_cache_dtype=self.args.kv_cache_dtype)
+            backend=self.args.generation_backend, kv_cache_dtype=self.args.kv_cache_dtype,
+            prefill_chunk=self.plan.prefill_chunk if self.plan is not None else 0)
         totals, per_func = self.score(rows, list(range(len(rows))), completions)
         result = {"eval_reward": sum(totals) / len(totals)}
         for name, values in per_func.items():

@@ -200,6 +200,32 @@ def test_evaluate_under_a_profile_plans_rows_and_takes_its_kv_cache(tiny_llama_d
     assert 0.0 <= int8["splits"]["eval"]["adapter"]["accuracy"] <= 1.0
 
 
+def test_evaluate_prefills_in_the_chunks_its_plan_assumed(tiny_llama_dir, tmp_path,
+                                                          monkeypatch):
+    """The plan's rows per chunk hold only with its prefill chunking, so evaluation
+    prefills that way too (and says so in the report)."""
+    import dataclasses
+
+    from lowmem_es import generate, planner
+
+    real_plan, real_generate = planner.plan, generate.generate_population
+    monkeypatch.setattr(planner, "plan", lambda *a, **k: dataclasses.replace(
+        real_plan(*a, **k), rows_per_chunk=2, prefill_chunk=3))
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("prefill_chunk"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_population", spy)
+    adapter = _adapter(tiny_llama_dir, tmp_path / "adapter")
+    report = evaluate(tiny_llama_dir, adapter=adapter, splits={"eval": ROWS},
+                      split_names=["eval"], reward_funcs=[target_fraction],
+                      max_completion_length=4, include_base=False, profile="cpu")
+    assert report["rows_per_chunk"] == 2 and report["prefill_chunk"] == 3
+    assert seen == [3]
+
+
 def test_cli_eval_profile_and_kv_cache_flags(tiny_llama_dir, capsys):
     ns = _parse(["--model", str(tiny_llama_dir), "--task", "arithmetic", "--split", "eval",
                  "--limit", "3", "--max-completion-length", "4", "--profile", "cpu",
