@@ -23,7 +23,11 @@ with a message naming the class.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +43,31 @@ class UnsupportedModelError(ValueError):
 
 
 def supports_loop(model: nn.Module) -> bool:
-    """Whether ``model`` declares static-cache support (transformers' own flag)."""
+    """Whether ``model`` declares static-cache support (transformers' own flag) and its
+    ``forward`` takes a cache argument this loop knows how to pass."""
     return bool(getattr(model, "_can_compile_fullgraph", False)
-                or getattr(model, "_supports_static_cache", False))
+                or getattr(model, "_supports_static_cache", False)) \
+        and _cache_keyword(type(model)) is not None
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str | None:
+    """The name under which ``model_class.forward`` takes the KV cache, or None.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name still works
+    there, with a deprecation warning, until 5.40). Passing ``cache=`` to an older model
+    is not an error: the keyword vanishes into ``**kwargs``, every step then runs without
+    the cache and the tokens are silently wrong. So the loop asks the signature (which
+    follows ``functools.wraps`` through transformers' deprecation decorators).
+    """
+    try:
+        parameters = inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    return None
 
 
 @dataclass
@@ -79,10 +105,23 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     if not supports_loop(model):
         raise UnsupportedModelError(
-            f"{type(model).__name__} does not support a static KV cache, which the "
-            "lowmem-es decode loop needs; use generation_backend='generate'")
+            f"{type(model).__name__} does not support a static KV cache (or its forward "
+            "takes no `cache`/`past_key_values` argument), which the lowmem-es decode "
+            "loop needs; use generation_backend='generate'")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ValueError(f"`max_new_tokens` must be a non-negative integer, got "
+                         f"{max_new_tokens!r}")
     rows, prompt_len = input_ids.shape
     device = input_ids.device
+    if max_new_tokens == 0:  # nothing to generate: no cache, no prefill
+        if stats is not None:
+            stats.steps, stats.cache_tokens, stats.rows = 0, 0, rows
+        return torch.full((rows, 0), pad_token_id, dtype=torch.long, device=device)
+    if prompt_len == 0:
+        raise ValueError("every prompt is empty (0 tokens after tokenization and "
+                         "truncation): give each row at least one prompt token, e.g. a "
+                         "chat template or a BOS token, or a larger max_prompt_length")
     total = prompt_len + max_new_tokens
     cache = make_static_cache(model.config, total, kv_cache_dtype)
     # Full-length 2D mask: future columns are 0 until their token exists, so the step's
@@ -100,7 +139,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     step_fn = _EagerStep(model, cache, mask)
     use_capture = device.type == "cuda" if capture is None else capture
-    if use_capture and device.type == "cuda":
+    if use_capture and device.type == "cuda" and max_new_tokens > 1:  # 1: no step runs
         step_fn = _captured_or_eager(step_fn, rows, device)
     for step in range(max_new_tokens):
         if logits_processor is not None:
@@ -132,11 +171,12 @@ def _prefill(model: nn.Module, cache: object, input_ids: torch.Tensor, mask: tor
     """
     prompt_len = input_ids.shape[1]
     step = chunk if 0 < chunk < prompt_len else prompt_len
+    keyword = _cache_keyword(type(model))
     for start in range(0, prompt_len, step):
         stop = min(start + step, prompt_len)
         output = model(input_ids=input_ids[:, start:stop], attention_mask=mask,
-                       position_ids=positions[:, start:stop], cache=cache, use_cache=True,
-                       logits_to_keep=1)
+                       position_ids=positions[:, start:stop], use_cache=True,
+                       logits_to_keep=1, **{keyword: cache})
     return output.logits[:, -1, :]
 
 
@@ -145,11 +185,13 @@ class _EagerStep:
 
     def __init__(self, model: nn.Module, cache: object, mask: torch.Tensor) -> None:
         self.model, self.cache, self.mask = model, cache, mask
+        self.keyword = _cache_keyword(type(model))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, column: int
                  ) -> torch.Tensor:
         output = self.model(input_ids=tokens, attention_mask=self.mask,
-                            position_ids=positions, cache=self.cache, use_cache=True)
+                            position_ids=positions, use_cache=True,
+                            **{self.keyword: self.cache})
         return output.logits[:, -1, :]
 
 
@@ -179,15 +221,55 @@ class _CapturedStep:
         return self.logits
 
 
+def capturable(cache: object) -> bool:
+    """Whether every layer of ``cache`` is a plain full-attention static layer whose only
+    position state is the ``cumulative_length`` tensor (``StaticLayer`` or
+    ``kv_cache.Int8StaticLayer``), so that warm-up and capture can be undone exactly.
+
+    Sliding-window or chunked layers (Mistral, Gemma 2/3, Llama 4) keep a Python-side
+    counter, roll their buffers in place once full and branch on device values (a sync,
+    which capture forbids): their steps run eagerly.
+    """
+    from transformers.cache_utils import StaticLayer
+
+    from lowmem_es.kv_cache import Int8StaticLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) in (StaticLayer, Int8StaticLayer)
+                                for layer in layers)
+
+
+@contextlib.contextmanager
+def _positions_kept(cache: object) -> Iterator[None]:
+    """Run a step that must leave no trace: the cache layers' position counters are put
+    back afterwards, also when the step raises part-way (layers before the failure
+    would otherwise stay one slot ahead and every later step would write off by one).
+    The slot the step wrote is overwritten by the real step before any row reads it."""
+    saved = [layer.cumulative_length.clone() for layer in cache.layers]
+    try:
+        yield
+    finally:
+        for layer, value in zip(cache.layers, saved, strict=True):
+            layer.cumulative_length.copy_(value)
+
+
 def _captured_or_eager(step: _EagerStep, rows: int, device: torch.device):
     """Capture the step with a full-length mask (static shape); eager if that fails.
 
-    Capture itself runs the step once, which would write a cache slot: the cache's
-    position counters are saved and restored around warm-up and capture.
+    Warm-up and capture each run the step once, which would write a cache slot: the
+    cache's position counters are restored after each (``_positions_kept``). A cache
+    whose layers cannot be restored that way (``capturable``) is not captured. Out of
+    memory during warm-up or capture is raised, not swallowed: the caller's backoff
+    halves the chunk, as it does for any other OOM.
     """
     from lowmem_es.model import offloaded_embedding
 
     model, cache, mask = step.model, step.cache, step.mask
+    if not capturable(cache):
+        kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+        logger.info("decode step not captured as a CUDA graph: cache layers %s keep state "
+                    "that capture cannot restore; decoding eagerly", kinds)
+        return step
     tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
     positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
     embed = offloaded_embedding(model)
@@ -198,24 +280,23 @@ def _captured_or_eager(step: _EagerStep, rows: int, device: torch.device):
         inputs = {"inputs_embeds": embeds}
     else:
         inputs = {"input_ids": tokens}
+    inputs[step.keyword] = cache
     try:
-        saved = [layer.cumulative_length.clone() for layer in cache.layers]
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: lazy init, autotuning, allocator
-                model(**inputs, attention_mask=mask, position_ids=positions,
-                      cache=cache, use_cache=True)
-                for layer, value in zip(cache.layers, saved, strict=True):
-                    layer.cumulative_length.copy_(value)
+                with _positions_kept(cache):
+                    model(**inputs, attention_mask=mask, position_ids=positions,
+                          use_cache=True)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with _positions_kept(cache), torch.cuda.graph(graph):
             logits = model(**inputs, attention_mask=mask, position_ids=positions,
-                           cache=cache, use_cache=True).logits[:, -1, :]
-        for layer, value in zip(cache.layers, saved, strict=True):
-            layer.cumulative_length.copy_(value)
+                           use_cache=True).logits[:, -1, :]
         return _CapturedStep(graph, tokens, positions, logits, embed, embeds)
+    except torch.cuda.OutOfMemoryError:
+        raise
     except Exception as error:  # capture is an optimisation: never fail the run for it
         logger.warning("CUDA graph capture of the decode step failed (%s: %s); decoding "
                        "eagerly", type(error).__name__, str(error).splitlines()[0][:200])

@@ -102,10 +102,15 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
                          "(generate() keeps its own 16-bit cache); set kv_cache_dtype='auto'")
     if not rows:
         return []
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"
-    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_prompt_length, add_special_tokens=False)
+    # Left padding and truncation for decoding, on the caller's tokenizer: put back after.
+    sides = (tokenizer.padding_side, tokenizer.truncation_side)
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    try:
+        encoded = tokenizer(list(prompts), return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_prompt_length,
+                            add_special_tokens=False)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = sides
     input_ids = encoded["input_ids"].to(device)
     attention = encoded["attention_mask"].to(device)
     prompt_len = input_ids.shape[1]

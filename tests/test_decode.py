@@ -139,3 +139,121 @@ def test_fallback_warning_once(caplog):
         decode_module.warn_fallback(Odd())
         decode_module.warn_fallback(Odd())
     assert sum("Odd does not support" in r.message for r in caplog.records) == 1
+
+
+# ------------------------------------------------------------------ robustness
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    """transformers 5.24 takes the cache as `cache`, older releases as `past_key_values`;
+    passing the wrong name is silently ignored by `**kwargs` (every step then runs
+    without the cache), so the loop reads the signature, through wrappers too."""
+    import functools
+
+    class New:
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            pass
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            pass
+
+    class Wrapped:
+        @functools.wraps(New.forward)
+        def forward(self, *args, **kwargs):
+            pass
+
+    class Neither:
+        def forward(self, input_ids=None, **kwargs):
+            pass
+
+    keyword = decode_module._cache_keyword
+    assert (keyword(New), keyword(Old), keyword(Wrapped), keyword(Neither)) == (
+        "cache", "past_key_values", "cache", None)
+
+
+def test_model_taking_past_key_values_decodes_the_same(setup):
+    """A model class whose forward names the cache `past_key_values` (transformers
+    before 5.24) gets the cache under that name: the same tokens as the current API."""
+    es_model, tokenizer, batch = setup
+    model = es_model.model
+    base_class = type(model)
+
+    class OldApi(base_class):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                    past_key_values=None, use_cache=None, inputs_embeds=None,
+                    logits_to_keep=0, **kwargs):
+            assert "cache" not in kwargs  # the loop must not pass the new name here
+            kwargs[decode_module._cache_keyword(base_class)] = past_key_values
+            return base_class.forward(self, input_ids=input_ids,
+                                      attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=use_cache,
+                                      inputs_embeds=inputs_embeds,
+                                      logits_to_keep=logits_to_keep, **kwargs)
+
+    args = (batch["input_ids"], batch["attention_mask"], 6, [tokenizer.eos_token_id],
+            tokenizer.pad_token_id)
+    with es_model.population(5, 1, 0.3, MEMBERS, [(2, 4), (0, 4), (1, 4)]):
+        expected = decode(model, *args)
+        model.__class__ = OldApi
+        try:
+            assert decode_module._cache_keyword(OldApi) == "past_key_values"
+            old = decode(model, *args)
+        finally:
+            model.__class__ = base_class
+    assert torch.equal(old, expected)
+
+
+def test_zero_new_tokens_and_empty_prompts(setup):
+    es_model, tokenizer, batch = setup
+    stats = DecodeStats()
+    out = decode(es_model.model, batch["input_ids"], batch["attention_mask"], 0,
+                 [tokenizer.eos_token_id], tokenizer.pad_token_id, stats=stats)
+    assert out.shape == (batch["input_ids"].shape[0], 0) and stats.steps == 0
+    with pytest.raises(ValueError, match="non-negative integer"):
+        decode(es_model.model, batch["input_ids"], batch["attention_mask"], -1,
+               [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    empty = batch["input_ids"][:, :0]
+    with pytest.raises(ValueError, match="every prompt is empty"):
+        decode(es_model.model, empty, batch["attention_mask"][:, :0], 3,
+               [tokenizer.eos_token_id], tokenizer.pad_token_id)
+
+
+def test_positions_kept_restores_counters_when_a_step_fails_part_way(setup):
+    """A warm-up or capture step that raises after some layers wrote their slot must
+    not leave those layers one position ahead (the eager fallback would then write
+    every later token one slot too far)."""
+    from lowmem_es.kv_cache import make_static_cache
+
+    es_model, _, batch = setup
+    model = es_model.model
+    cache = make_static_cache(model.config, batch["input_ids"].shape[1] + 4)
+    mask = torch.zeros(batch["input_ids"].shape[0], batch["input_ids"].shape[1] + 4,
+                       dtype=batch["attention_mask"].dtype)
+    mask[:, :batch["input_ids"].shape[1]] = batch["attention_mask"]
+    positions = (batch["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+    decode_module._prefill(model, cache, batch["input_ids"], mask, positions, 0)
+    before = [int(layer.cumulative_length) for layer in cache.layers]
+    with pytest.raises(RuntimeError, match="out of memory half-way"):
+        with decode_module._positions_kept(cache):
+            cache.layers[0].cumulative_length += 1  # the first layer wrote its slot
+            raise RuntimeError("out of memory half-way")
+    assert [int(layer.cumulative_length) for layer in cache.layers] == before
+
+
+def test_only_plain_static_layers_are_capturable(tiny_llama_dir):
+    """Full-attention static layers (and their int8 form) can be captured; a sliding-
+    window layer keeps Python-side state and rolls its buffer, so it runs eagerly."""
+    from transformers import AutoConfig, MistralConfig
+
+    from lowmem_es.kv_cache import make_static_cache
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    assert decode_module.capturable(make_static_cache(config, 16))
+    assert decode_module.capturable(make_static_cache(config, 16, "int8"))
+    sliding = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, sliding_window=6)
+    cache = make_static_cache(sliding, 16)
+    assert any(type(layer).__name__ != "StaticLayer" for layer in cache.layers)
+    assert not decode_module.capturable(cache)

@@ -43,6 +43,21 @@ def test_completions_do_not_depend_on_chunking(model_and_tokenizer):
     assert len({tuple(c.ids) for c in reference}) > 3
 
 
+def test_callers_tokenizer_keeps_its_padding_and_truncation_sides(model_and_tokenizer):
+    """Decoding needs left padding/truncation; the caller's settings are put back, and a
+    right-padding tokenizer still gives the left-padded completions."""
+    model, tokenizer = model_and_tokenizer
+    reference = _generate(model, tokenizer)
+    sides = (tokenizer.padding_side, tokenizer.truncation_side)
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "right"
+    try:
+        again = _generate(model, tokenizer)
+        assert (tokenizer.padding_side, tokenizer.truncation_side) == ("right", "right")
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = sides
+    assert [c.ids for c in again] == [c.ids for c in reference]
+
+
 def test_member_rows_match_their_own_generation(model_and_tokenizer):
     """A member's completions equal those generated for it alone (rows unsorted too)."""
     model, tokenizer = model_and_tokenizer
