@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,13 @@ OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+BOOL_FIELDS = ("antithetic", "pass_at_k", "load_in_4bit", "nf4_kernel")
+FLOAT_FIELDS = ("sigma", "learning_rate", "weight_decay", "lr_min_ratio", "temperature",
+                "pass_at_k_fraction", "correct_threshold", "lora_alpha",
+                "distributed_timeout", "max_hours")
+# Largest seed: run.toml stores it as a TOML integer, which is a signed 64-bit number
+# (noise.member_key and torch.manual_seed would take up to 2**64 - 1).
+MAX_SEED = 2**63 - 1
 
 # Fields that only change logging or where files go: a resumed run may change them.
 NON_RESULT_FIELDS = frozenset({"output_dir", "save_steps", "save_total_limit", "eval_steps",
@@ -120,6 +129,13 @@ class ESConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise bad(name, "should be a non-negative integer")
+        if self.seed > MAX_SEED:
+            raise bad("seed", f"should be at most 2**63 - 1 = {MAX_SEED} (run.toml stores it "
+                      "as a TOML integer, which is signed 64-bit), so pick a smaller seed")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "should be true or false (a bool; in a TOML file write "
+                          f"`{name} = false` without quotes)")
         if self.population_size < 2:
             raise bad("population_size", "should be at least 2 (ES compares members); use 30 "
                       "as in the paper")
@@ -138,12 +154,17 @@ class ESConfig:
             raise bad("pass_at_k_fraction", "should be in [0, 1] (0 means any sample)")
         if not _is_number(self.distributed_timeout) or not self.distributed_timeout > 0:
             raise bad("distributed_timeout", "should be a positive number of seconds")
-        if not _is_number(self.max_hours) or self.max_hours < 0:
-            raise bad("max_hours", "should be >= 0 (0 means no limit)")
+        if not _is_number(self.max_hours) or not 0 <= self.max_hours < math.inf:
+            raise bad("max_hours", "should be a finite number >= 0 (0 means no limit)")
         if not _is_number(self.correct_threshold):
             raise bad("correct_threshold", "should be a number")
         if not _is_number(self.temperature) or self.temperature < 0:
             raise bad("temperature", "should be >= 0 (0 means greedy)")
+        for name in FLOAT_FIELDS:  # the checks above let inf through
+            if not math.isfinite(getattr(self, name)):
+                default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+                raise bad(name, f"should be a finite number, not inf or nan (the default is "
+                          f"{default!r})")
         if self.num_generations > 1 and self.temperature == 0:
             raise bad("num_generations", "needs sampling to give different completions; set "
                       "temperature > 0 (e.g. 0.7) or num_generations=1")
@@ -161,8 +182,10 @@ class ESConfig:
                       "generation_backend='loop'")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
-        if not self.lora_target_modules or not all(
-                isinstance(m, str) and m for m in self.lora_target_modules):
+        if isinstance(self.lora_target_modules, tuple):
+            self.lora_target_modules = list(self.lora_target_modules)
+        if not isinstance(self.lora_target_modules, list) or not self.lora_target_modules \
+                or not all(isinstance(m, str) and m for m in self.lora_target_modules):
             raise bad("lora_target_modules", "should be a non-empty list of module names "
                       "such as ['q_proj', 'v_proj']")
         if not isinstance(self.device, str) or (self.device not in ("auto", "cpu") and not (
@@ -170,8 +193,19 @@ class ESConfig:
             raise bad("device", "should be 'auto', 'cpu' or 'cuda[:index]'")
         if self.reward_weights is not None and (
                 not isinstance(self.reward_weights, (list, tuple))
-                or not all(_is_number(w) for w in self.reward_weights)):
-            raise bad("reward_weights", "should be a list of numbers, one per reward function")
+                or not all(_is_number(w) and math.isfinite(w) for w in self.reward_weights)):
+            raise bad("reward_weights", "should be a list of numbers, one per reward function, "
+                      "each finite (not inf or nan)")
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise bad("output_dir", "should be a directory path (a non-empty string) such as "
+                      "'runs/lowmem-es'")
+        if isinstance(self.profile, os.PathLike):
+            self.profile = os.fspath(self.profile)
+        if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
+            raise bad("profile", "should be a profile name such as '8gb' (see `lowmem-es "
+                      "profiles`), the path of a profile TOML file, or unset for no profile")
 
     # --- serialisation ---
     def to_dict(self) -> dict[str, Any]:
@@ -211,7 +245,11 @@ def _is_number(value: Any) -> bool:
 
 
 def read_toml_values(path: str | Path) -> dict[str, Any]:
-    """The ESConfig keys a TOML run file sets (top level or an [es] table), checked."""
+    """The ESConfig keys a TOML run file sets (top level or an [es] table), checked.
+
+    With an [es] table every key must be in it: top-level keys next to it are an error,
+    not silently dropped.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist; pass an "
@@ -220,7 +258,21 @@ def read_toml_values(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from error
-    values = dict(data.get("es", data))
+    if "es" in data:
+        table = data["es"]
+        if not isinstance(table, dict):
+            raise ValueError(f"`es` in config file {str(path)!r} should be a table (an [es] "
+                             f"line followed by ESConfig keys), but it is {table!r}; write the "
+                             "keys at the top level or under [es]")
+        others = sorted(set(data) - {"es"})
+        if others:
+            raise ValueError(f"config file {str(path)!r} has an [es] table and top-level "
+                             f"key(s) {others}, which would be ignored; move them under the "
+                             "[es] line (or drop the [es] line to keep every key at the top "
+                             "level)")
+        values = dict(table)
+    else:
+        values = dict(data)
     unknown = sorted(set(values) - set(ESConfig.field_names()))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in config file {str(path)!r}; valid keys "

@@ -11,6 +11,8 @@ ESConfig defaults < profile < config file < flags (``resolve_es_values``).
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -65,6 +67,8 @@ class Profile:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise bad(key, "should be a non-negative number")
+            if not math.isfinite(value):
+                raise bad(key, "should be a finite number (inf and nan are not allowed)")
         if not self.memory_budget_gib > 0:
             raise bad("memory_budget_gib", "should be > 0 (GiB of the card)")
         if self.reserve_gib >= self.memory_budget_gib:
@@ -159,6 +163,9 @@ def list_profiles() -> list[str]:
 
 def load_profile(name_or_path: str | Path) -> Profile:
     """A shipped profile by name (``"8gb"``) or a profile TOML file by path, validated."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ValueError(f"`profile` should be a profile name ({', '.join(_shipped_names())}) "
+                         f"or the path of a TOML file, but the value is {name_or_path!r}")
     text = str(name_or_path)
     shipped = profile_dir() / f"{text}.toml"
     looks_like_path = text.endswith(".toml") or "/" in text or "\\" in text

@@ -9,11 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import typing
+from pathlib import Path
 
 import pytest
 
 from lowmem_es.config import (
+    BOOL_FIELDS,
     DEFAULT_TARGET_MODULES,
+    FLOAT_FIELDS,
+    MAX_SEED,
     NON_RESULT_FIELDS,
     ESConfig,
     read_toml_values,
@@ -62,6 +67,32 @@ BAD_VALUES = [
     ({"device": "tpu:0"}, "device", "'tpu:0'", "'cpu' or 'cuda[:index]'"),
     ({"noise_backend": "triton"}, "noise_backend", "'triton'", "compiled"),
     ({"reward_weights": [1.0, "2"]}, "reward_weights", "[1.0, '2']", "list of numbers"),
+    # Bools: a TOML string "false" is truthy and must not silently mean True.
+    ({"antithetic": "false"}, "antithetic", "'false'", "`antithetic = false` without quotes"),
+    ({"antithetic": 0}, "antithetic", "0", "true or false"),
+    ({"load_in_4bit": "false"}, "load_in_4bit", "'false'", "true or false"),
+    ({"pass_at_k": "no"}, "pass_at_k", "'no'", "true or false"),
+    ({"nf4_kernel": 1}, "nf4_kernel", "1", "true or false"),
+    # Non-finite floats pass "> 0" / ">= 0" and used to fail mid-run.
+    ({"learning_rate": math.inf}, "learning_rate", "inf", "finite number"),
+    ({"sigma": math.inf}, "sigma", "inf", "finite number"),
+    ({"lora_alpha": math.inf}, "lora_alpha", "inf", "finite number"),
+    ({"weight_decay": math.inf}, "weight_decay", "inf", "finite number"),
+    ({"temperature": math.inf}, "temperature", "inf", "finite number"),
+    ({"correct_threshold": -math.inf}, "correct_threshold", "-inf", "finite number"),
+    ({"correct_threshold": math.nan}, "correct_threshold", "nan", "finite number"),
+    ({"distributed_timeout": math.inf}, "distributed_timeout", "inf", "finite number"),
+    ({"max_hours": math.inf}, "max_hours", "inf", "0 means no limit"),
+    ({"reward_weights": [1.0, math.inf]}, "reward_weights", "[1.0, inf]", "finite"),
+    ({"seed": MAX_SEED + 1}, "seed", str(MAX_SEED + 1), "at most 2**63 - 1"),
+    ({"seed": 10**20}, "seed", str(10**20), "at most 2**63 - 1"),
+    ({"lora_target_modules": 5}, "lora_target_modules", "5", "non-empty list"),
+    ({"lora_target_modules": {"q_proj": 1}}, "lora_target_modules", "{'q_proj': 1}",
+     "non-empty list"),
+    ({"output_dir": 5}, "output_dir", "5", "directory path"),
+    ({"output_dir": ""}, "output_dir", "''", "directory path"),
+    ({"profile": 5}, "profile", "5", "profile name"),
+    ({"profile": ""}, "profile", "''", "profile name"),
 ]
 
 
@@ -97,6 +128,27 @@ def test_sampling_fixes_num_generations():
 
 def test_single_target_module_string_becomes_list():
     assert ESConfig(lora_target_modules="q_proj").lora_target_modules == ["q_proj"]
+    assert ESConfig(lora_target_modules=("q_proj", "v_proj")).lora_target_modules == [
+        "q_proj", "v_proj"]
+
+
+def test_typed_field_lists_cover_every_bool_and_float_field():
+    """A new bool or float field gets the type and finiteness checks without extra code."""
+    hints = typing.get_type_hints(ESConfig)
+    assert set(BOOL_FIELDS) == {name for name, hint in hints.items() if hint is bool}
+    assert set(FLOAT_FIELDS) == {name for name, hint in hints.items() if hint is float}
+
+
+def test_largest_seed_is_accepted_and_round_trips(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(to_toml(ESConfig(seed=MAX_SEED).to_dict()))
+    assert ESConfig.from_toml(path).seed == MAX_SEED == 2**63 - 1
+
+
+def test_path_objects_become_strings():
+    config = ESConfig(output_dir=Path("runs/x"), profile=Path("cards/mine.toml"))
+    assert (config.output_dir, config.profile) == ("runs/x", "cards/mine.toml")
+    assert to_toml(config.to_dict())  # writable, as run.toml is
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
@@ -196,6 +248,40 @@ def test_es_table_and_overrides(tmp_path):
     assert (config.population_size, config.sigma, config.antithetic) == (10, 0.3, False)
     assert config.lora_target_modules == ["q_proj"]
     assert config.learning_rate == ESConfig().learning_rate  # unset keys keep defaults
+
+
+def test_top_level_keys_next_to_es_table_are_an_error(tmp_path):
+    """They used to be dropped silently, valid and unknown keys alike."""
+    path = tmp_path / "mixed.toml"
+    path.write_text("sigma = 0.5\nbogus_key = 1\n[es]\niterations = 3\n")
+    with pytest.raises(ValueError) as caught:
+        read_toml_values(path)
+    message = str(caught.value)
+    assert "['bogus_key', 'sigma']" in message and str(path) in message
+    assert "move them under the [es] line" in message
+    with pytest.raises(ValueError, match=r"\['sigma'\]"):
+        ESConfig.from_toml(_write(tmp_path, "sigma = 0.5\n[es]\niterations = 3\n"))
+
+
+def test_es_key_that_is_not_a_table_is_a_value_error(tmp_path):
+    path = _write(tmp_path, "es = 5\n")
+    with pytest.raises(ValueError) as caught:
+        read_toml_values(path)
+    message = str(caught.value)
+    assert "`es`" in message and "should be a table" in message and "5" in message
+    assert str(path) in message
+
+
+def test_toml_string_for_a_bool_is_a_value_error(tmp_path):
+    path = _write(tmp_path, 'antithetic = "false"\npopulation_size = 3\n')
+    with pytest.raises(ValueError, match=r"`antithetic`.*without quotes.*'false'"):
+        ESConfig.from_toml(path)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
 
 
 def test_toml_unknown_key_names_file_and_valid_keys(tmp_path):

@@ -107,6 +107,13 @@ def test_unknown_name_lists_the_shipped_profiles(tmp_path):
         load_profile(str(tmp_path / "nope.toml"))
 
 
+@pytest.mark.parametrize("value", [5, True, None, ""])
+def test_profile_that_is_not_a_name_or_path_is_a_value_error(value):
+    with pytest.raises(ValueError, match=r"`profile` should be a profile name \(12gb.*path "
+                                         r"of a TOML file, but the value is " + repr(value)):
+        load_profile(value)
+
+
 def test_invalid_toml_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="not valid TOML"):
         load_profile(str(_write(tmp_path, "memory_budget_gib = = 3")))
@@ -119,6 +126,11 @@ def test_invalid_toml_names_the_file(tmp_path):
     ("max_prompt_length = 1.5", r"`max_prompt_length`.*positive integer"),
     ("headroom_fraction = 0.7", r"`headroom_fraction`.*\[0, 0.5\)"),
     ("memory_budget_gib = -1", r"`memory_budget_gib`.*non-negative"),
+    # Non-finite numbers used to pass and crash later (int(inf) in usable_bytes).
+    ("memory_budget_gib = inf", r"`memory_budget_gib`.*finite number.*inf"),
+    ("reserve_gib = nan", r"`reserve_gib`.*finite number.*nan"),
+    ("workspace_mib = inf", r"`workspace_mib`.*finite number.*inf"),
+    ("headroom_fraction = nan", r"`headroom_fraction`.*finite number.*nan"),
 ])
 def test_bad_values_name_key_value_and_fix(tmp_path, change, match):
     key = change.split(" = ")[0]
