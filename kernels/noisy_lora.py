@@ -105,6 +105,11 @@ BLOCK_M_MAX_GPU = {16: 128, 32: 64, 64: 64}
 # once per 8 * BLOCK_M rows, not once per BLOCK_M, for one re-read of h (r * 4 bytes per
 # row, from L2) per column tile. Decode (a run fits one block) is unaffected.
 EXPAND_SUB_BLOCKS = 8
+# Software-pipelining stages of the stage-1 loop: Triton's default (3) for TF32 dots; 2
+# for fp32 inputs (IEEE dots), whose x tiles are twice as large: a paired rank-8 program
+# with BLOCK_M = 128 needs 278,528 bytes of shared memory at 3 stages, over the H200's
+# 232,448 per block, and 143,360 at 2 (offline sm_90 compile, triton 3.6).
+SHRINK_STAGES = {"tf32": 3, "ieee": 2}
 # Interpreter: cost is per program and per loop step, not per element (ENVIRONMENT.md),
 # so one program per block and one loop step per matrix whenever the tile fits.
 BLOCK_M_MAX_INTERPRETER = 512
@@ -459,16 +464,20 @@ if HAS_TRITON:
             a_mask = col_mask[:, None] & rank_mask[None, :]
             a = tl.load(a_ptr + offsets, mask=a_mask, other=0.0).to(tl.float32)
             eps = tl.randn(key, offsets)
-            acc = tl.dot(xt, _pad_rank(tl.where(a_mask, a + step * eps, 0.0), BLOCK_K, R_P2,
-                                       R_PAD), acc, input_precision=PRECISION)
+            # A and eps are padded to R_PAD columns separately and combined after the
+            # padding: a reshape feeding tl.dot directly made Hopper's TF32 path reject
+            # the shared layout (rank <= 8, BLOCK_M >= 64; "Illegal shared layout" in
+            # TritonGPUOptimizeDotOperands, triton 3.6 and 3.9, sm_90). Same values.
+            a_pad = _pad_rank(a, BLOCK_K, R_P2, R_PAD)
+            eps_pad = _pad_rank(tl.where(a_mask, eps, 0.0), BLOCK_K, R_P2, R_PAD)
+            acc = tl.dot(xt, a_pad + step * eps_pad, acc, input_precision=PRECISION)
             if PAIRED:
                 xt2 = tl.load(x_ptr + rows2[:, None] * stride_x + cols[None, :],
                               mask=row_mask2[:, None] & col_mask[None, :],
                               other=0.0).to(tl.float32)
                 eps2 = _shared_randn(key, key2, eps, offsets)
-                a2 = tl.where(a_mask, a + step2 * eps2, 0.0)
-                acc2 = tl.dot(xt2, _pad_rank(a2, BLOCK_K, R_P2, R_PAD), acc2,
-                              input_precision=PRECISION)
+                eps2_pad = _pad_rank(tl.where(a_mask, eps2, 0.0), BLOCK_K, R_P2, R_PAD)
+                acc2 = tl.dot(xt2, a_pad + step2 * eps2_pad, acc2, input_precision=PRECISION)
         r_cols = tl.arange(0, R_PAD)
         out_offsets = (split * n_rows + pos.to(tl.int64))[:, None] * R_PAD + r_cols[None, :]
         tl.store(partial_ptr + out_offsets, acc, mask=row_mask[:, None])
@@ -594,18 +603,22 @@ def _next_pow2(value: int) -> int:
     return 1 << max(0, (int(value) - 1).bit_length())
 
 
-def _launch_config(plan: RowPlan, d_in: int, d_out: int, rank: int, device: torch.device
+def _launch_config(plan: RowPlan, d_in: int, d_out: int, rank: int, device: torch.device,
+                   sm_count: int | None = None, interpreted: bool | None = None
                    ) -> dict[str, int]:
     """Tile sizes, K-splits, column groups and stage-2 row blocks for one launch pair.
 
     ``LAUNCH_OVERRIDES`` replaces any of block_m, block_k, block_n, num_warps, sub_blocks,
     splits, groups (tests use it to run the GPU's multi-split paths in the interpreter,
     the benchmark to sweep); the derived slice widths are recomputed from what is set.
+    ``sm_count`` and ``interpreted`` (default: the device's, and whether Triton runs in
+    its interpreter) let bench/compile_sm90.py enumerate a GPU's launches without one.
     """
+    interpreted = INTERPRETED if interpreted is None else interpreted
     r_p2 = _next_pow2(rank)
     r_pad = max(16, r_p2)
     rows_pow2 = max(16, _next_pow2(plan.max_run))
-    if INTERPRETED:
+    if interpreted:
         cfg = dict(block_m=min(rows_pow2, BLOCK_M_MAX_INTERPRETER),
                    block_k=min(max(16, _next_pow2(d_in)), BLOCK_INTERPRETER),
                    block_n=min(max(16, _next_pow2(d_out)), BLOCK_INTERPRETER),
@@ -620,11 +633,13 @@ def _launch_config(plan: RowPlan, d_in: int, d_out: int, rank: int, device: torc
                 if k in ("block_m", "block_k", "block_n", "num_warps", "sub_blocks")})
     _, n_blocks = plan.blocks(cfg["block_m"])
     _, n_blocks_2 = plan.blocks(cfg["block_m"] * cfg["sub_blocks"])
-    if INTERPRETED:
+    if interpreted:
         cfg.update(splits=1, groups=1)
     else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target = PROGRAMS_PER_SM * _sm_count(index)
+        if sm_count is None:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            sm_count = _sm_count(index)
+        target = PROGRAMS_PER_SM * sm_count
         cfg.update(splits=min(-(-target // n_blocks), MAX_SPLITS),
                    groups=-(-target // n_blocks_2))
     cfg.update({k: v for k, v in overrides.items() if k in ("splits", "groups")})
@@ -672,7 +687,7 @@ def noisy_lora_triton(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         plan.num_rows, n_blocks, d_in, rank, x_flat.stride(0), cfg["k_per_split"],
         R_P2=cfg["r_p2"], R_PAD=cfg["r_pad"], BLOCK_M=cfg["block_m"],
         BLOCK_K=cfg["block_k"], PRECISION=precision, PAIRED=plan.paired,
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], num_stages=SHRINK_STAGES[precision])
     blocks_2, n_blocks_2 = plan.blocks(cfg["block_m"] * cfg["sub_blocks"])
     _noisy_lora_expand_kernel[(n_blocks_2, cfg["groups"])](
         lora_B, keys_B, steps, plan.row_order, blocks_2, partial, out_flat,
