@@ -93,10 +93,15 @@ def shard_members(schedule: Sequence[tuple[int, int]], world: int, this_rank: in
 
 def gather_fitness(local: dict[int, float], population_size: int,
                    device: torch.device | None = None) -> list[float]:
-    """All ranks' member fitnesses in member order (float64, exact: no reduction math)."""
+    """All ranks' member fitnesses in member order (float64, exact: no reduction math).
+
+    ``device`` is accepted for compatibility and not used: the tensors live where the
+    process group's backend reduces them (``collective_device``).
+    """
+    del device
     if world_size() == 1:
         return [local[m] for m in range(population_size)]
-    device = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    device = collective_device()  # what the backend reduces, wherever the model lives
     values = torch.full((population_size,), float("nan"), dtype=torch.float64, device=device)
     owned = torch.zeros(population_size, dtype=torch.float64, device=device)
     for member, value in local.items():

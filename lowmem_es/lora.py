@@ -383,6 +383,7 @@ class ESLoraModel:
         if config.get("r", self.rank) != self.rank:
             raise ValueError(f"adapter {str(path)!r} has rank r={config['r']} but this run uses "
                              f"lora_rank={self.rank}; set lora_rank={config['r']}")
+        _check_adapter_scaling(path, config, self.alpha)
         tensors = load_file(str(weights))
         for layer in self.layers.values():
             for matrix, target in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
@@ -396,6 +397,35 @@ class ESLoraModel:
                     raise ValueError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, "
                                      f"expected {tuple(target.shape)}")
                 target.data.copy_(value.to(torch.float32))
+
+
+def _check_adapter_scaling(path: Path, config: dict, alpha: float) -> None:
+    """Refuse a PEFT adapter whose output this layer would compute differently.
+
+    ES-LoRA layers compute ``scale * (x A^T) B^T`` with ``scale = alpha / r`` for every
+    layer and no LoRA bias. An adapter saved with another ``lora_alpha``, rsLoRA scaling
+    (alpha / sqrt(r)), per-layer ``rank_pattern``/``alpha_pattern`` or trained biases
+    would load without complaint and then give other outputs than PEFT: an evaluation
+    would silently score a different model.
+    """
+    where = f"adapter {str(path)!r}"
+    saved = config.get("lora_alpha", alpha)
+    if saved is not None and float(saved) != float(alpha):
+        raise ValueError(f"{where} has lora_alpha={saved} but this run uses lora_alpha="
+                         f"{alpha}; set lora_alpha={saved} (the LoRA scale is alpha / r)")
+    if config.get("use_rslora"):
+        raise ValueError(f"{where} uses rsLoRA scaling (use_rslora=true: alpha / sqrt(r)), "
+                         "which ES-LoRA layers do not compute; merge or re-save it without "
+                         "rsLoRA")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise ValueError(f"{where} sets per-layer `{key}` {config[key]}, which "
+                             "ES-LoRA layers do not follow (one rank and alpha for every "
+                             "layer)")
+    if config.get("bias", "none") not in (None, "none"):
+        raise ValueError(f"{where} trains LoRA biases (bias={config['bias']!r}), which "
+                         "ES-LoRA layers do not have; use an adapter saved with "
+                         "bias='none'")
 
 
 @dataclass
@@ -465,16 +495,26 @@ def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> Non
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success fsync its files and rename it to path.
 
-    A crash leaves either the old directory or the new one, never a half-written one.
+    A crash leaves the old directory or the new one, never a half-written one. Replacing
+    an existing directory takes two renames (old aside to ``.NAME.old-PID``, new in); a
+    crash between them leaves ``path`` missing and the old copy aside, and the next
+    write to ``path`` (or ``restore_set_aside``) puts it back first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_set_aside(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a directory gets umask's
     try:
         yield tmp
-        for child in tmp.iterdir():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
+        for child in sorted(tmp.rglob("*"), reverse=True):  # files, then their folders
+            if child.is_file() and not child.is_symlink():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
+            elif child.is_dir():
+                _fsync_directory(child)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -482,11 +522,31 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_directory(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def restore_set_aside(path: Path) -> bool:
+    """Put back the copy of ``path`` that ``atomic_directory`` set aside when a crash hit
+    between its two renames (``path`` missing, ``.NAME.old-PID`` present); True if it did.
+    The newest such copy wins; none of them is deleted otherwise."""
+    path = Path(path)
+    if path.exists():
+        return False
+    aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not aside:
+        return False
+    os.replace(aside[-1], path)
+    _fsync_directory(path.parent)
+    return True
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a directory's entries durable (names created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -17,14 +17,46 @@ logger = logging.getLogger("lowmem_es")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda:0 when available else cpu; explicit cuda requests must be satisfiable."""
+    """The torch device a run computes on.
+
+    'auto': this process's GPU when CUDA is available, else the CPU. 'cuda' without an
+    index: this process's GPU. This process's GPU is ``cuda:LOCAL_RANK`` under torchrun
+    (each rank its own card; a fixed index would put every rank's model on one card),
+    else the current CUDA device. An explicit 'cuda:N' must exist.
+    """
     if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", _own_gpu()) if torch.cuda.is_available() \
+            else torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ValueError(f"`device` is {name!r} but no CUDA device is available; use "
                          "device='cpu' or 'auto'")
+    if device.index is None:
+        return torch.device("cuda", _own_gpu())
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise ValueError(f"`device` is {name!r} but this machine has {count} CUDA "
+                         f"device(s) (cuda:0..cuda:{count - 1}); use 'cuda' or 'auto'")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+            and device.index != int(os.environ.get("LOCAL_RANK", device.index)):
+        logger.warning("`device` is %r under torchrun: every rank then uses that one card; "
+                       "give device='cuda' or 'auto' so that each rank takes "
+                       "cuda:LOCAL_RANK", name)
     return device
+
+
+def _own_gpu() -> int:
+    """This process's CUDA device index: LOCAL_RANK under torchrun, else the current one."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return torch.cuda.current_device()
+    index, count = int(local), torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"LOCAL_RANK={index} but this machine has {count} CUDA device(s): "
+                         "start torchrun with --nproc_per_node at most the number of GPUs")
+    return index
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -60,6 +92,8 @@ def load_model(path: str | os.PathLike, *, load_in_4bit: bool = True,
 
     path = str(path)
     _check_model_path(path)
+    if Path(path).expanduser().exists():  # from_pretrained does not expand "~"
+        path = str(Path(path).expanduser())
     target = resolve_device(device)
     dtype = resolve_dtype(compute_dtype, target)
     kwargs: dict = {"dtype": dtype, "use_safetensors": True,

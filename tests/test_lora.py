@@ -151,6 +151,58 @@ def test_adapter_round_trip_and_errors(es_model, tiny_llama_dir, tmp_path):
         wrong_rank.load_adapter(path)
 
 
+@pytest.mark.parametrize(("change", "match"), [
+    ({"lora_alpha": 16.0}, "lora_alpha=16.0 but this run uses lora_alpha=8.0"),
+    ({"use_rslora": True}, "rsLoRA"),
+    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+    ({"alpha_pattern": {"q_proj": 4.0}}, "alpha_pattern"),
+    ({"bias": "lora_only"}, "biases"),
+], ids=["alpha", "rslora", "rank_pattern", "alpha_pattern", "bias"])
+def test_adapter_with_another_scaling_is_refused(es_model, tmp_path, change, match):
+    """An adapter this layer would compute differently from PEFT (another alpha, rsLoRA,
+    per-layer patterns, LoRA biases) is refused by name instead of loading silently."""
+    model, _ = es_model
+    path = model.save_adapter(tmp_path / "adapter")
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(change)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    before = [tensor.clone() for tensor in model.parameters().values()]
+    with pytest.raises(ValueError, match=match):
+        model.load_adapter(path)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters().values(),
+                                                  strict=True))
+
+
+def test_atomic_directory_permissions_subfolders_and_crash_between_renames(tmp_path):
+    """The directory gets the umask's permissions (not mkdtemp's 0700), subfolders are
+    fine, and a copy set aside by a crash between the two renames is put back."""
+    import os
+
+    from lowmem_es.lora import atomic_directory, restore_set_aside
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "file.txt").write_text("new")
+            (tmp / "top.txt").write_text("new")
+    finally:
+        os.umask(umask)
+    out = tmp_path / "out"
+    assert (out / "sub" / "file.txt").read_text() == "new"
+    assert out.stat().st_mode & 0o777 == 0o755
+    # A crash after the old copy was moved aside and before the new one moved in.
+    os.replace(out, tmp_path / ".out.old-12345")
+    assert not out.exists()
+    assert restore_set_aside(out) and (out / "top.txt").read_text() == "new"
+    assert not restore_set_aside(out)  # nothing set aside any more
+    os.replace(out, tmp_path / ".out.old-12345")
+    with atomic_directory(out) as tmp:  # the next write restores first, then replaces
+        (tmp / "top.txt").write_text("newer")
+    assert (out / "top.txt").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_save_is_atomic_on_failure(es_model, tmp_path, monkeypatch):
     """A failure while writing leaves the previous adapter intact and no temp dirs."""
     model, _ = es_model

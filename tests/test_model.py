@@ -175,3 +175,51 @@ def _generate_cuda(es_model, tokenizer, batch, capture):
                      stats=stats)
     assert stats.captured == capture
     return out
+
+
+# ------------------------------------------------------------------ device and path
+
+
+@pytest.fixture()
+def two_gpus(monkeypatch):
+    """Pretend CUDA is there with two cards, current device 0 (no tensor is made)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_each_torchrun_rank_takes_its_own_gpu(two_gpus, monkeypatch):
+    """Under torchrun 'auto' and 'cuda' mean cuda:LOCAL_RANK: a fixed cuda:0 would load
+    every rank's model onto one card (and NCCL refuses duplicate GPUs)."""
+    from lowmem_es.model import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match="LOCAL_RANK=2 but this machine has 2 CUDA"):
+        resolve_device("auto")
+
+
+def test_cuda_index_must_exist(two_gpus):
+    from lowmem_es.model import resolve_device
+
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"'cuda:5' but this machine has 2 CUDA device"):
+        resolve_device("cuda:5")
+
+
+def test_home_relative_model_path_loads(tiny_llama_dir, tmp_path, monkeypatch):
+    """'~/...' is expanded for loading too, not only for the existence check."""
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "tiny").symlink_to(tiny_llama_dir, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+    model, tokenizer, device = load_model("~/models/tiny")
+    assert device.type == "cpu" and tokenizer.padding_side == "left"
+    assert model.config.num_hidden_layers >= 1
