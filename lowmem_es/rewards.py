@@ -42,7 +42,10 @@ def exact_match(completions: list, answer: list[str], **kwargs: Any) -> list[flo
             for c, a in zip(completions, answer, strict=True)]
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A number, with commas only as thousands separators: "1,234,567" is one number, while
+# "2,3,5" (a list) is three. (?!\d) keeps "1,2345" from reading as "1,234" then "5".
+NUMBER_PATTERN = r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+_NUMBER = re.compile(NUMBER_PATTERN)
 
 
 def last_number(completions: list, answer: list, **kwargs: Any) -> list[float]:
@@ -221,21 +224,37 @@ def compute_rewards(reward_funcs: Sequence[RewardFunc], *, prompts: list, comple
             got = "None" if values is None else f"{len(values)} values"
             raise ValueError(f"reward function {name!r} returned {got} for {count} "
                              "completions; it must return one float (or None) per completion")
-        clean: list[float | None] = []
-        for value in values:
-            if value is None:
-                clean.append(None)
-                continue
-            if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                raise ValueError(f"reward function {name!r} returned {value!r}; rewards must "
-                                 "be numbers or None")
-            value = float(value)  # numpy / torch scalars too, as TRL accepts
-            clean.append(None if math.isnan(value) else value)
+        clean = [_reward_value(value, name, i) for i, value in enumerate(values)]
         per_func[name] = clean
         for i, value in enumerate(clean):
             if value is not None:
                 totals[i] += weight * value
     return totals, per_func
+
+
+def _reward_value(value: Any, name: str, index: int) -> float | None:
+    """One returned reward as a float, or None for "not applicable" (None or NaN).
+
+    Python, numpy and torch numbers are accepted, as TRL accepts them (it builds a tensor
+    from the list): a numpy scalar, a 0-d numpy array or a 0-d torch tensor is read with
+    ``.item()``. A bool, a string or a tensor of several elements is an error naming the
+    function and the completion. NaN counts as None (TRL's nansum); +-inf is kept.
+    """
+    if value is None:
+        return None
+    shape = getattr(value, "shape", None)
+    if not isinstance(value, numbers.Real) and shape is not None and callable(
+            getattr(value, "item", None)):
+        if tuple(shape) != ():
+            raise ValueError(f"reward function {name!r} returned a {type(value).__name__} of "
+                             f"shape {tuple(shape)} for completion {index}; each reward must "
+                             "be one number (a 0-d tensor or array is fine) or None")
+        value = value.item()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"reward function {name!r} returned {value!r} for completion "
+                         f"{index}; rewards must be numbers or None")
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 def guard_reward(func: RewardFunc) -> RewardFunc:

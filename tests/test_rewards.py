@@ -13,6 +13,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from lowmem_es.rewards import (
     BUILTIN_REWARDS,
@@ -161,6 +162,47 @@ def test_numpy_scalar_rewards_are_numbers():
     assert totals == [2.0, 15.0, 34.0]
 
 
+def test_zero_d_tensor_and_array_rewards_are_numbers():
+    """TRL accepts a list of 0-d tensors (it builds one tensor from the list); so do we."""
+    def tensor_rewards(completions, **kwargs):
+        return [torch.tensor(1.0), torch.tensor(2, dtype=torch.int64), np.array(0.5)]
+
+    def nan_tensor(completions, **kwargs):
+        return [torch.tensor(float("nan")), np.array(float("nan")), torch.tensor(float("inf"))]
+
+    totals, per_func = _call([tensor_rewards, nan_tensor], weights=[1.0, 0.0])
+    assert per_func["tensor_rewards"] == [1.0, 2.0, 0.5]
+    assert all(type(v) is float for v in per_func["tensor_rewards"])
+    # NaN is "not applicable" whatever its type (TRL's nansum); inf is kept, as for floats.
+    assert per_func["nan_tensor"] == [None, None, float("inf")]
+    assert totals[:2] == [1.0, 2.0]
+
+
+def test_multi_element_tensor_names_function_and_completion():
+    def batched(completions, **kwargs):
+        return [1.0, torch.tensor([1.0, 2.0]), 0.0]
+
+    with pytest.raises(ValueError, match=r"'batched' returned a Tensor of shape \(2,\) for "
+                                         r"completion 1; each reward must be one number"):
+        _call([batched])
+
+    def array_of_one(completions, **kwargs):
+        return [np.array([1.0])] * len(completions)
+
+    with pytest.raises(ValueError, match=r"'array_of_one' returned a ndarray of shape \(1,\) "
+                                         r"for completion 0"):
+        _call([array_of_one])
+
+
+def test_bool_rewards_are_rejected_in_any_form():
+    def flags(completions, **kwargs):
+        return [1.0, 0.0, torch.tensor(True)]
+
+    with pytest.raises(ValueError, match=r"'flags' returned True for completion 2; rewards must "
+                                         r"be numbers or None"):
+        _call([flags])
+
+
 # --- load_reward ---
 
 def test_load_builtin_names():
@@ -246,6 +288,14 @@ def test_exact_match():
     ("", "0", 0.0),
     ("answer: 72", "#### 72", 0.0),  # an unparseable answer scores 0, never raises
     ("answer: 8.0", 8, 1.0),
+    # commas are thousands separators only: a comma-separated list is several numbers
+    ("primes: 2,3,5", "5", 1.0),
+    ("primes: 2,3,5", "235", 0.0),
+    ("scores 10,20,30", "30", 1.0),
+    ("1,2345", "2345", 1.0),        # not "1,234" then "5"
+    ("it is 56, not 65", "65", 1.0),
+    ("it is 56, then", "56", 1.0),
+    ("total: -12,000.5", "-12000.5", 1.0),
 ])
 def test_last_number(completion, answer, expected):
     assert last_number([completion], answer=[answer]) == [expected]

@@ -100,6 +100,7 @@ def test_arithmetic_sizes_cap_and_bad_level():
 @pytest.mark.parametrize(("text", "expected"), [
     ("56", True), ("7 * 8 = 56.", True), ("The answer is 1,024.\n", True), ("-3", True),
     ("To solve this, we multiply 7 by", False), ("56 apples", False), ("", False),
+    ("The primes are 2,3,5.", True), ("It is 56,", False),  # a trailing comma goes on
 ])
 def test_arithmetic_well_formed(text, expected):
     assert arithmetic.well_formed(text) is expected
@@ -306,6 +307,35 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
     typed = _write(tmp_path / "typed.jsonl", ['{"prompt": 5, "answer": 1}'])
     with pytest.raises(ValueError, match=r"typed.jsonl:1: field 'prompt' must be a string"):
         jsonl_task(typed)
+
+
+def test_jsonl_null_or_empty_answer_is_an_error(tmp_path):
+    """A null or empty reference would score 0 on every completion, silently."""
+    null = _write(tmp_path / "null.jsonl", [json.dumps({"question": "q0", "answer": "1"}),
+                                            json.dumps({"question": "q1", "answer": None})])
+    with pytest.raises(ValueError, match=r"null.jsonl:2: field 'answer' is null; give the row "
+                                         r"a reference answer, or drop the row, or set "
+                                         r"--answer-field"):
+        jsonl_task(null, prompt_field="question")
+    named = _write(tmp_path / "named.jsonl", [json.dumps({"prompt": "q", "sol": None})])
+    with pytest.raises(ValueError, match=r"named.jsonl:1: field 'sol' is null"):
+        jsonl_task(named, answer_field="sol")
+    for answer in ("", "   "):
+        blank = _write(tmp_path / "blank.jsonl", [json.dumps({"prompt": "q", "answer": answer})])
+        with pytest.raises(ValueError, match=r"blank.jsonl:1: field 'answer' is empty; give "
+                                             r"the row a reference answer"):
+            jsonl_task(blank)
+    cut = _write(tmp_path / "cut.jsonl", [json.dumps({"prompt": "q", "answer": "so ####  "})])
+    with pytest.raises(ValueError, match=r"cut.jsonl:1: field 'answer' is empty after '####'"):
+        jsonl_task(cut)
+    held = _write(tmp_path / "held.jsonl", [json.dumps({"prompt": "q", "answer": None})])
+    good = _write(tmp_path / "good.jsonl", [json.dumps({"prompt": "q", "answer": 0})])
+    with pytest.raises(ValueError, match=r"held.jsonl:1: field 'answer' is null"):
+        jsonl_task(good, eval_path=held)
+    # a falsy but real answer is fine; without an answer field, nothing is checked
+    assert jsonl_task(good, eval_fraction=0).splits()["train"][0]["answer"] == "0"
+    assert jsonl_task(held, answer_field=None, eval_fraction=0).splits()["train"] == [
+        {"prompt": [{"role": "user", "content": "q"}], "answer": None}]
 
 
 def test_jsonl_keeps_chat_prompts(tmp_path):

@@ -56,12 +56,32 @@ def final_answer(answer: object) -> str:
     return text.strip().replace(",", "")
 
 
+def _reference_answer(answer: object, path: str | os.PathLike, line: int, field: str) -> str:
+    """The row's reference answer (see ``final_answer``); a null or empty one is an error.
+
+    Either would silently score 0 on every completion (``str(None)`` is "None"), so the
+    row could never be learnt from, and the run would not say why.
+    """
+    if answer is None:
+        raise ValueError(f"{path}:{line}: field {field!r} is null; give the row a reference "
+                         "answer, or drop the row, or set --answer-field to the field that "
+                         "holds the reference answer")
+    text = final_answer(answer)
+    if not text:
+        where = " after '####'" if "####" in str(answer) else ""
+        raise ValueError(f"{path}:{line}: field {field!r} is empty{where}; give the row a "
+                         "reference answer, or drop the row, or set --answer-field to the "
+                         "field that holds the reference answer")
+    return text
+
+
 def map_rows(raw: list[tuple[int, dict]], path: str | os.PathLike, prompt_field: str = "prompt",
              answer_field: str | None = "answer", chat: bool = True) -> list[dict]:
     """Rows ``{prompt, answer, ...}`` from numbered JSONL objects (see ``read_numbered``).
 
     A string prompt becomes ``[{"role": "user", "content": ...}]`` when ``chat``; a
-    prompt that already is a list of chat messages is kept as it is.
+    prompt that already is a list of chat messages is kept as it is. A null or empty
+    answer is an error naming the file, the line and the field (it could never score).
     """
     rows = []
     for line, raw_row in raw:
@@ -86,7 +106,7 @@ def map_rows(raw: list[tuple[int, dict]], path: str | os.PathLike, prompt_field:
                 raise ValueError(f"{path}:{line} has no field {answer_field!r} (fields: "
                                  f"{sorted(row)}); set --answer-field to the field that "
                                  "holds the reference answer")
-            mapped["answer"] = final_answer(row[answer_field])
+            mapped["answer"] = _reference_answer(row[answer_field], path, line, answer_field)
         rows.append(mapped)
     return rows
 
