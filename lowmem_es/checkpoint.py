@@ -140,6 +140,19 @@ def newest_valid_checkpoint(output_dir: Path) -> tuple[int, Path, dict[str, Any]
     return None
 
 
+def newest_state(output_dir: Path) -> dict[str, Any] | None:
+    """trainer_state.json of the newest checkpoint that has a readable one, for its
+    metadata only: the checksums are not verified (``newest_valid_checkpoint`` does that)."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(state, dict):
+            return state
+    return None
+
+
 def remove_partial_checkpoints(output_dir: Path) -> None:
     """Delete temporary directories left by a kill in the middle of a checkpoint write."""
     root = Path(output_dir) / CHECKPOINTS
@@ -196,7 +209,11 @@ def write_adapter_tensors(params: dict[str, torch.Tensor], config_source: Path,
 
 def read_journal(path: Path, repair: bool = False) -> list[dict[str, Any]]:
     """Journal records in order. A torn last line (a kill mid-write) is dropped, and with
-    ``repair`` cut from the file; a bad line elsewhere is an error naming the line."""
+    ``repair`` cut from the file; a bad line elsewhere is an error naming the line.
+
+    A complete last record without its newline (a kill between the record and its
+    newline, or an editor that strips it) is kept; with ``repair`` the newline is
+    appended, so the next record appended to the file starts on a line of its own."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -216,11 +233,25 @@ def read_journal(path: Path, repair: bool = False) -> list[dict[str, Any]]:
                 if repair:
                     with open(path, "r+b") as handle:
                         handle.truncate(good_bytes)
+                        handle.flush()
+                        os.fsync(handle.fileno())
                 break
             raise CheckpointError(f"{path}:{number} is not valid JSON ({error}); the journal "
                                   "is damaged in the middle, not just at its end") from error
         good_bytes += len(line) + 1
+    else:  # every line parsed: the last one may lack its newline
+        if repair and raw and not raw.endswith(b"\n"):
+            _end_with_newline(path)
     return records
+
+
+def _end_with_newline(path: Path) -> None:
+    """Append the missing final newline, durably. Appending one byte cannot lose a record:
+    a kill leaves the file either as it was or with the newline."""
+    with open(path, "ab") as handle:
+        handle.write(b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

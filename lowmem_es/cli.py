@@ -13,9 +13,11 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(else 20%% of --dataset is held out, split by --seed)")
     train.add_argument("--task", help="built-in task: arithmetic or countdown (its splits and "
                        "rewards; --reward overrides the rewards)")
-    train.add_argument("--prompt-field", default="prompt", help="JSONL field of the prompt")
+    train.add_argument("--prompt-field", default=None, help="JSONL field of the prompt "
+                       "(default 'prompt')")
     train.add_argument("--answer-field", default=None, help="JSONL field of the reference "
                        "answer (default 'answer' when no --reward is given)")
     train.add_argument("--reward", nargs="+", default=None,
@@ -128,14 +131,56 @@ def resolve_config(ns: argparse.Namespace, defaults: dict[str, Any] | None = Non
     return ESConfig.from_dict(values, source="configuration")
 
 
+def check_train_flags(ns: argparse.Namespace) -> None:
+    """Refuse flags the chosen run would ignore (ValueError naming the flag and the fix)."""
+    if ns.model is None and (ns.dataset or ns.task):
+        raise ValueError("--dataset/--task need --model; without --model the embedded "
+                         "default (or --example tiny) runs on its own data")
+    if ns.model is not None and ns.example is not None:
+        raise ValueError("--example tiny does not apply with --model (the example builds its "
+                         "own tiny model); drop --example to train --model, or drop --model "
+                         "to run the example")
+    data_flags = {"--reward": ns.reward is not None,
+                  "--prompt-field": ns.prompt_field is not None,
+                  "--answer-field": ns.answer_field is not None,
+                  "--eval-dataset": ns.eval_dataset is not None,
+                  "--trust-remote-code": ns.trust_remote_code}
+    given = [flag for flag, present in data_flags.items() if present]
+    if ns.model is None and given:
+        run = ("--example tiny" if ns.example is not None
+               else "the embedded default run (no --model)")
+        raise ValueError(f"{given[0]} does not apply to {run}, which uses its own model, data "
+                         "and rewards; drop it, or pass --model with --dataset or --task to "
+                         "train on your own")
+    if ns.task:
+        given = [flag for flag in ("--prompt-field", "--answer-field", "--eval-dataset")
+                 if data_flags[flag]]
+        if given:
+            raise ValueError(f"{given[0]} does not apply to --task {ns.task}, which brings its "
+                             "own prompts, answers and eval split; drop it, or use --dataset "
+                             "FILE.jsonl instead of --task")
+
+
+def resume_command(argv: Sequence[str], resume_given: bool = False) -> str:
+    """The shell command that continues the run ``lowmem-es ARGV`` started: the same
+    arguments (global options included), without --overwrite (it would delete the run and
+    excludes --resume), plus --resume unless ``resume_given``; quoted for a POSIX shell."""
+    # argparse also accepts unambiguous prefixes (--overw). No option is itself a prefix of
+    # --overwrite and an argument starting with "--" is never read as a value, so in a
+    # command line argparse accepted every such argument means --overwrite.
+    kept = [arg for arg in argv
+            if not (len(arg) > 2 and arg.startswith("--") and "--overwrite".startswith(arg))]
+    if not resume_given:
+        kept.append("--resume")
+    return shlex.join(["lowmem-es", *kept])
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     from lowmem_es import distributed
     from lowmem_es.model import resolve_device
-    from lowmem_es.trainer import ESTrainer
+    from lowmem_es.trainer import ESTrainer, check_output_dir
 
-    if ns.model is None and (ns.dataset or ns.task):
-        raise ValueError("--dataset/--task need --model; without --model the embedded "
-                         "default runs on its own data")
+    check_train_flags(ns)
     if ns.model is None and ns.example is None:
         from lowmem_es import default_model
 
@@ -143,7 +188,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
                                                   output_dir="runs/smollm2-default"))
         logger.info("no --model given: the embedded default (%s on arithmetic) in %s",
                     default_model.MODEL_NAME, config.output_dir)
-        default_model.run_default(config, **_run_flags(ns))
+        report = default_model.run_default(config, **_run_flags(ns))
+        if report["stopped_early"]:
+            _log_resume_command(ns, report["iterations_done"])
         return 0
     if ns.model is None:
         from lowmem_es import example
@@ -153,6 +200,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
                                                   output_dir="runs/tiny-example"))
         logger.info("no --model given: running the tiny built-in example (random tiny Llama "
                     "learns to emit %r) in %s", example.TARGET, config.output_dir)
+        check_output_dir(config, **_run_flags(ns))  # before writing base-model/ into it
         base = Path(config.output_dir) / "base-model"
         distributed.setup(config.distributed_timeout, resolve_device(config.device))
         if distributed.is_main():  # under torchrun one rank writes, the others wait
@@ -173,7 +221,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         else:
             # Without --reward the JSONL rows need an answer (GSM8K-style last-number match).
             answer_field = ns.answer_field or (None if ns.reward else "answer")
-            task = jsonl_task(ns.dataset, ns.prompt_field, answer_field,
+            task = jsonl_task(ns.dataset, ns.prompt_field or "prompt", answer_field,
                               eval_path=ns.eval_dataset, chat=False)
         splits = task.splits(seed=config.seed)
         trainer = ESTrainer(ns.model, ns.reward or list(task.reward_funcs),
@@ -190,12 +238,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         logger.info("eval reward before training: %.4f", before)
     trainer.train()
     if trainer.stopped_early:
-        command = " ".join(["lowmem-es", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else (
-            "lowmem-es train ...")
-        if "--resume" not in command:
-            command += " --resume"
-        logger.warning("stopped early after %d iterations; continue with:\n  %s",
-                       trainer.iteration, command)
+        _log_resume_command(ns, trainer.iteration)
         return 0
     if not main:
         return 0
@@ -204,6 +247,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
                 "" if before is None else f" (before {before:.4f})",
                 Path(config.output_dir) / "adapter")
     return 0
+
+
+def _log_resume_command(ns: argparse.Namespace, iterations_done: int) -> None:
+    """Tell the user the exact command that continues a run stopped early."""
+    argv = getattr(ns, "argv", None)  # set by main(); absent when cmd_train is called directly
+    command = ("lowmem-es train ... --resume" if argv is None
+               else resume_command(argv, resume_given=ns.resume))
+    logger.warning("stopped early after %d iterations; continue with:\n  %s",
+                   iterations_done, command)
 
 
 def _run_flags(ns: argparse.Namespace) -> dict[str, bool]:
@@ -237,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     # starts, so set before the trainer imports it; an explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
+    ns.argv = argv  # for the command that resumes a run stopped early
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # bitsandbytes logs a failed probe for an optional CPU kernel package on every start.

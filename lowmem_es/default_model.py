@@ -254,9 +254,12 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
     from lowmem_es import distributed
     from lowmem_es.evaluate import format_report
     from lowmem_es.tasks import get_task
-    from lowmem_es.trainer import ESTrainer
+    from lowmem_es.trainer import ESTrainer, check_output_dir
 
     config = config or default_run_config()
+    # Before the conversion and the base evaluation: a clash with output_dir (a run there
+    # without resume/overwrite, a changed configuration) must not cost minutes first.
+    check_output_dir(config, resume=resume, overwrite=overwrite, force=force)
     task = get_task(DEFAULT_TASK)
     data = default_datasets(config.seed if seed is None else seed)
     model_dir = ensure_default_model()
@@ -283,11 +286,12 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
     trainer.train()
     report["train_seconds"] = round(time.perf_counter() - started, 1)
     report["stopped_early"] = trainer.stopped_early
+    report["iterations_done"] = trainer.iteration
     if not main:
         return report
     if trainer.stopped_early:
         logger.warning("stopped after %d of %d iterations: no final evaluation; continue "
-                       "with `lowmem-es train --resume`", trainer.iteration, config.iterations)
+                       "with --resume", trainer.iteration, config.iterations)
     else:
         report["adapter"] = str(Path(config.output_dir) / "adapter")
         measure("adapter")

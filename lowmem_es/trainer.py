@@ -10,6 +10,7 @@ kernels; it hands seeds and fitnesses to ``lowmem_es.es``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -61,6 +62,112 @@ def validate_rows(rows: Sequence[dict], name: str) -> list[dict]:
     return rows
 
 
+def run_identity(model: str | os.PathLike | ESLoraModel, train_dataset: Sequence[dict]
+                 ) -> dict[str, Any]:
+    """What a run trains on, recorded in its checkpoints and compared on resume.
+
+    ``base_model``: the model directory (absolute, when it is a local directory) or hub id;
+    ``base_model_config_sha256``: sha256 of its config.json (of the loaded config for an
+    ``ESLoraModel`` without a local directory; None when neither exists); ``train_rows``
+    and ``train_data_sha256``: the number of training rows and the sha256 of their JSON.
+    The weights are not hashed (gigabytes); the path and config stand for them.
+    """
+    config_text: bytes | None = None
+    if isinstance(model, ESLoraModel):
+        name = model.base_model_name_or_path
+        config = getattr(model.model, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            config_text = config.to_json_string(use_diff=False).encode()
+    else:
+        name = str(model)
+    if name is not None and Path(name).is_dir():
+        config_file = Path(name) / "config.json"
+        if config_file.is_file():
+            config_text = config_file.read_bytes()
+        name = str(Path(name).resolve())
+    rows = json.dumps(list(train_dataset), sort_keys=True, default=str).encode()
+    return {"base_model": name,
+            "base_model_config_sha256": (hashlib.sha256(config_text).hexdigest()
+                                         if config_text is not None else None),
+            "train_rows": len(train_dataset),
+            "train_data_sha256": hashlib.sha256(rows).hexdigest()}
+
+
+def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = False,
+                     force: bool = False, identity: dict[str, Any] | None = None) -> bool:
+    """Refuse, reading files only, what training into ``args.output_dir`` would refuse.
+
+    Cheap, so callers run it before any model loading or evaluation (ESTrainer's
+    constructor does; the CLI and ``run_default`` also before their own model work): a
+    mistake then costs seconds, not a base-model evaluation. Refused: an output_dir that
+    holds a run without ``resume`` or ``overwrite``; with ``resume``, a configuration whose
+    result-changing fields differ from the run's run.toml, or (``identity``, see
+    ``run_identity``) another base model or other training rows than the run's newest
+    checkpoint records, unless ``force``. Returns whether output_dir holds a run.
+    """
+    if resume and overwrite:
+        raise ValueError("`resume` and `overwrite` exclude each other: resume continues "
+                         "the run in output_dir, overwrite deletes it")
+    out = Path(args.output_dir)
+    journal = out / "journal.jsonl"
+    # A run exists once it has a complete checkpoint or a journaled iteration; a kill
+    # while the very first checkpoint was being written leaves neither (only a temp
+    # dir), and such a run simply starts again.
+    has_run = bool(checkpoint.list_checkpoints(out)) or (
+        journal.is_file() and journal.stat().st_size > 0)
+    if not has_run or overwrite:
+        return has_run
+    if not resume:
+        raise ValueError(f"output_dir {str(out)!r} already holds a run; pass --resume "
+                         "(resume=True) to continue it or --overwrite (overwrite=True) to "
+                         "start over")
+    if force:
+        return has_run
+    saved_config = out / "run.toml"
+    if saved_config.is_file():
+        saved = ESConfig.from_toml(saved_config).to_dict()
+        current = args.to_dict()
+        differing = sorted(k for k in current if k not in NON_RESULT_FIELDS
+                           and saved.get(k) != current[k])
+        if differing:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}"
+                                for k in differing)
+            raise ValueError(f"cannot resume {str(out)!r}: the configuration changed in "
+                             f"fields that change results ({details}). Restore them, or "
+                             "pass --force (force=True) to resume anyway")
+    state = checkpoint.newest_state(out) or {}
+    saved_identity = state.get(IDENTITY_KEY)
+    if identity is not None and isinstance(saved_identity, dict):
+        _compare_identity(out, saved_identity, identity)
+    return has_run
+
+
+IDENTITY_KEY = "run_identity"  # the trainer_state.json key run_identity() is saved under
+
+
+def _compare_identity(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise when ``current`` names another base model or other training rows than ``saved``."""
+    problems = []
+    saved_hash = saved.get("base_model_config_sha256")
+    current_hash = current.get("base_model_config_sha256")
+    if saved.get("base_model") != current.get("base_model") or (
+            saved_hash and current_hash and saved_hash != current_hash):
+        problems.append(f"base model {saved.get('base_model')!r} (config.json sha256 "
+                        f"{str(saved_hash)[:12]}) -> {current.get('base_model')!r} "
+                        f"(config.json sha256 {str(current_hash)[:12]})")
+    if saved.get("train_data_sha256") != current.get("train_data_sha256"):
+        problems.append(f"training data {saved.get('train_rows')} rows (sha256 "
+                        f"{str(saved.get('train_data_sha256'))[:12]}) -> "
+                        f"{current.get('train_rows')} rows (sha256 "
+                        f"{str(current.get('train_data_sha256'))[:12]})")
+    if problems:
+        raise ValueError(f"cannot resume {str(out)!r}: it was trained on something else "
+                         f"({'; '.join(problems)}). Resume with the run's own --model and "
+                         "data, pass another --output-dir to start a new run, or pass "
+                         "--force (force=True) to continue this run on the new ones anyway "
+                         "(the same applies if the model directory only moved)")
+
+
 class ESTrainer:
     """Fine-tune LoRA adapters of a frozen (NF4) causal LM with Evolution Strategies.
 
@@ -88,6 +195,13 @@ class ESTrainer:
         self.train_dataset = validate_rows(train_dataset, "train_dataset")
         self.eval_dataset = (validate_rows(eval_dataset, "eval_dataset")
                              if eval_dataset is not None else None)
+        if model is None or str(model) == "":
+            raise ValueError("`model` is missing; pass a model directory or hub id")
+        # Base model + training rows, as given (before the CLI fits chat prompts to the
+        # tokenizer): saved in every checkpoint, compared on resume.
+        self.identity = run_identity(model, self.train_dataset)
+        # Before any model loading: a clash with output_dir costs nothing yet.
+        check_output_dir(self.args, resume, overwrite, force, self.identity)
         noise.set_backend(self.args.noise_backend)
         lora.NF4_MATMUL_FORCE = None if self.args.nf4_kernel else "torch"
         distributed.setup(self.args.distributed_timeout, resolve_device(self.args.device))
@@ -113,8 +227,6 @@ class ESTrainer:
             if self.device.type == "cuda" and embedding_on_cpu:
                 offload_input_embedding(model.model, self.device)  # as the plan assumed
         else:
-            if model is None or str(model) == "":
-                raise ValueError("`model` is missing; pass a model directory or hub id")
             base, self.tokenizer, self.device = load_model(
                 model, load_in_4bit=self.args.load_in_4bit,
                 compute_dtype=self.args.compute_dtype, device=self.args.device,
@@ -341,8 +453,11 @@ class ESTrainer:
                     elapsed = time.perf_counter() - started
                     out_of_time = bool(args.max_hours) and elapsed + elapsed / (
                         done - first) > args.max_hours * 3600
+                    # Only with iterations left: after the last one the run is complete
+                    # (adapter, final checkpoint), however long it took or whatever arrived.
                     # Unanimous: a rank that stops alone would leave the others waiting.
-                    if distributed.any_rank(self._signal is not None or out_of_time):
+                    if done < args.iterations and distributed.any_rank(
+                            self._signal is not None or out_of_time):
                         reason = ("a signal" if not out_of_time
                                   else f"--max-hours {args.max_hours}")
                         self._checkpoint(out, done)
@@ -370,18 +485,15 @@ class ESTrainer:
             return
         checkpoint.save_checkpoint(out, step, self.es_model, {
             "config_hash": self.args.result_hash(), "run_seed": self.args.seed,
-            "lowmem_es_version": __version__}, self.adam_state)
+            "lowmem_es_version": __version__, IDENTITY_KEY: self.identity}, self.adam_state)
         checkpoint.rotate_checkpoints(out, self.args.save_total_limit)
         plot_rewards(out)
 
     def _prepare_output_dir(self, out: Path) -> None:
         """Start fresh, refuse to clobber another run, or restore for --resume."""
-        journal = out / "journal.jsonl"
-        # A run exists once it has a complete checkpoint or a journaled iteration; a kill
-        # while the very first checkpoint was being written leaves neither (only a temp
-        # dir), and such a run simply starts again.
-        has_run = bool(checkpoint.list_checkpoints(out)) or (
-            journal.is_file() and journal.stat().st_size > 0)
+        # Again, as in the constructor: output_dir may have changed since.
+        has_run = check_output_dir(self.args, self.resume, self.overwrite, self.force,
+                                   self.identity)
         main = distributed.is_main()
         if main:
             checkpoint.remove_partial_checkpoints(out)
@@ -392,10 +504,6 @@ class ESTrainer:
                 shutil.rmtree(out / name, ignore_errors=True)
         if self.overwrite:
             has_run = False
-        if has_run and not self.resume:
-            raise ValueError(f"output_dir {str(out)!r} already holds a run; pass --resume "
-                             "(resume=True) to continue it or --overwrite (overwrite=True) to "
-                             "start over")
         if main:
             out.mkdir(parents=True, exist_ok=True)
         distributed.barrier()  # nobody reads while rank 0 clears
@@ -411,19 +519,8 @@ class ESTrainer:
         distributed.barrier()  # ranks start together; rank 0's files exist
 
     def _restore(self, out: Path) -> None:
-        """Newest valid checkpoint + replay of the journal lines after it."""
-        saved_config = out / "run.toml"
-        if saved_config.is_file():
-            saved = ESConfig.from_toml(saved_config).to_dict()
-            current = self.args.to_dict()
-            differing = sorted(k for k in current if k not in NON_RESULT_FIELDS
-                               and saved.get(k) != current[k])
-            if differing and not self.force:
-                details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}"
-                                    for k in differing)
-                raise ValueError(f"cannot resume {str(out)!r}: the configuration changed in "
-                                 f"fields that change results ({details}). Restore them, or "
-                                 "pass --force (force=True) to resume anyway")
+        """Newest valid checkpoint + replay of the journal lines after it (the configuration
+        and the run's identity were checked by ``check_output_dir``)."""
         records = checkpoint.read_journal(out / "journal.jsonl", repair=distributed.is_main())
         expected = list(range(len(records)))
         if [r["iteration"] for r in records] != expected:
@@ -434,7 +531,11 @@ class ESTrainer:
         if found is None:
             raise checkpoint.CheckpointError(f"{str(out)!r} has no valid checkpoint to resume "
                                              "from; start over with --overwrite")
-        step, path, _ = found
+        step, path, state = found
+        if IDENTITY_KEY not in state:
+            logger.warning("%s was written by an older lowmem-es that did not record the base "
+                           "model and training data: resuming without checking that they are "
+                           "the same as this run's", out)
         if step > len(records):
             raise checkpoint.CheckpointError(f"checkpoint {path} is at step {step} but the "
                                              f"journal has only {len(records)} iterations")

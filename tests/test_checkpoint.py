@@ -314,3 +314,96 @@ def test_raising_reward_names_function_and_completion(tiny_llama_dir, tmp_path):
         trainer.train()
     assert _iterations(out) == [0, 1]
     assert checkpoint.read_state(checkpoint.step_dir(out, 2))["step"] == 2
+
+
+def test_journal_without_final_newline_resumes_twice(tiny_llama_dir, reference, tmp_path):
+    """A complete last record without its newline: resume adds the newline before appending,
+    so the next resume (and replay) still reads one record per line."""
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, optimizer="adam", iterations=5).train()
+    journal = out / "journal.jsonl"
+    journal.write_bytes(journal.read_bytes().rstrip(b"\n"))
+    _trainer(tiny_llama_dir, out, optimizer="adam", resume=True, iterations=7).train()
+    assert _iterations(out) == list(range(7))
+    _trainer(tiny_llama_dir, out, optimizer="adam", resume=True).train()
+    assert _iterations(out) == list(range(9))
+    assert journal.read_bytes().endswith(b"}\n")
+    assert checkpoint.replay_journal(out).max_abs_diff == 0.0
+    _assert_same_adapter(out / "adapter", reference / "adapter")
+
+
+def test_read_journal_repair_adds_only_the_missing_newline(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b'{"iteration": 0}\n{"iteration": 1}')
+    assert checkpoint.read_journal(path) == [{"iteration": 0}, {"iteration": 1}]
+    assert path.read_bytes() == b'{"iteration": 0}\n{"iteration": 1}'  # read-only: untouched
+    assert checkpoint.read_journal(path, repair=True) == [{"iteration": 0}, {"iteration": 1}]
+    assert path.read_bytes() == b'{"iteration": 0}\n{"iteration": 1}\n'
+    assert checkpoint.read_journal(path, repair=True) == [{"iteration": 0}, {"iteration": 1}]
+    assert path.read_bytes() == b'{"iteration": 0}\n{"iteration": 1}\n'  # idempotent
+
+
+@pytest.mark.parametrize("stop", ["max_hours", "signal"])
+def test_a_stop_after_the_last_iteration_still_finishes_the_run(tiny_llama_dir, tmp_path,
+                                                                   stop):
+    """--max-hours running out or Ctrl-C during the last iteration: the run is complete, so
+    it ends as one (adapter/, final checkpoint), not as "stopped early"."""
+    out = tmp_path / "run"
+    trainer = _trainer(tiny_llama_dir, out, iterations=1,
+                       **({"max_hours": 1e-9} if stop == "max_hours" else {}))
+
+    def interrupt(entry):
+        if stop == "signal":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer.train(callback=interrupt)
+    assert not trainer.stopped_early and trainer.iteration == 1
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert checkpoint.list_checkpoints(out)[-1][0] == 1
+    assert _iterations(out) == [0]
+
+
+def _strip_identity(out: Path) -> None:
+    """Make ``out`` look like a run of a lowmem-es that did not record what it trained on."""
+    from lowmem_es.trainer import IDENTITY_KEY
+
+    for _, path in checkpoint.list_checkpoints(out):
+        state_file = path / checkpoint.STATE_FILE
+        state = json.loads(state_file.read_text())
+        del state[IDENTITY_KEY]
+        state_file.write_text(json.dumps(state))
+
+
+def test_resume_on_another_base_model_or_data_is_refused_unless_forced(
+        tiny_llama_dir, tmp_path, monkeypatch, caplog):
+    from lowmem_es import trainer as trainer_module
+    from lowmem_es.example import build_tiny_model
+
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, iterations=2).train()
+    state = checkpoint.read_state(checkpoint.step_dir(out, 2))[trainer_module.IDENTITY_KEY]
+    assert state["base_model"] == str(tiny_llama_dir.resolve()) and state["train_rows"] == 8
+    other = build_tiny_model(tmp_path / "other-model", seed=123)  # same architecture
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output_dir checks")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "load_model", no_loading)
+        with pytest.raises(ValueError, match=r"base model .*other-model.*--force"):
+            _trainer(other, out, resume=True, iterations=3)
+        with pytest.raises(ValueError, match=r"training data 8 rows .* -> 7 rows.*--force"):
+            ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(7),
+                      args=example_config(str(out), **dict(SMALL, iterations=3)), resume=True)
+    assert _iterations(out) == [0, 1]  # nothing was written
+    forced = ESTrainer(str(other), [target_fraction], train_dataset=tiny_dataset(8),
+                       args=example_config(str(out), **dict(SMALL, iterations=3)),
+                       resume=True, force=True)
+    forced.train()
+    assert _iterations(out) == [0, 1, 2]
+    # A run from before the record existed resumes, with one warning.
+    _strip_identity(out)
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        _trainer(tiny_llama_dir, out, resume=True, iterations=4).train()
+    assert sum("did not record the base model" in r.message for r in caplog.records) == 1
+    assert _iterations(out) == [0, 1, 2, 3]

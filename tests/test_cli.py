@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 
@@ -259,3 +260,119 @@ def test_train_on_a_task_and_on_a_jsonl_dataset(tiny_llama_dir, tmp_path):
                  "--output-dir", str(out), *small]) == 0
     journal = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
     assert len(journal) == 1 and len(journal[0]["fitness"]) == 2
+
+
+# --- flags that do not apply, the resume command, output_dir checks before evaluation ---
+
+@pytest.mark.parametrize(("argv", "flag", "run"), [
+    (["--example", "tiny", "--reward", "exact_match"], "--reward", "--example tiny"),
+    (["--example", "tiny", "--prompt-field", "q"], "--prompt-field", "--example tiny"),
+    (["--example", "tiny", "--answer-field", "a"], "--answer-field", "--example tiny"),
+    (["--example", "tiny", "--eval-dataset", "e.jsonl"], "--eval-dataset", "--example tiny"),
+    (["--reward", "exact_match"], "--reward", "the embedded default run"),
+    (["--model", "X", "--example", "tiny", "--task", "arithmetic"], "--example tiny",
+     "--model"),
+    (["--model", "X", "--task", "arithmetic", "--eval-dataset", "e.jsonl"], "--eval-dataset",
+     "--task arithmetic"),
+    (["--model", "X", "--task", "arithmetic", "--prompt-field", "q"], "--prompt-field",
+     "--task arithmetic"),
+])
+def test_flags_that_would_be_ignored_are_errors(capsys, tmp_path, monkeypatch, argv, flag,
+                                                run):
+    from lowmem_es import default_model, example
+
+    def fail(*args, **kwargs):
+        raise AssertionError(f"the run started although {flag} does not apply to it")
+
+    monkeypatch.setattr(default_model, "run_default", fail)
+    monkeypatch.setattr(example, "build_tiny_model", fail)
+    out = tmp_path / "run"
+    err = _error(capsys, ["train", *argv, "--output-dir", str(out)])
+    assert f"{flag} does not apply" in err and run in err and "drop" in err
+    assert not out.exists()  # refused before anything was built or written
+
+
+def test_resume_command_drops_overwrite_keeps_globals_and_quotes():
+    from lowmem_es.cli import resume_command
+
+    argv = ["-v", "train", "--example", "tiny", "--overwrite", "--output-dir", "my runs/a b",
+            "--iterations", "5"]
+    command = resume_command(argv)
+    assert shlex.split(command) == ["lowmem-es", "-v", "train", "--example", "tiny",
+                                    "--output-dir", "my runs/a b", "--iterations", "5",
+                                    "--resume"]
+    assert "--overw" not in resume_command(["train", "--overw"])  # argparse's prefix of it
+    assert shlex.split(resume_command(["train", "--resume"], resume_given=True)) == [
+        "lowmem-es", "train", "--resume"]
+    build_parser().parse_args(shlex.split(command)[1:])  # a command line argparse accepts
+
+
+def test_printed_resume_command_continues_a_run_started_with_overwrite(tmp_path, caplog):
+    """--max-hours stops an --overwrite run after one of two iterations; the printed
+    command (global -v, a path with a space) must run as printed and finish the run."""
+    out = tmp_path / "my run"
+    small = ["--iterations", "2", "--population-size", "4", "--batch-size", "2",
+             "--max-completion-length", "3"]
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        assert main(["-v", "train", "--example", "tiny", "--overwrite", "--output-dir",
+                     str(out), "--max-hours", "1e-9", *small]) == 0
+    messages = [r.getMessage() for r in caplog.records if "continue with:" in r.getMessage()]
+    assert len(messages) == 1 and not (out / "adapter").exists()
+    argv = shlex.split(messages[0].split("continue with:", 1)[1])
+    assert argv[:3] == ["lowmem-es", "-v", "train"]
+    assert "--overwrite" not in argv and argv.count("--resume") == 1
+    assert argv[argv.index("--output-dir") + 1] == str(out)
+    assert main(argv[1:]) == 0
+    journal = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
+    assert [j["iteration"] for j in journal] == [0, 1]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _fake_run(out, **config):
+    """An output_dir that holds a run as far as the guards can tell (no model needed)."""
+    from lowmem_es.config import to_toml
+
+    out.mkdir(parents=True)
+    (out / "journal.jsonl").write_text('{"iteration": 0}\n')
+    (out / "run.toml").write_text(to_toml(ESConfig(output_dir=str(out), **config).to_dict()))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "already holds a run"),
+    (["--resume", "--sigma", "0.3"], r"configuration changed .*sigma"),
+])
+def test_output_dir_clash_is_reported_before_any_model_work(
+        tiny_llama_dir, tmp_path, monkeypatch, capsys, extra, message):
+    """The before-training evaluation can take hours: an output_dir that cannot be used
+    must be reported first, for --model runs and for the tiny example alike."""
+    from lowmem_es import example, trainer
+
+    def fail(*args, **kwargs):
+        raise AssertionError("model work ran before the output_dir check")
+
+    monkeypatch.setattr(trainer.ESTrainer, "evaluate", fail)
+    monkeypatch.setattr(trainer, "load_model", fail)
+    monkeypatch.setattr(example, "build_tiny_model", fail)
+    out = tmp_path / "model-run"
+    _fake_run(out)
+    err = _error(capsys, ["train", "--model", str(tiny_llama_dir), "--task", "arithmetic",
+                          "--output-dir", str(out), *extra])
+    assert re.search(message, err)
+    out = tmp_path / "example-run"
+    _fake_run(out, **example.EXAMPLE_CONFIG)
+    err = _error(capsys, ["train", "--example", "tiny", "--output-dir", str(out), *extra])
+    assert re.search(message, err)
+    assert not (out / "base-model").exists()
+
+
+def test_default_run_stopped_early_prints_the_resume_command(monkeypatch, caplog):
+    from lowmem_es import default_model
+
+    calls = []
+    monkeypatch.setattr(default_model, "run_default", lambda config, **flags: calls.append(
+        flags) or {"stopped_early": True, "iterations_done": 3})
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        assert main(["train", "--overwrite", "--max-hours", "1"]) == 0
+    assert calls == [{"resume": False, "overwrite": True, "force": False}]
+    assert any(r.getMessage().endswith("continue with:\n  lowmem-es train --max-hours 1 "
+                                       "--resume") for r in caplog.records)

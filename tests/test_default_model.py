@@ -98,6 +98,32 @@ def test_run_default_reports_base_and_adapter(monkeypatch, tmp_path, tiny_llama_
         default_model.run_default(config)
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    ({}, "already holds a run"),
+    ({"resume": True, "sigma": 0.5}, r"configuration changed .*sigma"),
+])
+def test_run_default_checks_output_dir_before_converting_or_evaluating(
+        monkeypatch, tmp_path, flags, message):
+    """The base evaluation takes minutes: an output_dir that cannot be used is reported
+    before it (and before the one-time conversion)."""
+    from lowmem_es.config import to_toml
+
+    def fail(*args, **kwargs):
+        raise AssertionError("model work ran before the output_dir check")
+
+    monkeypatch.setattr(default_model, "ensure_default_model", fail)
+    monkeypatch.setattr(default_model, "score_splits", fail)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "journal.jsonl").write_text('{"iteration": 0}\n')  # a run, as the guards see it
+    (out / "run.toml").write_text(to_toml(default_model.default_run_config(str(out))
+                                          .to_dict()))
+    resume = flags.pop("resume", False)
+    config = default_model.default_run_config(str(out), **flags)
+    with pytest.raises(ValueError, match=message):
+        default_model.run_default(config, resume=resume)
+
+
 requires_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec(default_model.PACKAGE) is None
     or importlib.util.find_spec("gguf") is None,
