@@ -254,7 +254,7 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
     from lowmem_es import distributed
     from lowmem_es.evaluate import format_report
     from lowmem_es.tasks import get_task
-    from lowmem_es.trainer import ESTrainer, check_output_dir
+    from lowmem_es.trainer import ESTrainer, atomic_write_text, check_output_dir
 
     config = config or default_run_config()
     # Before the conversion and the base evaluation: a clash with output_dir (a run there
@@ -297,5 +297,5 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
         measure("adapter")
         logger.info("\n%s", format_report(report))
     out = Path(config.output_dir) / "default_report.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     return report

@@ -513,9 +513,9 @@ class ESTrainer:
             self.iteration = 0
             self._checkpoint(out, 0)  # the initial adapter: the origin of journal replay
         if main:
-            _atomic_write(out / "run.toml", to_toml(self.args.to_dict()))
+            atomic_write_text(out / "run.toml", to_toml(self.args.to_dict()))
             if self.plan is not None:
-                _atomic_write(out / "plan.json", json.dumps(self.plan.to_dict(), indent=2))
+                atomic_write_text(out / "plan.json", json.dumps(self.plan.to_dict(), indent=2))
         distributed.barrier()  # ranks start together; rank 0's files exist
 
     def _restore(self, out: Path) -> None:
@@ -680,7 +680,10 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a fsynced sibling and a rename: a crash leaves
+    the old file or the new one, never a torn one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as handle:
         handle.write(text)
