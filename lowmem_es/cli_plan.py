@@ -96,7 +96,9 @@ def resolve_plan_inputs(ns: argparse.Namespace) -> tuple[Any, ESConfig, dict[str
 
 
 def run_plan(ns: argparse.Namespace) -> int:
-    """``lowmem-es plan``: print the plan (or JSON); 0 when it fits, 1 when nothing fits."""
+    """``lowmem-es plan``: print the plan (or JSON); 0 when it fits, 1 when it does not fit
+    as `train` would run it (nothing fits, or only with shorter lengths than the profile's,
+    which the plan then shows and names: training keeps the configured lengths)."""
     from lowmem_es.planner import PlanError, plan
 
     model_config = read_model_config(ns.model)
@@ -120,7 +122,24 @@ def run_plan(ns: argparse.Namespace) -> int:
         else:
             print(f"lowmem-es: does not fit: {error}", file=sys.stderr)
         return 1
-    print(json.dumps(result.to_dict(), indent=2) if ns.json else result.format())
+    configured = (config.max_prompt_length, config.max_completion_length)
+    lowered = (result.max_prompt_length, result.max_completion_length) != configured
+    if ns.json:
+        report = result.to_dict()
+        if lowered:  # training keeps the configured lengths, so it would stop
+            report["fits"] = False
+            report["configured_lengths"] = list(configured)
+        print(json.dumps(report, indent=2))
+    else:
+        print(result.format())
+    if lowered:
+        print(f"lowmem-es: `train` with these settings stops before the first iteration: "
+              f"{configured[0]} + {configured[1]} tokens (the profile's lengths) do not fit "
+              f"one row. The plan above is for --max-prompt-length "
+              f"{result.max_prompt_length} --max-completion-length "
+              f"{result.max_completion_length}; pass those to `train` (and `plan`) to use it",
+              file=sys.stderr)
+        return 1
     return 0
 
 

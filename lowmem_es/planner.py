@@ -24,7 +24,8 @@ per chunk of R rows, prompt P and completion C tokens, at the larger of two mome
   prefill  KV cache + the last layer's activations at T = R*P (residual stream,
            RMSNorm in fp32, projections with the ES-LoRA fp32 term, repeat_kv'd K/V of the
            masked SDPA, the MLP's gate/up/product, bitsandbytes' dequantized weight) +
-           the 4D boolean mask + the last position's logits. With the static-cache decode
+           the 4D boolean mask (1 byte per element, + c for the float mask SDPA converts it
+           to inside each call) + the last position's logits. With the static-cache decode
            loop (``generation_backend="loop"``, the default) the cache is allocated in full,
            P + C tokens, before the first layer writes to it, and the mask and the keys span
            it; with ``generate()`` (a DynamicCache) they span the P prompt tokens. When that
@@ -37,7 +38,14 @@ per chunk of R rows, prompt P and completion C tokens, at the larger of two mome
   logits   the model's output in c plus generate()'s fp32 copy and the sampling processor's
            temporaries; transformers >= 4.45 computes prefill logits for the last position
            only (``logits_to_keep=1``); models without it get R x P x vocab
-The activation walk assumes a Llama-style decoder layer (Llama, Qwen2, Mistral, ...).
+  sliding  a sliding-window layer (Mistral v0.1, Phi-3, Gemma 2/3; transformers'
+           StaticSlidingWindowLayer) holds min(window, P + C) tokens of K/V, and its mask
+           and keys span its window (or the prompt while a longer prompt is prefilled)
+  eager    models that load with eager attention (Gemma 2: no SDPA with softcapping)
+           hold rows x heads x queries x keys scores in c, cast to fp32 for the softmax,
+           + its fp32 result, and a float mask (c per element) instead of a boolean one
+The activation walk assumes a Llama-style decoder layer (Llama, Qwen2, Mistral, ...);
+multimodal configs (a text decoder under ``text_config``) are refused: plan the text model.
 """
 
 from __future__ import annotations
@@ -107,6 +115,12 @@ class ModelShape:
     buffer_values: int  # rotary tables and other buffers (fp32, not parameters)
     supports_logits_to_keep: bool
     supports_static_cache: bool = True  # the decode loop can run it (else generate())
+    # Per decoder layer, the tokens its cache holds at most: the window of a sliding-window
+    # (or chunked) attention layer, None for full attention. () = every layer full.
+    layer_windows: tuple[int | None, ...] = ()
+    # transformers' StaticCache layer class of every layer ("StaticLayer", ...).
+    cache_layers: tuple[str, ...] = ()
+    attn_implementation: str = "sdpa"  # what from_pretrained picks ("eager" for Gemma-2)
 
     @property
     def linear_params(self) -> int:
@@ -125,6 +139,26 @@ class ModelShape:
             return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + int8_scale_bytes)
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
+    def kv_bytes(self, tokens: int, kv_per_token: int) -> int:
+        """K and V of one row holding ``tokens`` tokens (``kv_per_token`` as
+        ``kv_bytes_per_token``): a sliding-window layer holds at most its window
+        (transformers' StaticSlidingWindowLayer allocates min(window, cache length))."""
+        if not self.layer_windows:
+            return tokens * kv_per_token
+        held = sum(tokens if window is None else min(window, tokens)
+                   for window in self.layer_windows)
+        return held * (kv_per_token // self.num_layers)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The largest sliding window of any layer (None: no sliding-window layer)."""
+        return max((w for w in self.layer_windows if w is not None), default=None)
+
+    @property
+    def has_full_attention(self) -> bool:
+        """Whether some layer attends to the whole cache (every layer, without windows)."""
+        return not self.layer_windows or None in self.layer_windows
+
     def lora_values(self, rank: int, target_modules: list[str] | tuple[str, ...]) -> int:
         """fp32 values of LoRA A (r x in) and B (out x r) on every targeted linear."""
         return sum(rank * (d_in + d_out) for name, d_in, d_out in self.linears
@@ -139,7 +173,12 @@ def model_shape(config: Any) -> ModelShape:
                              "config.json (its `model_type` names the architecture)")
         text = json.dumps(config, sort_keys=True)
     else:
-        text = config.to_json_string(use_diff=False)
+        values = json.loads(config.to_json_string(use_diff=False))
+        # A loaded model's config knows the attention it runs, which the JSON leaves out;
+        # keep "eager" (the one that changes the count; others resolve as from_pretrained)
+        if getattr(config, "_attn_implementation_internal", None) == "eager":
+            values["attn_implementation"] = "eager"
+        text = json.dumps(values, sort_keys=True)
     return _model_shape(text)
 
 
@@ -157,6 +196,14 @@ def _model_shape(config_json: str) -> ModelShape:
     except ValueError as error:
         raise ValueError(f"transformers does not know `model_type` {model_type!r}: "
                          f"{error}") from error
+    text = config.get_text_config(decoder=True)
+    if text is not config:  # e.g. Gemma 3 (vision tower + text decoder under text_config)
+        raise ValueError(
+            f"`model_type` {model_type!r} nests its text decoder under a sub-config "
+            f"({type(text).__name__}): it is not a plain causal LM (a multimodal or "
+            "encoder-decoder model). The planner counts a text decoder only, not a vision "
+            "tower, projector or encoder; plan the text model instead: pass its "
+            f"`text_config` as the config (model_type {getattr(text, 'model_type', '?')!r})")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -181,15 +228,17 @@ def _model_shape(config_json: str) -> ModelShape:
             lm_head_params += param.numel()
         else:
             other_params += param.numel()
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    layers = text.num_hidden_layers
+    windows, cache_layers = _cache_layers(config, layers)
     return ModelShape(
         architecture=type(model).__name__, hidden_size=hidden,
-        num_layers=config.num_hidden_layers, num_heads=heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
-        intermediate_size=getattr(config, "intermediate_size", None) or 4 * hidden,
-        vocab_size=config.vocab_size, tied_embeddings=tied,
+        num_layers=layers, num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        intermediate_size=getattr(text, "intermediate_size", None) or 4 * hidden,
+        vocab_size=text.vocab_size, tied_embeddings=tied,
         linears=tuple((name[: -len(".weight")], d_in, d_out)
                       for name, (d_in, d_out) in linear_weights.items()),
         embedding_params=embedding_params, lm_head_params=lm_head_params,
@@ -197,7 +246,38 @@ def _model_shape(config_json: str) -> ModelShape:
         buffer_values=sum(buffer.numel() for buffer in model.buffers()),
         supports_logits_to_keep=model._supports_logits_to_keep(),
         supports_static_cache=bool(getattr(model, "_can_compile_fullgraph", False)
-                                   or getattr(model, "_supports_static_cache", False)))
+                                   or getattr(model, "_supports_static_cache", False)),
+        layer_windows=windows, cache_layers=cache_layers,
+        # from_config resolves the attention as from_pretrained does (sdpa where the model
+        # supports it, else eager), for the transformers installed
+        attn_implementation=str(getattr(model.config, "_attn_implementation", None)
+                                or "sdpa"))
+
+
+def _cache_layers(config: Any, num_layers: int
+                  ) -> tuple[tuple[int | None, ...], tuple[str, ...]]:
+    """(window per layer, StaticCache layer class per layer) of ``config``.
+
+    Asks transformers' own ``StaticCache`` (what the decode loop and
+    ``lowmem_es.kv_cache.make_static_cache`` build), so layer types and windows follow the
+    installed transformers exactly. Its layers allocate lazily, on the first write, so
+    building one costs nothing; with an unbounded length a sliding-window layer's
+    ``max_cache_len`` is its window. Windows are () (every layer full) when transformers
+    cannot build a static cache for the config.
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
+    try:
+        cache = StaticCache(config=config, max_cache_len=2**40)
+    except (AttributeError, KeyError, TypeError, ValueError, NotImplementedError):
+        return (), ()
+    names = tuple(type(layer).__name__ for layer in cache.layers)
+    windows = tuple(int(layer.max_cache_len) if isinstance(layer, StaticSlidingWindowLayer)
+                    else None for layer in cache.layers)
+    if len(windows) != num_layers or all(w is None for w in windows):
+        windows = ()
+    return windows, names
 
 
 # --- activations of one forward pass (Llama-style decoder layer) ---
@@ -215,7 +295,10 @@ def _linear_peak(tokens: int, d_in: int, d_out: int, c: int, lora: bool) -> int:
 
 
 def _attention_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str],
-                    prefill: bool, kv_tokens: int | None = None) -> int:
+                    prefill: bool, kv_tokens: int | None = None, scores: int = 0) -> int:
+    """Peak bytes of one attention block beyond its input. ``scores``: elements of the
+    rows x heads x queries x keys score matrix that eager attention materialises (0 for
+    SDPA, which never holds it)."""
     hidden = shape.hidden_size
     q_width = shape.num_heads * shape.head_dim
     kv_width = shape.num_kv_heads * shape.head_dim
@@ -228,10 +311,15 @@ def _attention_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str]
     # decode packs the query heads instead (pack_gqa) and repeats nothing.
     # (In a chunked prefill the keys are the whole cache, ``kv_tokens``, not the chunk.)
     repeated = (2 * (kv_tokens if kv_tokens is not None else tokens) * q_width * c
-                if prefill else 0)
+                if prefill or scores else 0)  # eager repeats K/V in decode too
     sdpa = q + 2 * kv + repeated + 2 * q  # output and its contiguous transpose
     output = q + 2 * kv + q + _linear_peak(tokens, q_width, hidden, c, "o_proj" in lora)
-    return max(projections, rotary, sdpa, output)
+    # Eager attention (transformers' eager_attention_forward): the scores in c, then
+    # softmax(dtype=float32) casts them to fp32 and writes its fp32 result beside them
+    # (no cast when c is fp32) before .to(c); then the scores x V output and its transpose.
+    eager = q + 2 * kv + repeated + max(scores * (c + 4 + (4 if c != 4 else 0)),
+                                        scores * c + 2 * q) if scores else 0
+    return max(projections, rotary, sdpa, output, eager)
 
 
 def _mlp_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str]) -> int:
@@ -245,10 +333,10 @@ def _mlp_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str]) -> i
 
 
 def _layer_peak(shape: ModelShape, tokens: int, c: int, lora: frozenset[str],
-                prefill: bool, kv_tokens: int | None = None) -> int:
+                prefill: bool, kv_tokens: int | None = None, scores: int = 0) -> int:
     stream = tokens * shape.hidden_size * c  # residual stream entering the layer
     norm = tokens * shape.hidden_size * (8 + c)  # RMSNorm works in fp32
-    block = max(_attention_peak(shape, tokens, c, lora, prefill, kv_tokens),
+    block = max(_attention_peak(shape, tokens, c, lora, prefill, kv_tokens, scores),
                 _mlp_peak(shape, tokens, c, lora))
     return stream + max(norm, stream + block)  # + the normed input of the block
 
@@ -327,7 +415,10 @@ class Plan:
             + (f"; prefill {self.prefill_chunk} prompt tokens at a time"
                if self.prefill_chunk else ""),
             f"KV cache {self.kv_bytes_per_token / 1024:.1f} KiB/token = "
-            f"{self.kv_bytes_per_token * row_tokens / MIB:.1f} MiB per row",
+            f"{self.phases['decode']['kv_cache'] / self.rows_per_chunk / MIB:.1f} MiB per row"
+            + (" (sliding-window layers hold their window only)"
+               if self.phases["decode"]["kv_cache"] < self.kv_bytes_per_token * row_tokens
+               * self.rows_per_chunk else ""),
             "",
             f"{'resident':<22}{'GiB':>8}",
         ]
@@ -402,6 +493,15 @@ class _Estimator:
                              f"{shape.architecture} with generation_backend="
                              f"{generation_backend!r} does not use; set kv_cache_dtype = "
                              "\"auto\"")
+        others = sorted({name for name in shape.cache_layers if name != "StaticLayer"})
+        if self.int8_kv and others:  # as lowmem_es.kv_cache.make_static_cache refuses them
+            raise ValueError(f"kv_cache_dtype='int8' covers full-attention static cache "
+                             f"layers only; {shape.architecture} also has {others} (sliding-"
+                             "window or other attention). Set kv_cache_dtype = \"auto\" (in "
+                             "the profile or the run config)")
+        # Eager attention materialises the scores; its mask is a float mask in c (SDPA's is
+        # boolean, converted to a float mask in c inside each attention call).
+        self.eager = shape.attn_implementation == "eager"
         self.kv_per_token = (shape.kv_bytes_per_token(1, int8_scale_bytes=c) if self.int8_kv
                              else shape.kv_bytes_per_token(DTYPE_BYTES[kv_dtype]))
         self.lora_values = shape.lora_values(lora_rank, target_modules)
@@ -434,6 +534,13 @@ class _Estimator:
                 embedding = 0
                 self.notes.append(f"the input embedding ({shape.embedding_params * c / GIB:.2f}"
                                   " GiB) stays in CPU memory (embedding_on_cpu)")
+        if shape.sliding_window is not None:
+            self.notes.append(f"{len([w for w in shape.layer_windows if w is not None])} of "
+                              f"{shape.num_layers} layers attend to a sliding window of "
+                              f"{shape.sliding_window} tokens: their cache holds at most that")
+        if self.eager:
+            self.notes.append(f"{shape.architecture} runs eager attention: the rows x heads x "
+                              "queries x keys scores (and their fp32 softmax) are counted")
         if self.int8_kv:
             self.notes.append("KV cache in int8: 1-byte codes + one scale per head and token "
                               "(kv_cache_dtype; one layer dequantized at a time)")
@@ -483,15 +590,18 @@ class _Estimator:
         tokens = rows * prompt
         vocab = shape.vocab_size
         step_logits = rows * vocab * (c + LOGITS_TEMPORARIES)
+        heads = shape.num_heads
         if 0 < prefill_chunk < prompt:  # pieces of K tokens against the full static cache
             cache_len = prompt + completion
             chunk_tokens = rows * prefill_chunk
+            spans = self.key_spans(cache_len, prompt, prefill_chunk)
             prefill = {
-                "kv_cache": rows * cache_len * kv_per_token,
+                "kv_cache": rows * shape.kv_bytes(cache_len, kv_per_token),
                 "activations": _layer_peak(shape, chunk_tokens, c, self.lora, prefill=True,
-                                           kv_tokens=rows * cache_len)
+                                           kv_tokens=rows * max(spans),
+                                           scores=self.scores(chunk_tokens * heads, spans))
                 + self.dequantized(rows * cache_len)
-                + rows * prefill_chunk * cache_len  # boolean 4D mask over the cache
+                + self.mask_bytes(rows * prefill_chunk, spans)  # 4D mask over the cache
                 + 2 * chunk_tokens * shape.head_dim * c  # rotary cos and sin
                 + build + self.repack,
                 "logits": step_logits + (chunk_tokens * vocab * c if self.full_logits else 0),
@@ -499,28 +609,67 @@ class _Estimator:
         else:
             prefill_chunk = 0
             keys = prompt + completion if self.static_cache else prompt
+            spans = self.key_spans(keys, prompt, prompt)
             prefill = {
-                "kv_cache": rows * keys * kv_per_token,
+                "kv_cache": rows * shape.kv_bytes(keys, kv_per_token),
                 "activations": _layer_peak(shape, tokens, c, self.lora, prefill=True,
-                                           kv_tokens=rows * keys)
+                                           kv_tokens=rows * max(spans),
+                                           scores=self.scores(tokens * heads, spans))
                 + self.dequantized(rows * keys)
-                + rows * prompt * keys  # boolean 4D attention mask
+                + self.mask_bytes(rows * prompt, spans)  # 4D attention mask
                 + 2 * tokens * shape.head_dim * c  # rotary cos and sin
                 + build + self.repack,
                 "logits": step_logits + (tokens * vocab * c if self.full_logits else 0),
             }
         layer_kv = kv_per_token // shape.num_layers
+        longest = max(self.key_spans(prompt + completion, prompt, 1))  # a decode step's keys
+        window = shape.sliding_window
         decode = {
-            "kv_cache": rows * (prompt + completion) * kv_per_token,
-            "activations": _layer_peak(shape, rows, c, self.lora, prefill=False)
+            "kv_cache": rows * shape.kv_bytes(prompt + completion, kv_per_token),
+            "activations": _layer_peak(shape, rows, c, self.lora, prefill=False,
+                                       kv_tokens=rows * longest,
+                                       scores=self.scores(rows * heads, [longest]))
             + self.dequantized(rows * (prompt + completion))
             # generate()'s DynamicCache copies a layer's K/V (torch.cat) at every step
-            + (0 if self.static_cache else rows * (prompt + completion) * layer_kv),
+            + (0 if self.static_cache else rows * longest * layer_kv)
+            # a full StaticSlidingWindowLayer rolls its window into new K and V each step
+            + (rows * window * layer_kv if self.static_cache and window is not None
+               and prompt + completion > window else 0),
             "logits": step_logits,
         }
         static = dict(self.base_static, lora_member_copies=copies,
                       workspace=int(self.profile.workspace_mib * MIB))
         return _Estimate(static, {"prefill": prefill, "decode": decode}, members, prefill_chunk)
+
+    def key_spans(self, keys: int, prompt: int, queries: int) -> list[int]:
+        """Keys per row that one attention call sees, for each kind of layer the model has
+        (full attention, sliding window), in a pass of ``queries`` tokens per row.
+
+        ``keys``: what a full-attention layer attends to (the static cache's length, or the
+        tokens a DynamicCache holds). A sliding-window layer of window W attends to its
+        window, or, while a prompt longer than W is prefilled, to the cached W - 1 tokens
+        plus the pass (at most the prompt): transformers' StaticSlidingWindowLayer.update
+        and get_mask_sizes.
+        """
+        spans = [keys] if self.shape.has_full_attention else []
+        window = self.shape.sliding_window
+        if window is not None:
+            spans.append(max(min(window, keys), min(prompt, window - 1 + queries)))
+        return spans
+
+    def scores(self, query_heads: int, spans: list[int]) -> int:
+        """Elements of eager attention's score matrix (``query_heads`` = row-tokens x
+        heads) against the longest key span; 0 for SDPA."""
+        return query_heads * max(spans) if self.eager else 0
+
+    def mask_bytes(self, queries: int, spans: list[int]) -> int:
+        """The 4D attention masks of a pass of ``queries`` row-tokens: one per kind of layer,
+        all alive through the forward. SDPA's are boolean, and each attention call converts
+        its mask into a float mask in the compute dtype (torch's convert_boolean_attn_mask):
+        1 byte per element + c for the longest; eager's are float masks in c."""
+        if self.eager:
+            return sum(queries * span for span in spans) * self.c
+        return sum(queries * span for span in spans) + queries * max(spans) * self.c
 
     def dequantized(self, kv_tokens: int) -> int:
         """The int8 cache's transient: one layer's K and V dequantized to the compute

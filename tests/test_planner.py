@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 
@@ -432,3 +434,181 @@ def test_plan_notes_say_where_the_embedding_and_the_cache_are():
     assert "input embedding (1.02 GiB) stays in CPU memory" in notes
     assert "KV cache in int8" in notes
     assert not any("int8" in n or "CPU memory" in n for n in _plan(QWEN25_7B, "24gb").notes)
+
+
+# --- sliding-window layers, eager attention, multimodal configs, the mask ---
+
+GEMMA3_4B_TEXT = {  # Gemma-3-4B's text decoder: 5 full-attention + 29 sliding (1024) layers
+    "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+    "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4,
+    "head_dim": 256, "sliding_window": 1024, "sliding_window_pattern": 6,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "vocab_size": 262208,
+    "query_pre_attn_scalar": 256, "rope_theta": 1000000, "rope_local_base_freq": 10000,
+}
+GEMMA3_4B = {  # the published multimodal config: the text decoder under text_config
+    "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+    "mm_tokens_per_image": 256, "text_config": GEMMA3_4B_TEXT,
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152,
+                      "image_size": 896, "intermediate_size": 4304, "num_attention_heads": 16,
+                      "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+}
+MISTRAL_7B_V01 = {  # every layer attends to a 4096-token sliding window
+    "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
+    "vocab_size": 32000, "max_position_embeddings": 32768, "sliding_window": 4096,
+    "tie_word_embeddings": False,
+}
+GEMMA2_2B = {  # softcapped attention: transformers 5.24 loads it eager (no SDPA)
+    "model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "num_hidden_layers": 26, "vocab_size": 256000, "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+    "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+}
+
+
+def _pretrained(config):
+    from transformers import AutoConfig
+
+    values = dict(config)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+@pytest.mark.parametrize("config", [MISTRAL_7B_V01, GEMMA3_4B_TEXT, GEMMA2_2B])
+def test_int8_kv_cache_is_refused_where_the_cache_has_sliding_window_layers(config):
+    """The plan refuses int8 exactly where lowmem_es.kv_cache would, after loading."""
+    from lowmem_es.kv_cache import make_static_cache
+
+    with pytest.raises(ValueError, match="full-attention static cache layers only"):
+        make_static_cache(_pretrained(config), 64, "int8")
+    with pytest.raises(ValueError, match=r"StaticSlidingWindowLayer.*Set kv_cache_dtype = "
+                                         r"\"auto\""):
+        _plan(config, kv_cache_dtype="int8")
+    assert _plan(config, kv_cache_dtype="auto").fits
+    full = dict(MISTRAL_7B_V01, sliding_window=None)  # Mistral without a window: int8 is fine
+    make_static_cache(_pretrained(full), 64, "int8")
+    assert "KV cache in int8" in "\n".join(_plan(full, kv_cache_dtype="int8").notes)
+
+
+def test_multimodal_config_is_refused_with_what_to_plan_instead(tmp_path):
+    from lowmem_es.cli_plan import run_plan
+
+    message = r"counts a text decoder only.*`text_config`.*model_type 'gemma3_text'"
+    with pytest.raises(ValueError, match=message):
+        model_shape(GEMMA3_4B)
+    with pytest.raises(ValueError, match=message):
+        model_shape(_pretrained(GEMMA3_4B))
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_4B))
+    with pytest.raises(ValueError, match=message):
+        run_plan(_cli("plan", "--model", str(tmp_path), "--profile", "8gb"))
+    # The text model itself plans, with its own dimensions.
+    shape = model_shape(GEMMA3_4B["text_config"])
+    assert (shape.architecture, shape.hidden_size, shape.num_layers) == \
+        ("Gemma3ForCausalLM", 2560, 34)
+
+
+def test_sliding_window_layers_hold_what_transformers_allocates():
+    """KV bytes equal those of transformers' own StaticCache, allocated for real on CPU
+    (a tiny Gemma 3: 5 sliding layers of window 8 + 1 full layer, 24-token cache)."""
+    import torch
+    from transformers import StaticCache
+
+    from lowmem_es.kv_cache import cache_bytes
+
+    tiny = {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 16, "sliding_window": 8, "vocab_size": 128}
+    rows, prompt, completion = 3, 16, 8
+    cache = StaticCache(config=_pretrained(tiny), max_cache_len=prompt + completion)
+    states = torch.zeros(rows, 1, 1, 16, dtype=torch.bfloat16)
+    for layer in cache.layers:
+        layer.lazy_initialization(states, states)
+    for backend in ("loop", "generate"):
+        result = predict(tiny, _profile(), 8, ["q_proj"], 30, 8, rows_per_chunk=rows,
+                         max_prompt_length=prompt, max_completion_length=completion,
+                         generation_backend=backend)
+        assert result.phases["decode"]["kv_cache"] == cache_bytes(cache) == \
+            rows * (5 * 8 + 1 * 24) * 2 * 16 * 2
+    assert result.kv_bytes_per_token * (prompt + completion) * rows > cache_bytes(cache)
+    # Gemma-3-4B's text model at 52 rows of 1024 + 1024 tokens: 7.92 GiB, not 13.81.
+    gemma = predict(GEMMA3_4B_TEXT, load_profile("24gb"), 8, ["q_proj", "v_proj"], 30, 8,
+                    rows_per_chunk=52, max_prompt_length=1024, max_completion_length=1024)
+    per_layer_token = 2 * 4 * 256 * 2
+    assert gemma.phases["decode"]["kv_cache"] == 52 * (5 * 2048 + 29 * 1024) * per_layer_token
+    assert gemma.phases["prefill"]["kv_cache"] == gemma.phases["decode"]["kv_cache"]
+    assert gemma.phases["decode"]["kv_cache"] / GIB == pytest.approx(7.92, abs=0.005)
+    assert any("29 of 34 layers attend to a sliding window" in n for n in gemma.notes)
+
+
+def test_eager_attention_counts_the_scores_and_their_fp32_softmax():
+    from transformers import Gemma2ForCausalLM
+
+    # The attention the model loads with, as transformers decides for the installed version.
+    expected = "sdpa" if Gemma2ForCausalLM._supports_sdpa else "eager"
+    assert model_shape(GEMMA2_2B).attn_implementation == expected
+    assert model_shape(LLAMA31_8B).attn_implementation == "sdpa"
+    eager_config = dict(LLAMA31_8B, attn_implementation="eager")
+    assert model_shape(_pretrained(eager_config)).attn_implementation == "eager"
+    rows, prompt, completion = 4, 1024, 1024  # long enough for the scores to dominate
+    args = dict(rows_per_chunk=rows, max_prompt_length=prompt,
+                max_completion_length=completion)
+    profile = load_profile("24gb")
+    sdpa = predict(LLAMA31_8B, profile, 8, ATTENTION, 30, 8, **args)
+    eager = predict(eager_config, profile, 8, ATTENTION, 30, 8, **args)
+    keys = prompt + completion
+    scores = rows * 32 * prompt * keys  # rows x heads x queries x keys
+    # bf16 scores + their fp32 cast + the fp32 softmax, and the float mask (2 B/element)
+    floor = scores * (2 + 4 + 4) + rows * prompt * keys * 2
+    assert eager.phases["prefill"]["activations"] >= floor
+    assert sdpa.phases["prefill"]["activations"] < floor
+    assert eager.phases["decode"]["activations"] > sdpa.phases["decode"]["activations"]
+    assert any("eager attention" in note for note in eager.notes)
+    assert not any("eager" in note for note in sdpa.notes)
+
+
+def test_prefill_mask_counts_the_float_mask_sdpa_makes_of_it():
+    """SDPA turns the boolean mask into a float mask in the query dtype (torch's
+    convert_boolean_attn_mask), so a mask element costs 1 + c bytes, not 1."""
+    from lowmem_es.planner import _layer_peak
+
+    rows, prompt, completion = 4, 256, 256
+    result = predict(QWEN25_7B, _profile(), 8, ATTENTION, 30, 8, rows_per_chunk=rows,
+                     max_prompt_length=prompt, max_completion_length=completion,
+                     lora_kernel=True)  # no member copies to build: the terms are exact
+    shape = model_shape(QWEN25_7B)
+    keys, tokens = prompt + completion, rows * prompt
+    layer = _layer_peak(shape, tokens, 2, frozenset(ATTENTION), prefill=True,
+                        kv_tokens=rows * keys)
+    rotary = 2 * tokens * shape.head_dim * 2
+    mask = result.phases["prefill"]["activations"] - layer - rotary
+    assert mask == rows * prompt * keys * (1 + 2)
+
+
+def test_plan_command_with_lengths_lowered_says_training_would_stop(tmp_path, capsys):
+    """When only shorter lengths than the profile's fit one row, `plan` shows that plan but
+    exits 1 and names the flags: `train` keeps the configured lengths and would stop."""
+    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.profiles import load_profile
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA31_8B))
+    body = Path(load_profile("8gb").source).read_text()
+    body = re.sub(r"(?m)^max_prompt_length = \d+", "max_prompt_length = 32768", body)
+    body = re.sub(r"(?m)^max_completion_length = \d+", "max_completion_length = 8192", body)
+    profile = tmp_path / "long.toml"
+    profile.write_text(body)
+    assert run_plan(_cli("plan", "--model", str(tmp_path), "--profile", str(profile))) == 1
+    captured = capsys.readouterr()
+    assert "stops before the first iteration" in captured.err
+    assert "32768 + 8192 tokens" in captured.err
+    prompt = int(re.search(r"--max-prompt-length (\d+)", captured.err).group(1))
+    completion = int(re.search(r"--max-completion-length (\d+)", captured.err).group(1))
+    assert prompt < 32768 and completion < 8192
+    # Those lengths, given explicitly, are a plan that training would run.
+    assert run_plan(_cli("plan", "--model", str(tmp_path), "--profile", str(profile),
+                         "--max-prompt-length", str(prompt), "--max-completion-length",
+                         str(completion))) == 0
+    capsys.readouterr()
+    assert run_plan(_cli("plan", "--model", str(tmp_path), "--profile", str(profile),
+                         "--json")) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is False and data["configured_lengths"] == [32768, 8192]
