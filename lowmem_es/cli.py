@@ -210,7 +210,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         trainer = ESTrainer(str(base), [target_fraction], train_dataset=data,
                             eval_dataset=data, args=config, **_run_flags(ns))
     else:
-        from lowmem_es.tasks import fit_prompts, get_task, jsonl_task
+        from lowmem_es.tasks import fit_prompts, get_task
+        from lowmem_es.tasks.jsonl import dataset_task
 
         if bool(ns.task) == bool(ns.dataset):
             raise ValueError("--model needs exactly one of --task NAME (arithmetic, countdown) "
@@ -220,9 +221,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
             task = get_task(ns.task)
         else:
             # Without --reward the JSONL rows need an answer (GSM8K-style last-number match).
-            answer_field = ns.answer_field or (None if ns.reward else "answer")
-            task = jsonl_task(ns.dataset, ns.prompt_field or "prompt", answer_field,
-                              eval_path=ns.eval_dataset, chat=False)
+            task = dataset_task(ns.dataset, prompt_field=ns.prompt_field,
+                                answer_field=ns.answer_field, has_reward=bool(ns.reward),
+                                eval_path=ns.eval_dataset)
         splits = task.splits(seed=config.seed)
         trainer = ESTrainer(ns.model, ns.reward or list(task.reward_funcs),
                             train_dataset=splits["train"], eval_dataset=splits.get("eval") or None,

@@ -29,12 +29,15 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     source.add_argument("--dataset", help="JSONL file, one row per line")
     parser.add_argument("--eval-dataset", help="JSONL eval file (else --dataset is split by "
                         "--seed and the held-out part is evaluated)")
-    parser.add_argument("--prompt-field", default="prompt", help="JSONL field of the prompt")
-    parser.add_argument("--answer-field", default="answer", help="JSONL field of the answer")
+    parser.add_argument("--prompt-field", default=None, help="JSONL field of the prompt "
+                        "(default 'prompt'; as for train)")
+    parser.add_argument("--answer-field", default=None, help="JSONL field of the reference "
+                        "answer (default 'answer' when no --reward is given; as for train)")
     parser.add_argument("--reward", nargs="+", default=None, help="reward functions (default: "
                         "the task's): built-in names or module:function")
-    parser.add_argument("--split", nargs="+", default=["eval", "transfer"],
-                        help="splits to evaluate (those the task has)")
+    parser.add_argument("--split", nargs="+", default=None,
+                        help="splits to evaluate (default: eval and, where the task has "
+                        "one, transfer)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (use the run's)")
     parser.add_argument("--limit", type=int, default=None, help="at most N rows per split")
     parser.add_argument("--max-prompt-length", type=int, default=256)
@@ -46,7 +49,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--correct-threshold", type=float, default=None,
                         help="reward counted as correct (default: the task's, 1.0)")
     parser.add_argument("--samples", type=int, default=0,
-                        help="include the first N completions of each split in the report")
+                        help="show the first N completions of each split (after the "
+                        "table, or in the JSON report)")
     parser.add_argument("--no-base", action="store_true",
                         help="skip the base model (only with --adapter)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:i]'")
@@ -66,37 +70,60 @@ def run_eval(ns: argparse.Namespace) -> int:
     Bad input raises ValueError / FileNotFoundError with the fix in the message; cli.main
     turns those into ``lowmem-es: error: ...`` and exit status 2.
     """
-    from lowmem_es.evaluate import evaluate, format_report
-    from lowmem_es.tasks import get_task, jsonl_task
+    from lowmem_es.evaluate import adapter_settings, evaluate, format_report, format_samples
+    from lowmem_es.tasks import get_task
+    from lowmem_es.tasks.jsonl import dataset_task
 
-    for flag in ("limit", "max_completion_length", "rows_per_chunk", "samples"):
+    for flag in ("limit", "max_completion_length", "rows_per_chunk", "samples",
+                 "max_prompt_length"):
         value = getattr(ns, flag)
-        if value is not None and value < (1 if flag in ("limit", "max_completion_length")
-                                          else 0):
+        if value is not None and value < (0 if flag in ("rows_per_chunk", "samples") else 1):
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if ns.no_base and not ns.adapter:
         raise ValueError("--no-base needs --adapter (there would be nothing to evaluate)")
     if ns.eval_dataset and not ns.dataset:
         raise ValueError("--eval-dataset needs --dataset")
-    model = ns.model
-    defaults: dict = {}
-    if model is None:
+    # Check every argument before converting the default model (which takes half a minute).
+    if ns.model is None and ns.task is None and ns.dataset is None:
         from lowmem_es import default_model
 
-        model = str(default_model.ensure_default_model())
-        defaults = default_model.default_eval_settings()
-        if ns.task is None and ns.dataset is None:
-            ns.task = default_model.DEFAULT_TASK
+        ns.task = default_model.DEFAULT_TASK
     if ns.dataset:
-        task = jsonl_task(ns.dataset, prompt_field=ns.prompt_field,
-                          answer_field=ns.answer_field, eval_path=ns.eval_dataset)
+        # The same task train builds from these flags, so the held-out rows are the same.
+        task = dataset_task(ns.dataset, prompt_field=ns.prompt_field,
+                            answer_field=ns.answer_field, has_reward=bool(ns.reward),
+                            eval_path=ns.eval_dataset)
     elif ns.task:
         task = get_task(ns.task)
     else:
         raise ValueError("give --task NAME or --dataset FILE.jsonl to evaluate on")
-    splits = task.splits(seed=ns.seed, **defaults.get("task_options", {}))
+    defaults: dict = {}
+    task_options: dict = {}
+    if ns.model is None:
+        from lowmem_es import default_model
+
+        defaults = default_model.default_eval_settings()
+        if not ns.dataset and task.name == default_model.DEFAULT_TASK:
+            # The default run's split options (its levels) belong to its own task only.
+            task_options = defaults.get("task_options", {})
+    splits = task.splits(seed=ns.seed, **task_options)
+    if ns.split is None:
+        split_names = [name for name in ("eval", "transfer") if name in splits]
+    else:
+        split_names = list(dict.fromkeys(ns.split))  # a repeated name runs once
+        unknown = [name for name in split_names if name not in splits]
+        if unknown:
+            raise ValueError(f"--split {unknown[0]!r} is not a split of task {task.name!r}; "
+                             f"its splits are {sorted(splits)}")
+    if ns.adapter is not None:
+        adapter_settings(ns.adapter)  # a missing or broken adapter config fails now
+    model = ns.model
+    if model is None:
+        from lowmem_es import default_model
+
+        model = str(default_model.ensure_default_model())
     report = evaluate(
-        model, adapter=ns.adapter, task=task, splits=splits, split_names=ns.split,
+        model, adapter=ns.adapter, task=task, splits=splits, split_names=split_names,
         reward_funcs=ns.reward, correct_threshold=ns.correct_threshold,
         include_base=not ns.no_base, max_prompt_length=ns.max_prompt_length,
         max_completion_length=ns.max_completion_length or defaults.get(
@@ -108,4 +135,6 @@ def run_eval(ns: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(format_report(report))
+        if ns.samples:
+            print(format_samples(report))
     return 0

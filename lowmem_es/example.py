@@ -3,8 +3,8 @@
 It needs no download and runs in about a minute on 2 CPU cores, which makes it the
 smoke test of the whole pipeline: a random-init Llama (character tokenizer built
 in-process) is saved, reloaded in NF4 with LoRA, and ES raises the fraction of generated
-characters equal to each row's ``target``. It is also what ``lowmem-es train`` runs
-with no ``--model`` until the embedded real-model default lands (issue 6).
+characters equal to each row's ``target``. ``lowmem-es train --example tiny`` runs it
+(plain ``lowmem-es train`` runs the embedded SmolLM2 default instead).
 """
 
 from __future__ import annotations

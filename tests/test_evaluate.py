@@ -234,3 +234,188 @@ def test_cli_eval_profile_and_kv_cache_flags(tiny_llama_dir, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["kv_cache_dtype"] == "int8" and report["rows_per_chunk"] >= 1
     assert report["splits"]["eval"]["base"]["count"] == 3
+
+
+# --- train and eval agree; arguments are checked before any model work ---
+
+
+def _capture_evaluate(monkeypatch):
+    """Replace ``evaluate`` (as run_eval imports it) by a spy returning an empty report."""
+    import lowmem_es.evaluate as evaluate_module
+
+    calls = []
+
+    def spy(model, **kwargs):
+        calls.append(dict(kwargs, model=model))
+        return {"model": str(model), "adapter": None, "task": kwargs["task"].name,
+                "correct_threshold": 1.0, "splits": {}}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", spy)
+    return calls
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_train_and_eval_hold_out_the_same_jsonl_rows(tiny_llama_dir, tmp_path, monkeypatch):
+    import lowmem_es.trainer as trainer_module
+    from lowmem_es.cli import build_parser, cmd_train
+
+    data = _jsonl(tmp_path / "d.jsonl", [{"q": f"What is {i} + 1?", "answer": str(i + 1)}
+                                         for i in range(40)])
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_trainer(model, rewards, train_dataset, eval_dataset, **kwargs):
+        seen.update(train=train_dataset, eval=eval_dataset)
+        raise Stop
+
+    monkeypatch.setattr(trainer_module, "ESTrainer", fake_trainer)
+    with pytest.raises(Stop):
+        cmd_train(build_parser().parse_args(
+            ["train", "--model", str(tiny_llama_dir), "--dataset", str(data),
+             "--prompt-field", "q", "--seed", "3", "--output-dir", str(tmp_path / "run")]))
+    calls = _capture_evaluate(monkeypatch)
+    assert run_eval(_parse(["--model", str(tiny_llama_dir), "--dataset", str(data),
+                            "--prompt-field", "q", "--seed", "3"])) == 0
+    splits = calls[0]["splits"]
+    assert 0 < len(seen["eval"]) < 40
+    assert splits["eval"] == seen["eval"] and splits["train"] == seen["train"]
+    assert isinstance(splits["eval"][0]["prompt"], str)  # the same prompt format as train
+
+
+def test_eval_dataset_with_reward_needs_no_answer_field(tiny_llama_dir, tmp_path,
+                                                        monkeypatch):
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": f"word {i}:", "target": "a"}
+                                         for i in range(10)])
+    calls = _capture_evaluate(monkeypatch)
+    assert run_eval(_parse(["--model", str(tiny_llama_dir), "--dataset", str(data),
+                            "--reward", "target_fraction"])) == 0
+    rows = calls[0]["splits"]["train"] + calls[0]["splits"]["eval"]
+    assert len(rows) == 10 and all("answer" not in row for row in rows)
+
+
+def test_eval_without_model_applies_default_options_to_the_default_task_only(
+        tiny_llama_dir, tmp_path, monkeypatch):
+    from lowmem_es import default_model
+
+    monkeypatch.setattr(default_model, "ensure_default_model", lambda: tiny_llama_dir)
+    calls = _capture_evaluate(monkeypatch)
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": f"{i} + 1 =", "answer": str(i + 1)}
+                                         for i in range(10)])
+    assert run_eval(_parse(["--dataset", str(data)])) == 0
+    assert run_eval(_parse(["--task", "countdown", "--limit", "2"])) == 0
+    assert run_eval(_parse([])) == 0
+    assert [call["task"].name for call in calls] == ["jsonl:d.jsonl", "countdown", "arithmetic"]
+    assert calls[2]["splits"] == default_model.default_datasets(0)  # the run's own levels
+    assert calls[2]["max_completion_length"] == default_model.EVAL_COMPLETION_LENGTH
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "nope"], r"unknown task 'nope'"),
+    (["--split", "eval", "foo"], r"--split 'foo' is not a split of task 'arithmetic'; its "
+                                 r"splits are \['eval', 'train', 'transfer'\]"),
+    (["--max-prompt-length", "-3"], r"--max-prompt-length must be positive, got -3"),
+    (["--adapter", "/nonexistent/adapter"], r"has no adapter_config.json"),
+])
+def test_eval_arguments_are_checked_before_converting_the_default(monkeypatch, argv, message):
+    from lowmem_es import default_model
+
+    def fail():
+        raise AssertionError("converted the default model before checking the arguments")
+
+    monkeypatch.setattr(default_model, "ensure_default_model", fail)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run_eval(_parse(argv))
+
+
+def test_repeated_split_runs_once_and_samples_print_after_the_table(tiny_llama_dir, capsys,
+                                                                     monkeypatch):
+    import lowmem_es.evaluate as evaluate_module
+
+    runs = []
+    real = evaluate_module.evaluate_rows
+    monkeypatch.setattr(evaluate_module, "evaluate_rows",
+                        lambda *a, **k: runs.append(1) or real(*a, **k))
+    assert run_eval(_parse(["--model", str(tiny_llama_dir), "--task", "arithmetic",
+                            "--split", "eval", "eval", "--limit", "2",
+                            "--max-completion-length", "2", "--samples", "1"])) == 0
+    out = capsys.readouterr().out
+    assert len(runs) == 1 and out.count("\neval ") == 1
+    assert "--- eval / base sample 1 (reward" in out and "completion: " in out
+
+
+def test_adapter_is_checked_before_the_base_model_is_evaluated(tiny_llama_dir, tmp_path,
+                                                                monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    import lowmem_es.evaluate as evaluate_module
+
+    adapter = _adapter(tiny_llama_dir, tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, str(weights))
+    evaluated = []
+    monkeypatch.setattr(evaluate_module, "evaluate_rows",
+                        lambda *a, **k: evaluated.append(1) or {})
+    with pytest.raises(ValueError, match=r"has no tensor"):
+        evaluate(tiny_llama_dir, adapter=adapter, splits={"eval": ROWS},
+                 reward_funcs=[target_fraction], max_completion_length=2)
+    assert evaluated == []  # no minutes spent on the base model first
+
+
+def test_load_adapter_refuses_tensors_of_layers_the_model_lacks(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.model import load_model
+
+    adapter = _adapter(tiny_llama_dir, tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if ".layers.0." in k)
+    tensors[key.replace(".layers.0.", ".layers.99.")] = tensors[key].clone()  # a deeper model
+    save_file(tensors, str(weights))
+    base, _, _ = load_model(tiny_llama_dir)
+    es_model = attach_es_lora(base, ["q_proj", "v_proj"], 4, 8.0)
+    before = {name: t.clone() for name, t in es_model.parameters().items()}
+    with pytest.raises(ValueError, match=r"no LoRA layer for, e.g. '.*layers\.99\."):
+        es_model.load_adapter(adapter)
+    assert all(torch.equal(before[name], t) for name, t in es_model.parameters().items())
+
+
+def test_no_other_model_warning_for_the_same_directory_named_another_way(
+        tiny_llama_dir, tmp_path, caplog):
+    adapter = _adapter(tiny_llama_dir, tmp_path / "adapter")
+    other_spelling = f"{tiny_llama_dir}/../{Path(tiny_llama_dir).name}/"
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        evaluate(other_spelling, adapter=adapter, splits={"eval": ROWS[:1]},
+                 reward_funcs=[target_fraction], max_completion_length=1, include_base=False)
+    assert "was trained on" not in caplog.text
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("r"), r"has r=None; it must be a positive number"),
+    (lambda c: c.update(target_modules=None), r"has target_modules=None; it must be a "
+                                              r"non-empty list"),
+    (lambda c: c.update(lora_alpha=None), r"has lora_alpha=None; it must be a positive"),
+    (None, r"adapter_config.json' is not valid JSON"),
+])
+def test_adapter_settings_errors_name_the_file_and_field(tiny_llama_dir, tmp_path, change,
+                                                         message):
+    adapter = _adapter(tiny_llama_dir, tmp_path / "adapter")
+    config_file = adapter / "adapter_config.json"
+    if change is None:
+        config_file.write_text("{not json")
+    else:
+        config = json.loads(config_file.read_text())
+        change(config)
+        config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message) as caught:
+        adapter_settings(adapter)
+    assert str(config_file) in str(caught.value)

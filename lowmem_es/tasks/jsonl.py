@@ -145,3 +145,19 @@ def _well_formed(text: str) -> bool:
     from lowmem_es.tasks.arithmetic import well_formed
 
     return well_formed(text)
+
+
+def dataset_task(path: str | os.PathLike, *, prompt_field: str | None = None,
+                 answer_field: str | None = None, has_reward: bool = False,
+                 eval_path: str | os.PathLike | None = None):
+    """The Task ``--dataset FILE.jsonl`` means, the same for ``train`` and ``eval``.
+
+    Both commands must build it identically: the held-out split hashes each mapped row,
+    so another prompt format (chat messages or plain text) or another answer column
+    would move rows between train and eval, and an evaluation would score training rows.
+    ``prompt_field`` defaults to "prompt"; ``answer_field`` to "answer" unless the run
+    has its own reward functions (``has_reward``: --reward), which may not need one.
+    String prompts stay plain text (``fit_prompts`` and ``render_prompt`` format them).
+    """
+    answer = answer_field or (None if has_reward else "answer")
+    return jsonl_task(path, prompt_field or "prompt", answer, eval_path=eval_path, chat=False)
