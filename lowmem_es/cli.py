@@ -269,18 +269,54 @@ def cmd_replay(ns: argparse.Namespace) -> int:
     out = Path(ns.output_dir)
     if not (out / "journal.jsonl").is_file():
         raise FileNotFoundError(f"{str(out)!r} has no journal.jsonl; pass a run's output_dir")
-    result = checkpoint.replay_journal(out, ns.step, start=ns.start)
-    destination = Path(ns.out) if ns.out else out / "replay" / f"step_{result.step:06d}"
+    destination = Path(ns.out) if ns.out else None
+    if destination is not None:
+        _check_replay_destination(out, destination)
+    # The noise backend the run trained with: compiled and eager noise differ in the last
+    # bits, so replaying with another one would report a false difference.
+    noise_backend = None
+    if (out / "run.toml").is_file():
+        noise_backend = ESConfig.from_toml(out / "run.toml").noise_backend
+    result = checkpoint.replay_journal(out, ns.step, start=ns.start,
+                                       noise_backend=noise_backend)
+    if destination is None:
+        destination = out / "replay" / f"step_{result.step:06d}"
     source = checkpoint.step_dir(out, result.start_step)
     checkpoint.write_adapter_tensors(result.params, source, destination)
     print(f"replayed iterations {result.start_step}..{result.step} -> {destination}")
     if result.verified_against is None:
-        print(f"no checkpoint at step {result.step} to compare with")
+        if result.start_step == result.step:
+            print(f"started from the checkpoint at step {result.step} itself: nothing was "
+                  "replayed, so nothing to compare (use --from initial to check the journal)")
+        else:
+            print(f"no checkpoint at step {result.step} to compare with")
         return 0
     identical = result.max_abs_diff == 0.0
     print(f"vs {result.verified_against}: max |difference| = {result.max_abs_diff:.3g} "
           f"({'bit-identical' if identical else 'DIFFERS'})")
     return 0 if identical else 1
+
+
+def _check_replay_destination(run: Path, destination: Path) -> None:
+    """Refuse a ``--out`` that writing the replayed adapter would destroy: the adapter is
+    written by replacing the whole directory, so it must be new, empty, or an adapter
+    directory, and neither the run itself, a folder above it, nor inside its checkpoints."""
+    from lowmem_es.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    run, target = run.resolve(), destination.resolve()
+    if target == run or target in run.parents or (run / "checkpoints") in (target,
+                                                                           *target.parents):
+        raise ValueError(f"--out {str(destination)!r} is the run directory, a folder above "
+                         "it or inside its checkpoints, which writing the adapter would "
+                         f"replace; choose a new directory (default: {run}/replay/...)")
+    if target.exists():
+        extra = sorted(p.name for p in target.iterdir()
+                       if p.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
+        if not target.is_dir() or extra:
+            held = extra[:5] or "a file"
+            raise ValueError(f"--out {str(destination)!r} exists and holds {held}; writing "
+                             "the adapter replaces the whole directory, so choose a new or "
+                             "empty directory")
 
 
 def main(argv: list[str] | None = None) -> int:

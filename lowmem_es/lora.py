@@ -353,8 +353,19 @@ class ESLoraModel:
         return {k: v.contiguous() for k, v in tensors.items()}
 
     def save_adapter(self, path: str | os.PathLike) -> Path:
-        """Write a standard PEFT adapter directory atomically; returns its path."""
+        """Write a standard PEFT adapter directory atomically; returns its path.
+
+        The directory is replaced as a whole, so an existing ``path`` must be empty or an
+        adapter directory (only adapter files): anything else is refused, not deleted.
+        """
         path = Path(path)
+        if path.exists():
+            extra = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
+            extra = [name for name in extra if name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
+            if extra or not path.is_dir():
+                raise ValueError(f"cannot save the adapter to {str(path)!r}: it holds "
+                                 f"{extra[:5]}, and saving replaces the whole directory; "
+                                 "choose a new or empty directory")
         with atomic_directory(path) as tmp:
             self.write_adapter(tmp)
         return path

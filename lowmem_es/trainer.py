@@ -121,9 +121,25 @@ def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = Fal
         raise ValueError(f"output_dir {str(out)!r} already holds a run; pass --resume "
                          "(resume=True) to continue it or --overwrite (overwrite=True) to "
                          "start over")
+    done = max((step for step, _ in checkpoint.list_checkpoints(out)), default=0)
+    if args.iterations < done:
+        raise ValueError(f"cannot resume {str(out)!r} with iterations={args.iterations}: the "
+                         f"run has already done {done} iterations (checkpointed). "
+                         "`iterations` is the run's total, not how many more to do: pass "
+                         f"at least {done}")
     if force:
         return has_run
     saved_config = out / "run.toml"
+    if not saved_config.is_file():
+        # run.toml is written after the first checkpoint (or was deleted): compare the
+        # result hash every checkpoint records instead.
+        saved_hash = (checkpoint.newest_state(out) or {}).get("config_hash")
+        if saved_hash is not None and saved_hash != args.result_hash():
+            raise ValueError(f"cannot resume {str(out)!r}: it has no run.toml and the "
+                             "configuration's fields that change results differ from the "
+                             "ones its checkpoints record (config_hash "
+                             f"{saved_hash} -> {args.result_hash()}). Restore them, or pass "
+                             "--force (force=True) to resume anyway")
     if saved_config.is_file():
         saved = ESConfig.from_toml(saved_config).to_dict()
         current = args.to_dict()

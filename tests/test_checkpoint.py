@@ -407,3 +407,81 @@ def test_resume_on_another_base_model_or_data_is_refused_unless_forced(
         _trainer(tiny_llama_dir, out, resume=True, iterations=4).train()
     assert sum("did not record the base model" in r.message for r in caplog.records) == 1
     assert _iterations(out) == [0, 1, 2, 3]
+
+
+def test_replay_out_never_destroys_a_directory(reference, tmp_path, capsys):
+    """`replay --out` replaces its destination as a whole: the run itself, a folder
+    above it, its checkpoints and a directory holding other files are refused."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = sorted(p.name for p in run.iterdir())
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    for out, match in ((run, "the run directory"), (tmp_path, "a folder above"),
+                       (run / "checkpoints" / "step_000000", "checkpoints"),
+                       (precious, "notes.txt")):
+        assert main(["replay", str(run), "--out", str(out)]) == 2  # a usage error
+        assert match in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert (precious / "notes.txt").read_text() == "keep"
+    assert main(["replay", str(run), "--out", str(tmp_path / "new")]) == 0
+    assert main(["replay", str(run), "--out", str(tmp_path / "new")]) == 0  # an adapter dir
+    capsys.readouterr()
+
+
+def test_replay_uses_the_runs_noise_backend(reference, tmp_path, monkeypatch):
+    """Compiled and eager noise differ in the last bits: replay follows run.toml."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    toml = (run / "run.toml").read_text()
+    assert 'noise_backend = "eager"' in toml
+    (run / "run.toml").write_text(toml.replace('noise_backend = "eager"',
+                                               'noise_backend = "compiled"'))
+    seen = []
+    real = checkpoint.replay_journal
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("noise_backend"))
+        return real(*args, **{**kwargs, "noise_backend": "eager"})
+
+    monkeypatch.setattr(checkpoint, "replay_journal", spy)
+    assert main(["replay", str(run)]) == 0
+    assert seen == ["compiled"]
+
+
+def test_resume_without_run_toml_still_checks_the_configuration(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, iterations=3).train()
+    (out / "run.toml").unlink()
+    with pytest.raises(ValueError, match=r"no run\.toml.*config_hash.*--force"):
+        _trainer(tiny_llama_dir, out, resume=True, sigma=0.07, iterations=4)
+    _trainer(tiny_llama_dir, out, resume=True, iterations=4).train()  # unchanged: resumes
+    assert _iterations(out) == [0, 1, 2, 3]
+
+
+def test_resume_with_fewer_iterations_than_done_is_refused(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, iterations=6).train()
+    with pytest.raises(ValueError, match=r"already done 6 iterations.*at least 6"):
+        _trainer(tiny_llama_dir, out, resume=True, iterations=4)
+
+
+def test_save_adapter_refuses_a_directory_with_other_files(tiny_llama_dir, tmp_path):
+    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.model import load_model
+
+    base, _, _ = load_model(str(tiny_llama_dir))
+    es_model = attach_es_lora(base, ["q_proj"], rank=2, alpha=4.0)
+    target = tmp_path / "dir"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        es_model.save_adapter(target)
+    assert (target / "notes.txt").read_text() == "keep"
+    es_model.save_adapter(tmp_path / "fresh")
+    es_model.save_adapter(tmp_path / "fresh")  # replacing an adapter directory is fine
