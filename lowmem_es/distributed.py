@@ -81,8 +81,9 @@ def shard_members(schedule: Sequence[tuple[int, int]], world: int, this_rank: in
                   ) -> list[int]:
     """Member indices of this rank: a contiguous block of whole antithetic pairs.
 
-    Pairs are split as evenly as possible (the first ``pairs % world`` ranks get one
-    more); a rank may get none when there are more ranks than pairs.
+    Pairs are split as evenly as possible (the last ``pairs % world`` ranks, roughly,
+    get one more: rank r takes pairs [r * P // world, (r + 1) * P // world)); a rank may
+    get none when there are more ranks than pairs.
     """
     pairs = sorted({pair for pair, _ in schedule})
     start = this_rank * len(pairs) // world
@@ -138,6 +139,18 @@ def any_rank(flag: bool) -> bool:
     except Exception as error:
         raise DistributedError(_lost_peer(error)) from error
     return bool(value.item())
+
+
+def total(value: int) -> int:
+    """The sum of an integer over all ranks (e.g. tokens generated this iteration)."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([int(value)], dtype=torch.int64, device=collective_device())
+    try:
+        torch.distributed.all_reduce(tensor)
+    except Exception as error:
+        raise DistributedError(_lost_peer(error)) from error
+    return int(tensor.item())
 
 
 def barrier() -> None:

@@ -382,7 +382,8 @@ class ESTrainer:
                           reward_mean=sum(fitness) / len(fitness), reward_max=max(fitness),
                           reward_min=min(fitness), **stats)
         finished = time.perf_counter()
-        tokens = sum(len(c.ids) for c in completions)
+        # Every rank's completions (ranks generate in parallel, so per second too).
+        tokens = distributed.total(sum(len(c.ids) for c in completions))
         if events:
             record["oom_events"] = events
         if self.plan is not None:

@@ -42,7 +42,8 @@ def _single(out: Path, *extra: str) -> None:
 
 
 def _journal(out: Path) -> list[dict]:
-    keep = ("iteration", "members", "prompt_indices", "fitness", "shaped_fitness")
+    # tokens: every rank's completions, so the same total as one process generates.
+    keep = ("iteration", "members", "prompt_indices", "fitness", "shaped_fitness", "tokens")
     lines = (out / "journal.jsonl").read_text().splitlines()
     return [{k: json.loads(line)[k] for k in keep} for line in lines]
 
@@ -80,6 +81,7 @@ def test_single_process_helpers():
     assert distributed.world_size() == 1 and distributed.is_main()
     assert distributed.gather_fitness({1: 0.5, 0: 0.25}, 2) == [0.25, 0.5]
     assert distributed.any_rank(True) and not distributed.any_rank(False)
+    assert distributed.total(7) == 7
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
