@@ -36,7 +36,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowmem_es import es
-from lowmem_es.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, atomic_directory
+from lowmem_es.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    atomic_directory,
+    check_adapter_destination,
+)
 from lowmem_es.noise import tensor_id
 
 logger = logging.getLogger("lowmem_es")
@@ -197,6 +203,7 @@ def param_tensor_ids(params: Iterable[str]) -> dict[str, int]:
 def write_adapter_tensors(params: dict[str, torch.Tensor], config_source: Path,
                           destination: Path) -> Path:
     """Write replayed masters as a PEFT adapter dir, copying adapter_config.json."""
+    check_adapter_destination(Path(destination))
     with atomic_directory(Path(destination)) as tmp:
         tensors = {f"{PEFT_PREFIX}{name}.weight": t.contiguous() for name, t in params.items()}
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS),

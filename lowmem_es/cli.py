@@ -298,10 +298,10 @@ def cmd_replay(ns: argparse.Namespace) -> int:
 
 
 def _check_replay_destination(run: Path, destination: Path) -> None:
-    """Refuse a ``--out`` that writing the replayed adapter would destroy: the adapter is
-    written by replacing the whole directory, so it must be new, empty, or an adapter
-    directory, and neither the run itself, a folder above it, nor inside its checkpoints."""
-    from lowmem_es.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    """Refuse a ``--out`` that is the run itself, a folder above it or inside its
+    checkpoints (a directory holding other files is refused where the adapter is
+    written, ``lora.check_adapter_destination``), before any replay work."""
+    from lowmem_es.lora import check_adapter_destination
 
     run, target = run.resolve(), destination.resolve()
     if target == run or target in run.parents or (run / "checkpoints") in (target,
@@ -309,14 +309,7 @@ def _check_replay_destination(run: Path, destination: Path) -> None:
         raise ValueError(f"--out {str(destination)!r} is the run directory, a folder above "
                          "it or inside its checkpoints, which writing the adapter would "
                          f"replace; choose a new directory (default: {run}/replay/...)")
-    if target.exists():
-        extra = sorted(p.name for p in target.iterdir()
-                       if p.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
-        if not target.is_dir() or extra:
-            held = extra[:5] or "a file"
-            raise ValueError(f"--out {str(destination)!r} exists and holds {held}; writing "
-                             "the adapter replaces the whole directory, so choose a new or "
-                             "empty directory")
+    check_adapter_destination(target)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -359,13 +359,7 @@ class ESLoraModel:
         adapter directory (only adapter files): anything else is refused, not deleted.
         """
         path = Path(path)
-        if path.exists():
-            extra = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
-            extra = [name for name in extra if name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
-            if extra or not path.is_dir():
-                raise ValueError(f"cannot save the adapter to {str(path)!r}: it holds "
-                                 f"{extra[:5]}, and saving replaces the whole directory; "
-                                 "choose a new or empty directory")
+        check_adapter_destination(path)
         with atomic_directory(path) as tmp:
             self.write_adapter(tmp)
         return path
@@ -419,6 +413,21 @@ class ESLoraModel:
                              "another model or other target modules")
         for target, value in values:  # only once all of it fits: no half-loaded adapter
             target.data.copy_(value.to(torch.float32))
+
+
+def check_adapter_destination(path: Path) -> None:
+    """Refuse to write an adapter where ``atomic_directory`` would destroy something: the
+    directory is replaced as a whole, so it must be new, empty, or an adapter directory
+    (only adapter files). Everything that writes an adapter directory calls this."""
+    path = Path(path)
+    if not path.exists():
+        return
+    held = ([p.name for p in path.iterdir() if p.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
+            if path.is_dir() else [path.name])
+    if held:
+        raise ValueError(f"cannot write an adapter to {str(path)!r}: it holds "
+                         f"{sorted(held)[:5]}, and writing replaces the whole directory; "
+                         "choose a new or empty directory")
 
 
 def _check_adapter_scaling(path: Path, config: dict, alpha: float) -> None:

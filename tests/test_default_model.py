@@ -74,15 +74,21 @@ def _fake_convert(calls):
     return convert
 
 
+def _fake_source(monkeypatch, tmp_path):
+    """A fake GGUF as the package's file and a recording fake conversion: (calls, gguf)."""
+    calls = []
+    gguf = _fake_gguf(tmp_path)
+    monkeypatch.setattr(default_model, "find_gguf", lambda: gguf)
+    monkeypatch.setattr(default_model, "convert_gguf", _fake_convert(calls))
+    return calls, gguf
+
+
 def test_finished_conversion_is_reused_and_partial_one_is_not(monkeypatch, tmp_path):
     target = default_model.default_model_dir(tmp_path)
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     assert not default_model.is_converted(target)  # no marker: a crash mid-conversion
-    calls = []
-    gguf = _fake_gguf(tmp_path)
-    monkeypatch.setattr(default_model, "find_gguf", lambda: gguf)
-    monkeypatch.setattr(default_model, "convert_gguf", _fake_convert(calls))
+    calls, gguf = _fake_source(monkeypatch, tmp_path)
     default_model.ensure_default_model(tmp_path)
     assert calls == [(gguf, target)]
     assert default_model.ensure_default_model(tmp_path) == target
@@ -95,10 +101,7 @@ def test_finished_conversion_is_reused_and_partial_one_is_not(monkeypatch, tmp_p
 
 
 def test_truncated_cached_weights_are_converted_again(monkeypatch, tmp_path, caplog):
-    calls = []
-    gguf = _fake_gguf(tmp_path)
-    monkeypatch.setattr(default_model, "find_gguf", lambda: gguf)
-    monkeypatch.setattr(default_model, "convert_gguf", _fake_convert(calls))
+    calls, _ = _fake_source(monkeypatch, tmp_path)
     target = default_model.ensure_default_model(tmp_path)
     weights = target / "model.safetensors"
     with open(weights, "r+b") as handle:  # a full disk or a copy cut short
@@ -138,10 +141,7 @@ def test_write_error_during_conversion_names_the_fix(monkeypatch, tmp_path):
 
 
 def test_stale_temporaries_of_a_killed_conversion_are_removed(monkeypatch, tmp_path):
-    calls = []
-    gguf = _fake_gguf(tmp_path)
-    monkeypatch.setattr(default_model, "find_gguf", lambda: gguf)
-    monkeypatch.setattr(default_model, "convert_gguf", _fake_convert(calls))
+    calls, _ = _fake_source(monkeypatch, tmp_path)
     target = default_model.default_model_dir(tmp_path)
     stale = target.parent / f".{target.name}.tmp-abc123"
     (stale / "sub").mkdir(parents=True)
@@ -153,10 +153,7 @@ def test_stale_temporaries_of_a_killed_conversion_are_removed(monkeypatch, tmp_p
 
 
 def test_a_changed_source_is_converted_again(monkeypatch, tmp_path):
-    calls = []
-    gguf = _fake_gguf(tmp_path)
-    monkeypatch.setattr(default_model, "find_gguf", lambda: gguf)
-    monkeypatch.setattr(default_model, "convert_gguf", _fake_convert(calls))
+    calls, gguf = _fake_source(monkeypatch, tmp_path)
     target = default_model.ensure_default_model(tmp_path)
     marker = json.loads((target / default_model._DONE_MARKER).read_text())
     assert marker["source_bytes"] == gguf.stat().st_size and "package_version" in marker
