@@ -138,8 +138,8 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     out = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     step_fn = _EagerStep(model, cache, mask)
-    use_capture = device.type == "cuda" if capture is None else capture
-    if use_capture and device.type == "cuda" and max_new_tokens > 1:  # 1: no step runs
+    use_capture = capture_supported(device) if capture is None else capture
+    if use_capture and capture_supported(device) and max_new_tokens > 1:  # 1: no step runs
         step_fn = _captured_or_eager(step_fn, rows, device)
     for step in range(max_new_tokens):
         if logits_processor is not None:
@@ -159,6 +159,12 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         stats.captured = isinstance(step_fn, _CapturedStep)
         stats.cache_bytes = cache_bytes(cache)
     return out
+
+
+def capture_supported(device: torch.device) -> bool:
+    """Whether decode steps on ``device`` can be captured as a CUDA graph (CUDA only; the
+    tests replace this to run the capture path on CPU, see tests/capture_sim.py)."""
+    return device.type == "cuda"
 
 
 def _prefill(model: nn.Module, cache: object, input_ids: torch.Tensor, mask: torch.Tensor,

@@ -167,8 +167,8 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
     4-bit base whose layout the kernel reads) and ``es.estimate_direction`` (CUDA or
     ``UPDATE_FORCE="kernel"``), then ``use_kernel`` (``LOWMEM_ES_FORCE_TORCH``, Triton
     present and compiled). On CPU nothing is imported unless a switch says "kernel".
-    ``NF4_MATMUL_FORCE="kernel"`` on CPU is checked too (the layer itself calls the NF4
-    kernel on CUDA tensors only), so that the interpreter tests can reach it.
+    ``NF4_MATMUL_FORCE="kernel"`` on CPU is checked too (the layer then calls the NF4
+    kernel on CPU tensors as well), so that the interpreter tests can reach it.
     """
     layers = _distinct_layers(es_model, device)
     if not layers:

@@ -56,8 +56,9 @@ PEFT_PREFIX = "base_model.model."
 # LOWMEM_ES_FORCE_TORCH=1 in the environment also rules the kernel out (kernels/noise.py).
 NOISY_LORA_FORCE: str | None = None
 # The frozen NF4 base on CUDA: lowmem_es.kernels.nf4_matmul reads the packed weights once
-# per step (bitsandbytes dequantizes whole weights for batched rows). None = dispatch,
-# "torch" = always bitsandbytes (ESConfig.nf4_kernel=False sets this).
+# per step (bitsandbytes dequantizes whole weights for batched rows). None = dispatch on
+# CUDA tensors, "torch" = always bitsandbytes (ESConfig.nf4_kernel=False sets this),
+# "kernel" = the kernel for every input (on CPU: in the interpreter, as the tests run it).
 NF4_MATMUL_FORCE: str | None = None
 
 
@@ -126,7 +127,8 @@ class ESLoraLinear(nn.Module):
         return f"{self.name}: d_in={d_in}, d_out={self.lora_B.shape[0]}, r={r}"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if x.is_cuda and NF4_MATMUL_FORCE != "torch" and not args and not kwargs:
+        if (NF4_MATMUL_FORCE == "kernel" or (x.is_cuda and NF4_MATMUL_FORCE != "torch")) \
+                and not args and not kwargs:
             from lowmem_es.kernels.nf4_matmul import nf4_linear
 
             result = nf4_linear(x, self.base_layer, force=NF4_MATMUL_FORCE)

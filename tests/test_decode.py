@@ -257,3 +257,85 @@ def test_only_plain_static_layers_are_capturable(tiny_llama_dir):
     cache = make_static_cache(sliding, 16)
     assert any(type(layer).__name__ != "StaticLayer" for layer in cache.layers)
     assert not decode_module.capturable(cache)
+
+
+# ------------------------------------------------------------------ CUDA graph capture
+
+
+def test_captured_decode_replays_the_eager_tokens(setup, monkeypatch):
+    """The decode step as the GPU runs it (fused noisy-LoRA and NF4 kernels, captured
+    once, replayed each step), simulated on CPU: the recording of the step replays to
+    the eager loop's tokens for mixed members, ragged prompts and rows stopping at
+    different steps, and the step has no host sync (a real capture would refuse it).
+    Replay re-runs the recorded ops and kernel launches, not the Python: any per-step
+    state kept in Python would be frozen at its capture value and change the tokens.
+    (Llama with the 16-bit cache, Qwen2 with the int8 one: the interpreter is slow.)"""
+    from capture_sim import simulated_capture
+
+    from lowmem_es import lora
+    from lowmem_es.kernels import nf4_matmul
+
+    es_model, tokenizer, batch = setup
+    kv_cache_dtype = "auto" if es_model.model.config.model_type == "llama" else "int8"
+    monkeypatch.setattr(lora, "NOISY_LORA_FORCE", "kernel")
+    monkeypatch.setattr(lora, "NF4_MATMUL_FORCE", "kernel")
+    launches = {"nf4": 0}
+    original = nf4_matmul.nf4_matmul_triton
+
+    def counted(*args, **kwargs):
+        launches["nf4"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(nf4_matmul, "nf4_matmul_triton", counted)
+    args = (batch["input_ids"], batch["attention_mask"], 7)
+    with es_model.population(5, 1, 0.3, MEMBERS, [(2, 4), (0, 4), (1, 4)]):
+        eager_stats, captured_stats = DecodeStats(), DecodeStats()
+        free = decode(es_model.model, *args, [], tokenizer.pad_token_id,
+                      kv_cache_dtype=kv_cache_dtype, stats=eager_stats)
+        rows = free.tolist()
+        firsts = {t: {r.index(t) for r in rows if t in r} for r in rows for t in r}
+        eos = max(firsts, key=lambda t: (len(firsts[t]), -min(firsts[t])))  # ragged stops
+        with simulated_capture(monkeypatch, decode_module) as graphs:
+            captured = decode(es_model.model, *args, [eos], tokenizer.pad_token_id,
+                              kv_cache_dtype=kv_cache_dtype, capture=True,
+                              stats=captured_stats)
+    # The eager tokens with this EOS: each row's free run up to its first EOS, then padding.
+    eager = free.clone()
+    for row, tokens in enumerate(rows):
+        if eos in tokens:
+            eager[row, tokens.index(eos) + 1:] = tokenizer.pad_token_id
+    assert len({r.index(eos) for r in rows if eos in r}) > 1
+    assert launches["nf4"] > 0  # the NF4 kernel ran inside the step
+    assert captured_stats.captured and not eager_stats.captured
+    assert len(graphs) == 1
+    graph = graphs[0]
+    assert graph.syncs == []
+    assert graph.launches >= 2 * 3 + 3  # shrink + expand per LoRA layer, the NF4 bases
+    assert graph.replays == captured_stats.steps - 1 > 1
+    assert torch.equal(captured, eager)
+
+
+def test_simulated_capture_sees_syncs_and_python_state(monkeypatch):
+    """The simulation fails a step the way a real capture would: a host sync is listed,
+    and state kept in Python is frozen at its capture value on replay."""
+    from capture_sim import SimulatedGraph
+
+    counter = {"step": 0}
+    x = torch.zeros(3)
+    out = torch.zeros(3)
+
+    def step():
+        counter["step"] += 1
+        out.copy_(x + counter["step"])  # Python-side state: baked in by capture
+        if x.sum().item() > 5:  # a host sync
+            pass
+
+    graph = SimulatedGraph()
+    with graph.capture():
+        step()
+    assert any("_local_scalar_dense" in s or "Tensor.item" in s for s in graph.syncs)
+    x.fill_(10.0)
+    graph.replay()
+    assert out.tolist() == [11.0] * 3  # the input buffer is read again: 10 + 1
+    step()
+    assert out.tolist() == [12.0] * 3  # eager would have moved on; the replay did not
