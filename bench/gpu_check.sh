@@ -14,7 +14,8 @@
 #      the fp16/bf16 rows, ES update, the ES-LoRA layer on a tiny 4-bit model  -> tests.log
 #      then the model path on CUDA: decode loop, host-memory embedding + graph capture,
 #      kernel self-check                                               -> tests_model.log
-#   5. bench_noisy_lora.py (providers x 7B shapes), bench_noise.py, a launch sweep
+#   5. bench_noisy_lora.py (providers x 7B shapes), bench_noise.py, bench_sampling.py,
+#      a launch sweep
 #                                                                        -> *.md
 # Opt-in sections (environment): GPU_CHECK_NF4=1 (issue 8), GPU_CHECK_PROFILES=1 (issue 4:
 # 7B/8B under 8/12 GB caps), GPU_CHECK_DECODE=1 (issues 9, 3, 4: decode loop, graph
@@ -90,7 +91,8 @@ cp -r "$REPO/kernels" "$SITE/lowmem_es/kernels"
 # 4. kernel tests on CUDA (from /tmp: the repo root must not be on sys.path) ---------------
 step "kernel tests (CUDA, TRITON_INTERPRET=0)" 210 "$OUT/tests.log" \
     "$PY" -m pytest "$REPO/tests/test_noisy_lora.py" "$REPO/tests/test_es_update_kernel.py" \
-    "$REPO/tests/test_noise.py" -q -p no:warnings -p no:cacheprovider -rs --durations=10
+    "$REPO/tests/test_noise.py" "$REPO/tests/test_sampling.py" \
+    -q -p no:warnings -p no:cacheprovider -rs --durations=10
 TESTS_RC=$?
 # 4b. the model path on CUDA (needs the carried bitsandbytes): the input embedding kept in
 # host memory with the decode step captured as a CUDA graph, the decode loop, the startup
@@ -105,6 +107,7 @@ step "model-path tests (CUDA)" 120 "$OUT/tests_model.log" \
 step "bench_noisy_lora.py (grid)" 170 "$OUT/bench_noisy_lora.md" \
     "$PY" "$REPO/bench/bench_noisy_lora.py"
 step "bench_noise.py" 60 "$OUT/bench_noise.md" "$PY" "$REPO/bench/bench_noise.py"
+step "bench_sampling.py" 40 "$OUT/bench_sampling.md" "$PY" "$REPO/bench/bench_sampling.py"
 step "bench_noisy_lora.py --sweep" 50 "$OUT/sweep.md" \
     "$PY" "$REPO/bench/bench_noisy_lora.py" --sweep --shapes 4096x4096 --ranks 16 \
     --rows 512 --members 32

@@ -84,8 +84,10 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
     a row's completion does not depend on the chunking, on the other rows, or on the
     global RNG (which is never read). Rows of different members with the same prompt and
     generation index share that noise (common random numbers: fitness differences then
-    come from the perturbations, not from sampling luck). The noise comes from a
-    ``torch.Generator`` on the logits' device, so CPU and CUDA sample differently.
+    come from the perturbations, not from sampling luck). On CUDA the noise is
+    counter-based Philox, all rows in one kernel launch per step
+    (``lowmem_es.kernels.sampling``); on CPU one seeded ``torch.Generator`` per row (see
+    ``SAMPLER``), so CPU and CUDA sample differently.
 
     ``backend="loop"`` decodes with lowmem_es.decode's static-cache loop (same tokens as
     ``generate()``, fewer per-step costs, CUDA-graph replay on GPU); ``"generate"`` uses
@@ -214,17 +216,38 @@ def _sample_keys(rows: Sequence[tuple[int | None, int]], run_seed: int, iteratio
     return keys
 
 
+# Where the sampling noise comes from: None = counter-based Philox (lowmem_es.kernels.
+# sampling: one kernel launch per step for all rows) on CUDA and one seeded torch.Generator
+# per row on CPU (the Philox twin costs ~9x there); "philox" or "generator" everywhere.
+SAMPLER: str | None = None
+SAMPLERS = ("philox", "generator")
+
+
 def _sampler(row_keys: list[int], prompt_len: int, temperature: float) -> list:
     """A transformers logits processor that samples each row by Gumbel-max with its own key.
 
     argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T), so greedy
-    decoding over the processed scores is exact temperature sampling.
+    decoding over the processed scores is exact temperature sampling. The two noise
+    sources (``SAMPLER``) give different draws from the same distribution, both keyed
+    per row and step only.
     """
     from transformers import LogitsProcessor, LogitsProcessorList
+
+    if SAMPLER is not None and SAMPLER not in SAMPLERS:
+        raise ValueError(f"generate.SAMPLER must be one of {SAMPLERS} or None, got {SAMPLER!r}")
+    keys_on: dict[torch.device, torch.Tensor] = {}
 
     class RowGumbelSampler(LogitsProcessor):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             step = input_ids.shape[1] - prompt_len
+            source = SAMPLER or ("philox" if scores.device.type == "cuda" else "generator")
+            if source == "philox":
+                from lowmem_es.kernels.sampling import gumbel_scores
+
+                if scores.device not in keys_on:  # once per chunk: no host work per step
+                    keys_on[scores.device] = torch.tensor(row_keys, dtype=torch.int64,
+                                                          device=scores.device)
+                return gumbel_scores(scores, keys_on[scores.device], step, temperature)
             uniform = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
             generator = torch.Generator(device=scores.device)
             for row, key in enumerate(row_keys):  # (rows, vocab)

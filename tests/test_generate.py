@@ -20,6 +20,22 @@ def model_and_tokenizer(tiny_llama_dir):
     return es_model, tokenizer
 
 
+@pytest.fixture(params=["generator", "philox", "philox-kernel"])
+def sampler(request, monkeypatch):
+    """Each sampling noise source: per-row torch.Generator (CPU default), counter-based
+    Philox (the CUDA default) by its torch twin, and by its kernel in the interpreter."""
+    from lowmem_es import generate
+    from lowmem_es.kernels import sampling
+    from lowmem_es.kernels.noise import INTERPRETED
+
+    if request.param.endswith("kernel") and not INTERPRETED:
+        pytest.skip("the kernel on CPU tensors needs TRITON_INTERPRET=1")
+    monkeypatch.setattr(generate, "SAMPLER", request.param.split("-")[0])
+    monkeypatch.setattr(sampling, "FORCE", "kernel" if request.param.endswith("kernel")
+                        else "torch")
+    return request.param
+
+
 PROMPTS = ["sun 1:", "a much longer prompt here 2:", "x"]
 MEMBERS = [Member(0, 1), Member(0, -1), Member(1, 1), Member(1, -1)]
 ROWS = [(m, p) for m in range(4) for p in range(3)]
@@ -76,7 +92,7 @@ def test_centre_rows_use_no_perturbation(model_and_tokenizer):
         _generate(model, tokenizer, rows=[(None, 0), (0, 1)])
 
 
-def test_sampling_is_reproducible(model_and_tokenizer):
+def test_sampling_is_reproducible(model_and_tokenizer, sampler):
     model, tokenizer = model_and_tokenizer
     state = torch.random.get_rng_state()
     first = _generate(model, tokenizer, temperature=1.0)
@@ -95,7 +111,7 @@ def test_cut_and_segments():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_loop_and_generate_backends_agree(model_and_tokenizer, temperature):
+def test_loop_and_generate_backends_agree(model_and_tokenizer, temperature, sampler):
     model, tokenizer = model_and_tokenizer
     loop = _generate(model, tokenizer, temperature=temperature, backend="loop")
     plain = _generate(model, tokenizer, temperature=temperature, backend="generate")
@@ -134,7 +150,7 @@ def test_render_prompt(model_and_tokenizer):
 
 # --- chunk-invariant sampling, member lists per chunk, out-of-memory backoff ---
 
-def test_sampling_does_not_depend_on_chunking(model_and_tokenizer):
+def test_sampling_does_not_depend_on_chunking(model_and_tokenizer, sampler):
     """Per-row sampling keys: the same samples whatever the chunk size or row subset."""
     model, tokenizer = model_and_tokenizer
     reference = _generate(model, tokenizer, temperature=1.0)
@@ -155,7 +171,8 @@ def test_repeated_rows_sample_different_completions(model_and_tokenizer):
     assert len({tuple(t) for t in texts}) > 1
 
 
-def test_gumbel_sampler_draws_from_softmax():
+@pytest.mark.parametrize("sampler", ["generator", "philox"], indirect=True)  # kernel = twin
+def test_gumbel_sampler_draws_from_softmax(sampler):
     """argmax(logits / T + Gumbel) has the softmax(logits / T) distribution."""
     from lowmem_es.generate import _sampler
 
