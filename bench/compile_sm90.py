@@ -9,7 +9,8 @@ before a GPU is lent. It says nothing about speed or numerical results.
 Variants are those the launchers would choose: the fused noisy LoRA's stage 1 and 2 from
 ``noisy_lora._launch_config`` over 7B-class shapes (ranks 1-64, decode and prefill row
 counts, 8-64 members, paired and unpaired plans, bf16/fp16/fp32 activations, the H200's
-132 SMs); the NF4 matmul's tile table and GEMV; the ES update and the noise kernel.
+132 SMs); the NF4 matmul's tile table and GEMV; the ES update, the noise kernel and the
+sampling kernel.
 
     python bench/compile_sm90.py            # every distinct variant (a few minutes)
     python bench/compile_sm90.py --quick    # one variant per code path (tests/test_compile_sm90.py)
@@ -164,8 +165,9 @@ def nf4_variants(quick: bool) -> list[tuple[str, Callable[[Callable], object]]]:
 
 
 def noise_and_update_variants(quick: bool) -> list[tuple[str, Callable[[Callable], object]]]:
-    """``tl.randn`` over ranges or offsets, narrow and wide indices; the ES update."""
-    from lowmem_es.kernels import es_update, noise
+    """``tl.randn`` over ranges or offsets, narrow and wide indices; the ES update; the
+    sampling noise."""
+    from lowmem_es.kernels import es_update, noise, sampling
 
     jobs = []
     for wide, offsets in itertools.product((False, True), (False, True)):
@@ -186,6 +188,14 @@ def noise_and_update_variants(quick: bool) -> list[tuple[str, Callable[[Callable
                      lambda c, s=signature, a=accumulate, w=wide: c(
                          es_update._es_direction_kernel, dict(s),
                          dict(ACCUMULATE=a, WIDE=w, BLOCK=1024), 4, 3)))
+    for dtype in ("bf16",) if quick else ("bf16", "fp16", "fp32"):
+        signature = {"logits_ptr": f"*{dtype}", "keys_ptr": "*i64", "out_ptr": "*fp32",
+                     "vocab": "i32", "stride_logits": "i32", "stride_out": "i32",
+                     "step": "i32", "inv_temperature": "fp32"}
+        jobs.append((f"sampling gumbel_scores logits={dtype}",
+                     lambda c, s=signature: c(
+                         sampling._gumbel_scores_kernel, dict(s),
+                         dict(BLOCK=sampling.BLOCK_GPU), sampling.NUM_WARPS_GPU, 3)))
     return jobs
 
 
