@@ -14,7 +14,10 @@ the captured 7B decode step itself. Here the noise is counter-based instead:
 and ``argmax(scores)`` is an exact draw from ``softmax(logits / T)`` (the Gumbel-max
 trick). ``u`` is ``((word >> 9) + 0.5) / 2**23``, in [2**-24, 1 - 2**-24] exactly in
 float32, so neither log sees 0 or 1 (``tl.rand``'s uniform can round to 1.0, whose
-Gumbel value is +inf: a uniformly random token once in ~1/3e-8 draws).
+Gumbel value is +inf: a uniformly random token once in ~1/3e-8 draws). ``-log(u)`` is
+then at least 5.96e-8; both paths clamp it at 2**-25 as well, a no-op for an accurate log
+(sm_90's ``tl.log`` is libdevice's polynomial, not ``lg2.approx``: checked in the PTX),
+so that no approximation can ever make the outer log see a value <= 0.
 
 * ``_gumbel_scores_kernel``: the ``@triton.jit`` kernel, grid (rows, column blocks).
 * ``gumbel_scores_triton`` / ``gumbel_scores_torch``: the kernel's launcher and its twin
@@ -60,7 +63,7 @@ if HAS_TRITON:
         counters = cols.to(tl.int64) + (step.to(tl.int64) << 32)
         word = tl.randint(key, counters)  # uint32: word 0 of Philox4x32-10
         u = ((word >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-        gumbel = -tl.log(-tl.log(u))
+        gumbel = -tl.log(tl.maximum(-tl.log(u), 2.9802322387695312e-08))  # >= 2**-25
         x = tl.load(logits_ptr + row * stride_logits + cols, mask=mask, other=0.0)
         tl.store(out_ptr + row * stride_out + cols,
                  x.to(tl.float32) * inv_temperature + gumbel, mask=mask)
@@ -102,7 +105,7 @@ def gumbel_scores_torch(logits: torch.Tensor, keys: torch.Tensor, step: int,
         counters = torch.arange(start, stop, dtype=torch.int64, device=logits.device)
         counters |= step << 32
         word, _ = _noise.philox4x32(row_keys, counters[None, :])
-        gumbel = uniform24(word).log_().neg_().log_().neg_()
+        gumbel = uniform24(word).log_().neg_().clamp_min_(2.0 ** -25).log_().neg_()
         torch.add(gumbel, logits[:, start:stop].to(torch.float32), alpha=1.0 / temperature,
                   out=out[:, start:stop])
     return out
@@ -133,15 +136,11 @@ def gumbel_scores_triton(logits: torch.Tensor, keys: torch.Tensor, step: int,
     return out
 
 
-# The default of ``gumbel_scores``'s ``force`` (module switch, like lora.NOISY_LORA_FORCE).
-FORCE: str | None = None
-
-
 def gumbel_scores(logits: torch.Tensor, keys: torch.Tensor, step: int, temperature: float,
                   force: str | None = None) -> torch.Tensor:
-    """Per-row keyed Gumbel scores: the kernel on CUDA, the twin elsewhere (``force``, or
-    the module's ``FORCE``: "kernel" or "torch"; ``LOWMEM_ES_FORCE_TORCH=1`` makes the
-    twin the default)."""
-    if use_kernel(logits.device, force if force is not None else FORCE):
+    """Per-row keyed Gumbel scores: the kernel on CUDA, the twin elsewhere (``force``:
+    "kernel" or "torch"; ``LOWMEM_ES_FORCE_TORCH=1`` makes the twin the default). The
+    sampler passes ``lowmem_es.generate.SAMPLING_FORCE``."""
+    if use_kernel(logits.device, force):
         return gumbel_scores_triton(logits, keys, step, temperature)
     return gumbel_scores_torch(logits, keys, step, temperature)

@@ -221,6 +221,11 @@ def _sample_keys(rows: Sequence[tuple[int | None, int]], run_seed: int, iteratio
 # per row on CPU (the Philox twin costs ~9x there); "philox" or "generator" everywhere.
 SAMPLER: str | None = None
 SAMPLERS = ("philox", "generator")
+# The Philox sampler's path: None = the Triton kernel for CUDA logits, its torch twin
+# elsewhere; "kernel" forces the kernel (and with SAMPLER None the Philox sampler, on CPU
+# in the interpreter, as the tests run it); "torch" the twin. The kernel self-check sets
+# "torch" when the kernel fails it (lowmem_es.kernel_check).
+SAMPLING_FORCE: str | None = None
 
 
 def _sampler(row_keys: list[int], prompt_len: int, temperature: float) -> list:
@@ -240,14 +245,16 @@ def _sampler(row_keys: list[int], prompt_len: int, temperature: float) -> list:
     class RowGumbelSampler(LogitsProcessor):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             step = input_ids.shape[1] - prompt_len
-            source = SAMPLER or ("philox" if scores.device.type == "cuda" else "generator")
+            source = SAMPLER or ("philox" if scores.device.type == "cuda"
+                                 or SAMPLING_FORCE == "kernel" else "generator")
             if source == "philox":
                 from lowmem_es.kernels.sampling import gumbel_scores
 
                 if scores.device not in keys_on:  # once per chunk: no host work per step
                     keys_on[scores.device] = torch.tensor(row_keys, dtype=torch.int64,
                                                           device=scores.device)
-                return gumbel_scores(scores, keys_on[scores.device], step, temperature)
+                return gumbel_scores(scores, keys_on[scores.device], step, temperature,
+                                     force=SAMPLING_FORCE)
             uniform = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
             generator = torch.Generator(device=scores.device)
             for row, key in enumerate(row_keys):  # (rows, vocab)

@@ -10,9 +10,10 @@ real layers (every distinct LoRA and NF4 weight shape, since the GPU launch depe
 them), runs the torch twin on the same inputs, and compares with the tolerances of
 the kernel tests. A kernel that raises or disagrees is switched off for the rest of the
 process through its module switch (``lora.NOISY_LORA_FORCE``, ``lora.NF4_MATMUL_FORCE``,
-``es.UPDATE_FORCE``), with one warning saying what failed and that the run continues on
-the torch path (slower, same results up to rounding). Where no kernel would run (CPU, or
-``LOWMEM_ES_FORCE_TORCH=1``) it returns at once without importing Triton.
+``es.UPDATE_FORCE``, ``generate.SAMPLING_FORCE``), with one warning saying what failed and
+that the run continues on the torch path (slower, same results up to rounding). Where no
+kernel would run (CPU, or ``LOWMEM_ES_FORCE_TORCH=1``) it returns at once without
+importing Triton.
 
 The inputs are synthetic values in the real shapes (d_in, d_out, rank, packed NF4 weight)
 and activation dtype: the real LoRA B starts at zero, which would hide half of the fused
@@ -31,13 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem_es import es, lora, noise
+from lowmem_es import es, generate, lora, noise
 from lowmem_es.lora import ESLoraLinear, ESLoraModel
 
 logger = logging.getLogger("lowmem_es")
 
-NOISY_LORA, NF4_MATMUL, ES_UPDATE = "noisy_lora", "nf4_matmul", "es_update"
-KERNELS = (NOISY_LORA, NF4_MATMUL, ES_UPDATE)
+NOISY_LORA, NF4_MATMUL, ES_UPDATE, SAMPLING = "noisy_lora", "nf4_matmul", "es_update", "sampling"
+KERNELS = (NOISY_LORA, NF4_MATMUL, ES_UPDATE, SAMPLING)
 OK, NOT_USED = "ok", "not used"
 FORCE_CHOICES = (None, "kernel", "torch")
 FORCE_TORCH_ENV = "LOWMEM_ES_FORCE_TORCH"  # the same name as lowmem_es.kernels.noise's
@@ -51,6 +52,10 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3),
 # NF4 in bf16 on real (large-K) shapes: test_nf4_matmul.py's 7B-shape atol.
 NF4_TOLERANCES = {**TOLERANCES, torch.bfloat16: (2e-2, 1.6e-2)}
 ES_UPDATE_TOLERANCE = (1e-6, 1e-6)
+# Gumbel scores (fp32 out): the same uniforms bit for bit, logs to an ulp or two.
+SAMPLING_TOLERANCE = (1e-5, 1e-5)
+# Rows of the sampling check (over the model's whole vocabulary) and its decode step.
+SAMPLING_ROWS, SAMPLING_STEP = 4, 3
 
 # The check's population: 2 antithetic pairs, as es.member_schedule(4, True) lays them out.
 MEMBERS = ((0, 1), (0, -1), (1, 1), (1, -1))
@@ -101,14 +106,16 @@ class _Check:
 
 @torch.no_grad()
 def check_kernels(es_model: ESLoraModel, device: torch.device | str,
-                  dtype: torch.dtype | None = None) -> dict[str, str]:
+                  dtype: torch.dtype | None = None, *, sampling: bool = True
+                  ) -> dict[str, str]:
     """Check every Triton kernel this run would use on ``device``; switch off failures.
 
     ``es_model``: the ES-LoRA model about to be trained (its layers give the shapes);
     ``device``: where the run computes; ``dtype``: the activations' dtype (default: the
-    dtype of the input embeddings, else float32). Returns ``{kernel: status}`` for
-    ``noisy_lora``, ``nf4_matmul`` and ``es_update``, each ``"ok"``, ``"not used"``,
-    ``"disabled: <reason>"`` (switched off, one warning logged) or ``"unchecked:
+    dtype of the input embeddings, else float32); ``sampling``: whether the run samples
+    (temperature > 0), the only use of the sampling kernel. Returns ``{kernel: status}``
+    for ``noisy_lora``, ``nf4_matmul``, ``es_update`` and ``sampling``, each ``"ok"``,
+    ``"not used"``, ``"disabled: <reason>"`` (switched off, one warning logged) or ``"unchecked:
     <reason>"`` (the torch twin itself failed, so nothing was concluded; kernel left on).
 
     Call it on every rank after the model is built and before the first iteration: under
@@ -121,7 +128,7 @@ def check_kernels(es_model: ESLoraModel, device: torch.device | str,
                         f"{type(es_model).__name__}")
     device = torch.device(device)
     for module, switch in ((lora, "NOISY_LORA_FORCE"), (lora, "NF4_MATMUL_FORCE"),
-                           (es, "UPDATE_FORCE")):
+                           (es, "UPDATE_FORCE"), (generate, "SAMPLING_FORCE")):
         value = getattr(module, switch)
         if value not in FORCE_CHOICES:
             raise ValueError(f"`{module.__name__}.{switch}` is {value!r}; expected one of "
@@ -135,7 +142,8 @@ def check_kernels(es_model: ESLoraModel, device: torch.device | str,
     lost_context: str | None = None
     for name in KERNELS:
         try:
-            check = _planned_check(name, es_model, device, dtype)
+            check = (None if name == SAMPLING and not sampling
+                     else _planned_check(name, es_model, device, dtype))
         except Exception as error:  # e.g. a bitsandbytes layer of an unforeseen kind
             status[name] = f"unchecked: deciding whether it runs raised {_first_line(error)}"
             logger.warning("lowmem-es: could not check the Triton kernel `%s`: %s", name,
@@ -203,6 +211,8 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
                       "the frozen 4-bit base layers use bitsandbytes",
                       f"pass --nf4-kernel false (ESConfig.nf4_kernel=False) or set "
                       f"{FORCE_TORCH_ENV}=1 (all kernels)")
+    if name == SAMPLING:
+        return _sampling_check(es_model, device, dtype)
     force = es.UPDATE_FORCE
     if force == "torch" or (force is None and device.type != "cuda"):
         return None
@@ -215,6 +225,50 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
                   lambda: setattr(es, "UPDATE_FORCE", "torch"),
                   "the ES update regenerates noise with the torch loop",
                   f"set {FORCE_TORCH_ENV}=1 (all kernels)")
+
+
+def _sampling_check(es_model: ESLoraModel, device: torch.device, dtype: torch.dtype
+                    ) -> _Check | None:
+    """The Gumbel sampling kernel, where the sampler would call it (``generate._sampler``:
+    the Philox source on CUDA logits, or with ``SAMPLING_FORCE="kernel"``)."""
+    force = generate.SAMPLING_FORCE
+    source = generate.SAMPLER or ("philox" if device.type == "cuda" or force == "kernel"
+                                  else "generator")
+    if source != "philox" or force == "torch" or (force is None and device.type != "cuda"):
+        return None
+    from lowmem_es.kernels import sampling
+
+    if not sampling.use_kernel(device, force):
+        return None
+    vocab = _vocab_size(es_model)
+    return _Check(SAMPLING, "Gumbel sampling noise (lowmem_es.kernels.sampling)",
+                  lambda: _sampling_cases(vocab, device, dtype),
+                  lambda: setattr(generate, "SAMPLING_FORCE", "torch"),
+                  "sampling draws its Philox noise with the torch twin",
+                  f"set {FORCE_TORCH_ENV}=1 (all kernels)")
+
+
+def _vocab_size(es_model: ESLoraModel) -> int:
+    """Columns of the model's logits: its output embedding's rows, else the config's."""
+    try:
+        return int(es_model.model.get_output_embeddings().weight.shape[0])
+    except (AttributeError, NotImplementedError, TypeError):
+        return int(getattr(es_model.model.config, "vocab_size", 0) or 32000)
+
+
+def _sampling_cases(vocab: int, device: torch.device, dtype: torch.dtype) -> list[_Case]:
+    """Logits of the model's vocabulary and activation dtype, one key per row."""
+    from lowmem_es.kernels import sampling
+
+    logits = (4 * torch.randn(SAMPLING_ROWS, vocab, generator=_generator())).to(device, dtype)
+    keys = torch.tensor([noise.member_key(CHECK_SEED, 0, row, 0) for row in
+                         range(SAMPLING_ROWS)], dtype=torch.int64, device=device)
+    atol, rtol = SAMPLING_TOLERANCE
+    return [_Case(f"{SAMPLING_ROWS} rows x {vocab} logits, {dtype}",
+                  lambda: sampling.gumbel_scores(logits, keys, SAMPLING_STEP, 0.7,
+                                                 force="torch"),
+                  lambda: sampling.gumbel_scores(logits, keys, SAMPLING_STEP, 0.7,
+                                                 force="kernel"), atol, rtol)]
 
 
 def _on_device(tensor: torch.Tensor, device: torch.device) -> bool:
@@ -574,7 +628,8 @@ def _agree_across_ranks(status: dict[str, str], device: torch.device) -> dict[st
     agreed = dict(status)
     disable = {NOISY_LORA: lambda: setattr(lora, "NOISY_LORA_FORCE", "torch"),
                NF4_MATMUL: lambda: setattr(lora, "NF4_MATMUL_FORCE", "torch"),
-               ES_UPDATE: lambda: setattr(es, "UPDATE_FORCE", "torch")}
+               ES_UPDATE: lambda: setattr(es, "UPDATE_FORCE", "torch"),
+               SAMPLING: lambda: setattr(generate, "SAMPLING_FORCE", "torch")}
     for name, flag in zip(KERNELS, flags.tolist(), strict=True):
         if flag and not status[name].startswith("disabled") and status[name] != NOT_USED:
             disable[name]()

@@ -256,7 +256,8 @@ class ESTrainer:
         # First contact of the Triton kernels with this GPU: a kernel that fails to compile
         # or disagrees with its torch twin is switched off, with a warning (on CPU: no-op).
         # Every rank runs it (it agrees on the outcome through one collective).
-        self.kernel_status = check_kernels(self.es_model, self.device)
+        self.kernel_status = check_kernels(self.es_model, self.device,
+                                           sampling=self.args.temperature > 0)
         broken = [name for name, value in self.kernel_status.items()
                   if "CUDA context was lost" in value]
         if broken:  # every later CUDA call would fail: stop here, before any work

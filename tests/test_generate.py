@@ -25,13 +25,12 @@ def sampler(request, monkeypatch):
     """Each sampling noise source: per-row torch.Generator (CPU default), counter-based
     Philox (the CUDA default) by its torch twin, and by its kernel in the interpreter."""
     from lowmem_es import generate
-    from lowmem_es.kernels import sampling
     from lowmem_es.kernels.noise import INTERPRETED
 
     if request.param.endswith("kernel") and not INTERPRETED:
         pytest.skip("the kernel on CPU tensors needs TRITON_INTERPRET=1")
     monkeypatch.setattr(generate, "SAMPLER", request.param.split("-")[0])
-    monkeypatch.setattr(sampling, "FORCE", "kernel" if request.param.endswith("kernel")
+    monkeypatch.setattr(generate, "SAMPLING_FORCE", "kernel" if request.param.endswith("kernel")
                         else "torch")
     return request.param
 

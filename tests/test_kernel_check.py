@@ -5,7 +5,7 @@ TRITON_INTERPRET=1): the tests force each kernel path with its module switch (re
 monkeypatch) and break the kernel on purpose to see it switched off with one warning.
 Only fp32 activations here (bf16 tl.dot is wrong in the interpreter). On a GPU machine
 (pytest with TRITON_INTERPRET=0) the model lives on CUDA and the same tests run the
-compiled kernels, plus the default dispatch, which then checks all three.
+compiled kernels, plus the default dispatch, which then checks all four.
 """
 
 from __future__ import annotations
@@ -17,17 +17,18 @@ import pytest
 import torch
 from kernel_device import DEVICE, needs_kernel
 
-from lowmem_es import es, kernel_check, lora
+from lowmem_es import es, generate, kernel_check, lora
 
 KERNEL_FUNCTIONS = {  # kernel -> (module under lowmem_es.kernels, launcher the callers use)
     "noisy_lora": ("noisy_lora", "noisy_lora_triton"),
     "nf4_matmul": ("nf4_matmul", "nf4_matmul_triton"),
     "es_update": ("es_update", "es_direction_triton"),
+    "sampling": ("sampling", "gumbel_scores_triton"),
 }
 TWIN_FUNCTIONS = {"noisy_lora": "noisy_lora_torch", "nf4_matmul": "nf4_matmul_torch",
-                  "es_update": "es_direction_torch"}
+                  "es_update": "es_direction_torch", "sampling": "gumbel_scores_torch"}
 SWITCHES = {"noisy_lora": (lora, "NOISY_LORA_FORCE"), "nf4_matmul": (lora, "NF4_MATMUL_FORCE"),
-            "es_update": (es, "UPDATE_FORCE")}
+            "es_update": (es, "UPDATE_FORCE"), "sampling": (generate, "SAMPLING_FORCE")}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,8 @@ def test_cpu_without_forcing_checks_nothing(es_model, switches, monkeypatch, cap
         status = kernel_check.check_kernels(es_model, "cpu")
     assert time.perf_counter() - started < 1.0
     assert status == {kernel: "not used" for kernel in KERNEL_FUNCTIONS}
-    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE) == (None, None, None)
+    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE,
+            generate.SAMPLING_FORCE) == (None,) * 4
     assert not [r for r in caplog.records if r.name == "lowmem_es"]
     _assert_untouched(es_model, before)
 
@@ -120,9 +122,9 @@ def test_switches_set_to_torch_check_nothing(es_model, switches) -> None:
 
 @needs_kernel
 def test_correct_kernels_stay_on(es_model, switches, monkeypatch, caplog, request) -> None:
-    """All three kernels forced: each runs (counted) against its twin and stays on; the
+    """All four kernels forced: each runs (counted) against its twin and stays on; the
     masters, the population slot, the caches and the global RNG are as before."""
-    switches(noisy_lora="kernel", nf4_matmul="kernel", es_update="kernel")
+    switches(noisy_lora="kernel", nf4_matmul="kernel", es_update="kernel", sampling="kernel")
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # TF32 allowed, as many training scripts do
     request.addfinalizer(lambda: torch.set_float32_matmul_precision(precision))
@@ -147,8 +149,9 @@ def test_correct_kernels_stay_on(es_model, switches, monkeypatch, caplog, reques
               for layer in es_model.layers.values()}
     assert len(shapes) == 4
     assert calls == {"noisy_lora": 2 * len(shapes), "nf4_matmul": 2 * len(shapes),
-                     "es_update": 2 * len(shapes)}
-    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE) == ("kernel",) * 3
+                     "es_update": 2 * len(shapes), "sampling": 1}
+    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE,
+            generate.SAMPLING_FORCE) == ("kernel",) * 4
     assert not _warnings(caplog)
     assert "kernel self-check on" in caplog.text
     _assert_untouched(es_model, before)
@@ -276,7 +279,7 @@ def test_a_failure_on_another_rank_switches_the_kernel_off_here(es_model, switch
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     with caplog.at_level(logging.WARNING, logger="lowmem_es"):
         status = kernel_check.check_kernels(es_model, DEVICE)
-    assert reduced == [[0, 0, 0]]  # passed here
+    assert reduced == [[0, 0, 0, 0]]  # passed here
     assert status["es_update"] == "disabled: its self-check failed on another rank"
     assert es.UPDATE_FORCE == "torch"
     assert status["noisy_lora"] == status["nf4_matmul"] == "not used"
@@ -288,7 +291,8 @@ def test_default_dispatch_on_cuda_checks_every_kernel(es_model, switches) -> Non
     before = _state(es_model)
     status = kernel_check.check_kernels(es_model, DEVICE)
     assert status == {kernel: "ok" for kernel in KERNEL_FUNCTIONS}
-    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE) == (None, None, None)
+    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE,
+            generate.SAMPLING_FORCE) == (None,) * 4
     _assert_untouched(es_model, before)
 
 
@@ -322,3 +326,15 @@ def test_update_switch_routes_estimate_direction(monkeypatch) -> None:
     monkeypatch.setattr(es, "UPDATE_FORCE", "gpu")
     with pytest.raises(ValueError, match="`force` must be one of"):
         es.estimate_direction((3, 5), key_for_pair, {0: 0.5})
+
+
+@needs_kernel
+def test_sampling_kernel_is_checked_only_when_the_run_samples_with_it(es_model, switches,
+                                                                      monkeypatch) -> None:
+    """A greedy run (temperature 0), or one sampling from per-row generators, never calls
+    the sampling kernel: it is not judged then."""
+    switches(sampling="kernel")
+    assert kernel_check.check_kernels(es_model, DEVICE, sampling=False)["sampling"] == "not used"
+    assert kernel_check.check_kernels(es_model, DEVICE, sampling=True)["sampling"] == "ok"
+    monkeypatch.setattr(generate, "SAMPLER", "generator")
+    assert kernel_check.check_kernels(es_model, DEVICE)["sampling"] == "not used"

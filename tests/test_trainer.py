@@ -210,7 +210,7 @@ def test_kernel_status_goes_to_the_first_metrics_line(tiny_llama_dir, tmp_path):
     trainer = _short_run(tiny_llama_dir, tmp_path / "k")
     # On CPU no Triton kernel runs, so the self-check has nothing to check.
     assert trainer.kernel_status == {"noisy_lora": "not used", "nf4_matmul": "not used",
-                                     "es_update": "not used"}
+                                     "es_update": "not used", "sampling": "not used"}
     metrics = [json.loads(x) for x in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["kernels"] == trainer.kernel_status
     assert all("kernels" not in m for m in metrics[1:])
@@ -232,7 +232,7 @@ def test_a_kernel_that_broke_the_cuda_context_stops_before_any_work(tiny_llama_d
 
     lost = ("disabled: RuntimeError: illegal memory access; the CUDA context was lost, "
             "restart with LOWMEM_ES_FORCE_TORCH=1")
-    monkeypatch.setattr(trainer_module, "check_kernels", lambda es_model, device: {
+    monkeypatch.setattr(trainer_module, "check_kernels", lambda es_model, device, **k: {
         "noisy_lora": lost, "nf4_matmul": "unchecked: the CUDA context was lost (x)",
         "es_update": "not used"})
     with pytest.raises(KernelError, match=r"\['noisy_lora', 'nf4_matmul'\].*"
