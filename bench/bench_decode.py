@@ -1,5 +1,8 @@
 """Decode speed: model.generate() vs the lowmem-es static-cache loop (vs CUDA-graph replay).
 
+Greedy, plus the loop with temperature sampling from each noise source (Philox kernel,
+per-row generators): what sampling adds to a step.
+
 CPU (default): a small random Llama (hidden 256, 4 layers, vocab 1000) in NF4 + LoRA with
 mixed-member rows. CUDA: a Qwen2.5-7B-shaped model (real widths, --layers of them) in
 NF4, and the step time as a multiple of its weight-read floor (packed bytes read per
@@ -99,6 +102,7 @@ def main() -> None:
 
     from lowmem_es.decode import decode
     from lowmem_es.lora import Member
+    from lowmem_es.noise import member_key
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -143,6 +147,18 @@ def main() -> None:
                 lambda ids=ids, mask=mask: _torch_lora_path(
                     es_model, lambda: decode(model, ids, mask, args.new_tokens, [],
                                              tokenizer.pad_token_id, capture=True)))
+        # Sampled decoding (T = 0.7): the per-row keyed Gumbel noise from one Philox launch
+        # per step (the CUDA default; the torch twin on CPU) or from one torch.Generator
+        # per row (the CPU default), on top of the same loop.
+        keys = [member_key(0, 0, row, 0) for row in range(rows)]
+        for source in ("philox", "generator"):
+            providers[f"loop{' + CUDA graph' if device.type == 'cuda' else ''}, sampled "
+                      f"({source})"] = (
+                lambda ids=ids, mask=mask, source=source, keys=keys: _sampled(
+                    source, keys, lambda processor: decode(
+                        model, ids, mask, args.new_tokens, [], tokenizer.pad_token_id,
+                        capture=device.type == "cuda", logits_processor=processor),
+                    args.prompt_tokens))
         baseline = None
         with torch.no_grad(), es_model.population(0, 0, 0.01, members, segments):
             for name, fn in providers.items():
@@ -153,6 +169,18 @@ def main() -> None:
                 print(f"| {rows} | {name} | {step_ms:.2f} | "
                       f"{rows * args.new_tokens / seconds:.0f} | {seconds / baseline:.2f} | "
                       f"{floor} |")
+
+
+def _sampled(source: str, keys: list[int], call, prompt_len: int):
+    """``call(processor)`` with generation's per-row sampler, its noise from ``source``."""
+    from lowmem_es import generate
+
+    previous = generate.SAMPLER
+    generate.SAMPLER = source
+    try:
+        return call(generate._sampler(keys, prompt_len, 0.7))
+    finally:
+        generate.SAMPLER = previous
 
 
 def _torch_lora_path(es_model, call):
