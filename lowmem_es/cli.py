@@ -233,21 +233,34 @@ def cmd_train(ns: argparse.Namespace) -> int:
         trainer.train_dataset = fit_prompts(trainer.train_dataset, trainer.tokenizer)
         if trainer.eval_dataset is not None:
             trainer.eval_dataset = fit_prompts(trainer.eval_dataset, trainer.tokenizer)
-    main = distributed.is_main()  # under torchrun, rank 0 evaluates and reports
-    before = None if ns.resume or not main else trainer.evaluate()["eval_reward"]
+    main = distributed.is_main()  # under torchrun, rank 0 reports
+    # Every rank evaluates its share of the rows (a collective: see ESTrainer.evaluate).
+    before = None if ns.resume else trainer.evaluate()["eval_reward"]
     if before is not None:
         logger.info("eval reward before training: %.4f", before)
     trainer.train()
     if trainer.stopped_early:
         _log_resume_command(ns, trainer.iteration)
-        return 0
-    if not main:
+        _leave_process_group()
         return 0
     after = trainer.evaluate()["eval_reward"]
+    _leave_process_group()
+    if not main:
+        return 0
     logger.info("eval reward after training: %.4f%s; adapter in %s", after,
                 "" if before is None else f" (before {before:.4f})",
                 Path(config.output_dir) / "adapter")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every rank, then close the process group (NCCL warns at
+    exit about a group left open; see also ``distributed.all_reduce`` on exiting right
+    after a collective)."""
+    from lowmem_es import distributed
+
+    distributed.barrier()
+    distributed.cleanup()
 
 
 def _log_resume_command(ns: argparse.Namespace, iterations_done: int) -> None:

@@ -4,7 +4,9 @@ Every rank holds the full model and the same fp32 masters. Iteration t: rank r e
 the members of its share of antithetic pairs, the member fitnesses are all-gathered, and
 every rank applies the identical update (the noise comes from seeds, so no weights
 travel). Rank 0 alone writes files. Decisions that must be unanimous (stop on a signal,
---max-hours) are all-reduced, so no rank waits for a peer that already left.
+--max-hours) are all-reduced, so no rank waits for a peer that already left. Evaluations
+of the centre are sharded too (each rank generates every world-th row, the rows' rewards
+are gathered), so no rank idles through another's evaluation against the timeout.
 
 torchrun (or any launcher setting RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) starts the
 processes; NCCL is used on CUDA, gloo on CPU. Multi-node is torchrun's own rendezvous.
@@ -110,14 +112,32 @@ def gather_fitness(local: dict[int, float], population_size: int,
         owned[member] = 1.0
     values = torch.where(owned.bool(), values, torch.zeros_like(values))
     try:
-        torch.distributed.all_reduce(values)  # each member is owned by exactly one rank
-        torch.distributed.all_reduce(owned)
+        all_reduce(values)  # each member is owned by exactly one rank
+        all_reduce(owned)
     except Exception as error:  # gloo/NCCL raise RuntimeError subclasses of many kinds
         raise DistributedError(_lost_peer(error)) from error
     if not torch.equal(owned, torch.ones_like(owned)):
         raise DistributedError("member fitnesses were not covered exactly once by the ranks; "
                                "all ranks must run the same configuration")
     return values.cpu().tolist()
+
+
+# Handles of the latest collectives. gloo's worker thread drops its reference to a
+# finished collective a moment after wait() returns; if that reference is the last, it
+# frees the tensors, which needs the GIL, and a process that has begun to exit meanwhile
+# aborts ("terminate called without an active exception": Python ends any thread that
+# asks for the GIL during finalization). Holding the handles here makes the main thread,
+# with the GIL, free them (at the latest when the module is torn down).
+_RECENT_WORK: list[object] = []
+
+
+def all_reduce(tensor: torch.Tensor, op: object = None) -> None:
+    """``torch.distributed.all_reduce`` (in place, waited for), keeping its handle."""
+    work = torch.distributed.all_reduce(
+        tensor, op=op if op is not None else torch.distributed.ReduceOp.SUM, async_op=True)
+    work.wait()
+    _RECENT_WORK.append(work)
+    del _RECENT_WORK[:-16]
 
 
 def collective_device() -> torch.device:
@@ -135,7 +155,7 @@ def any_rank(flag: bool) -> bool:
         return flag
     value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=collective_device())
     try:
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     except Exception as error:
         raise DistributedError(_lost_peer(error)) from error
     return bool(value.item())
@@ -147,10 +167,48 @@ def total(value: int) -> int:
         return value
     tensor = torch.tensor([int(value)], dtype=torch.int64, device=collective_device())
     try:
-        torch.distributed.all_reduce(tensor)
+        all_reduce(tensor)
     except Exception as error:
         raise DistributedError(_lost_peer(error)) from error
     return int(tensor.item())
+
+
+def gather_rows(indices: Sequence[int], columns: Sequence[Sequence[float | None]],
+                count: int) -> list[list[float | None]]:
+    """Columns of ``count`` rows, each row held by exactly one rank, merged in row order.
+
+    This rank holds rows ``indices`` and, for each column, their values (``None`` for
+    none); every rank gets every column whole. float64 sums in which each slot has one
+    non-zero addend, so the values arrive exactly, like ``gather_fitness``.
+    """
+    if world_size() == 1:
+        merged: list[list[float | None]] = [[None] * count for _ in columns]
+        for c, column in enumerate(columns):
+            for position, row in enumerate(indices):
+                merged[c][row] = column[position]
+        return merged
+    device = collective_device()
+    values = torch.zeros((len(columns), count), dtype=torch.float64)
+    present = torch.zeros((len(columns), count), dtype=torch.float64)
+    owned = torch.zeros(count, dtype=torch.float64)
+    for c, column in enumerate(columns):
+        for position, row in enumerate(indices):
+            if column[position] is not None:
+                values[c, row] = column[position]
+                present[c, row] = 1.0
+    owned[list(indices)] = 1.0
+    values, present, owned = values.to(device), present.to(device), owned.to(device)
+    try:
+        for tensor in (values, present, owned):
+            all_reduce(tensor)
+    except Exception as error:
+        raise DistributedError(_lost_peer(error)) from error
+    if not torch.equal(owned, torch.ones_like(owned)):
+        raise DistributedError("rows were not covered exactly once by the ranks; all ranks "
+                               "must run the same configuration")
+    values, present = values.cpu().tolist(), present.cpu().tolist()
+    return [[value if flag else None for value, flag in zip(row_values, row_flags, strict=True)]
+            for row_values, row_flags in zip(values, present, strict=True)]
 
 
 def barrier() -> None:

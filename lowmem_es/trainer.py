@@ -34,7 +34,7 @@ from lowmem_es.kernel_check import check_kernels
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
 from lowmem_es.model import load_model, offload_input_embedding, resolve_device
 from lowmem_es.profiles import Profile, load_profile
-from lowmem_es.rewards import RewardFunc, RewardScorer, member_fitness
+from lowmem_es.rewards import RewardFunc, RewardScorer, member_fitness, reward_name
 
 logger = logging.getLogger("lowmem_es")
 
@@ -398,19 +398,34 @@ class ESTrainer:
 
     # --- evaluation ---
     def evaluate(self, dataset: Sequence[dict] | None = None) -> dict[str, float]:
-        """Mean reward of the unperturbed adapter (greedy) on ``dataset`` or the eval split."""
+        """Mean reward of the unperturbed adapter (greedy) on ``dataset`` or the eval split.
+
+        Under torchrun every rank must call it (a collective): rank r generates and scores
+        rows r, r + world, ..., and the per-row rewards are gathered and averaged in row
+        order on every rank, so the result is that of one process and no rank waits
+        through another's evaluation (which used to count against the timeout).
+        """
         rows = validate_rows(dataset, "dataset") if dataset is not None else (
             self.eval_dataset or self.train_dataset)
         prompts = self._prompts(rows)
-        spec = [(None, p) for p in range(len(rows))]
-        completions = generate_population(
-            self.es_model, self.tokenizer, prompts, spec,
-            max_prompt_length=self.args.max_prompt_length,
-            max_completion_length=self.args.max_completion_length, temperature=0.0,
-            rows_per_chunk=self.rows_per_chunk, device=self.device,
-            backend=self.args.generation_backend, kv_cache_dtype=self.args.kv_cache_dtype,
-            prefill_chunk=self.plan.prefill_chunk if self.plan is not None else 0)
-        totals, per_func = self.score(rows, list(range(len(rows))), completions)
+        mine = list(range(distributed.rank(), len(rows), distributed.world_size()))
+        totals: list[float] = []
+        per_func: dict[str, list] = {}
+        if mine:  # all prompts go in: the same left padding, so the same tokens, as alone
+            completions = generate_population(
+                self.es_model, self.tokenizer, prompts, [(None, p) for p in mine],
+                max_prompt_length=self.args.max_prompt_length,
+                max_completion_length=self.args.max_completion_length, temperature=0.0,
+                rows_per_chunk=self.rows_per_chunk, device=self.device,
+                backend=self.args.generation_backend, kv_cache_dtype=self.args.kv_cache_dtype,
+                prefill_chunk=self.plan.prefill_chunk if self.plan is not None else 0)
+            totals, per_func = self.score(rows, mine, completions)
+        if distributed.world_size() > 1:
+            names = list(dict.fromkeys(reward_name(f) for f in self.scorer.reward_funcs))
+            empty = [None] * len(mine)
+            merged = distributed.gather_rows(
+                mine, [totals] + [per_func.get(name, empty) for name in names], len(rows))
+            totals, per_func = merged[0], dict(zip(names, merged[1:], strict=True))
         result = {"eval_reward": sum(totals) / len(totals)}
         for name, values in per_func.items():
             scored = [v for v in values if v is not None]
@@ -459,8 +474,9 @@ class ESTrainer:
                         journal.write(json.dumps(record) + "\n")
                         journal.flush()
                         os.fsync(journal.fileno())  # the update is durable once this returns
-                        if args.eval_steps and (iteration + 1) % args.eval_steps == 0:
-                            entry.update(self.evaluate())
+                    if args.eval_steps and (iteration + 1) % args.eval_steps == 0:
+                        entry.update(self.evaluate())  # every rank: a sharded collective
+                    if main:
                         metrics.write(json.dumps(entry) + "\n")
                         metrics.flush()
                         progress.update(entry, record)

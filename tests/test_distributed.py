@@ -19,7 +19,8 @@ from lowmem_es import distributed, es
 from lowmem_es.cli import main
 
 RUN = ["--example", "tiny", "--iterations", "6", "--population-size", "6", "--batch-size", "2",
-       "--max-completion-length", "5", "--save-steps", "2", "--optimizer", "adam"]
+       "--max-completion-length", "5", "--save-steps", "2", "--optimizer", "adam",
+       "--eval-steps", "3"]
 
 
 def _torchrun(nproc: int, out: Path, *extra: str, timeout: float = 300) -> None:
@@ -46,6 +47,13 @@ def _journal(out: Path) -> list[dict]:
     keep = ("iteration", "members", "prompt_indices", "fitness", "shaped_fitness", "tokens")
     lines = (out / "journal.jsonl").read_text().splitlines()
     return [{k: json.loads(line)[k] for k in keep} for line in lines]
+
+
+def _evaluations(out: Path) -> list[dict]:
+    """The periodic evaluations in metrics.jsonl (sharded over the ranks under torchrun)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in entry.items() if k.startswith("eval_")}
+            for entry in lines if "eval_reward" in entry]
 
 
 def _same_adapter(first: Path, second: Path) -> None:
@@ -89,6 +97,9 @@ def test_torchrun_matches_single_process(single_run, tmp_path, nproc):
     out = tmp_path / "run"
     _torchrun(nproc, out)
     assert _journal(out) == _journal(single_run)
+    evaluations = _evaluations(single_run)
+    assert len(evaluations) == 2 and len(evaluations[0]) > 1  # total and per function
+    assert _evaluations(out) == evaluations  # every row once, averaged in row order
     _same_adapter(out, single_run)
     assert not (out / "replay").exists()
 
@@ -140,7 +151,7 @@ def test_stop_votes_live_where_the_backend_reduces(monkeypatch):
     tensor there fails at the first stop decision), and stay on CPU under gloo."""
     seen = []
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    monkeypatch.setattr(torch.distributed, "all_reduce",
+    monkeypatch.setattr(distributed, "all_reduce",
                         lambda tensor, op=None: seen.append(tensor.device.type))
     monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
     assert distributed.collective_device().type == "cpu"

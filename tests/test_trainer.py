@@ -240,3 +240,40 @@ def test_a_kernel_that_broke_the_cuda_context_stops_before_any_work(tiny_llama_d
         _short_run(tiny_llama_dir, tmp_path / "lost")
     assert isinstance(error.value, USER_ERRORS)  # the CLI reports it without a traceback
     assert not (tmp_path / "lost").exists()
+
+
+def test_evaluation_is_sharded_over_the_ranks(tiny_llama_dir, tmp_path, monkeypatch):
+    """Under torchrun rank r generates eval rows r, r + world, ... only, and the rows
+    gathered from all ranks give one process's result (tests/test_distributed.py runs
+    the real collective)."""
+    from lowmem_es import distributed
+    from lowmem_es import trainer as trainer_module
+
+    trainer = _short_run(tiny_llama_dir, tmp_path / "shard", iterations=1)
+    rows = tiny_dataset(7)
+    alone = trainer.evaluate(rows)
+    completions = trainer_module.generate_population(
+        trainer.es_model, trainer.tokenizer, trainer._prompts(rows),
+        [(None, p) for p in range(7)], max_completion_length=trainer.args.max_completion_length,
+        max_prompt_length=trainer.args.max_prompt_length)
+    totals, per_func = trainer.score(rows, list(range(7)), completions)
+    generated, gathered = [], []
+    real_generate = trainer_module.generate_population
+
+    def spy(model, tokenizer, prompts, spec, **kwargs):
+        generated.append([p for _, p in spec])
+        return real_generate(model, tokenizer, prompts, spec, **kwargs)
+
+    def gather(indices, columns, count):  # this rank's rows in; every rank's rows out
+        gathered.append((list(indices), [list(c) for c in columns], count))
+        return [totals] + [per_func[name] for name in per_func]
+
+    monkeypatch.setattr(trainer_module, "generate_population", spy)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "gather_rows", gather)
+    assert trainer.evaluate(rows) == alone
+    assert generated == [[1, 3, 5]]
+    [(indices, columns, count)] = gathered
+    assert indices == [1, 3, 5] and count == 7
+    assert columns[0] == [totals[i] for i in indices]  # this rank's rows, as one process
