@@ -528,7 +528,9 @@ def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> Non
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success fsync its files and rename it to path.
 
-    A crash leaves the old directory or the new one, never a half-written one. Replacing
+    A crash leaves the old directory or the new one, never a half-written one. Files and
+    folders get the modes the umask gives (not the owner-only ones of ``mkdtemp`` and
+    safetensors). Replacing
     an existing directory takes two renames (old aside to ``.NAME.old-PID``, new in); a
     crash between them leaves ``path`` missing and the old copy aside, and the next
     write to ``path`` (or ``restore_set_aside``) puts it back first.
@@ -544,6 +546,10 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         yield tmp
         for child in sorted(tmp.rglob("*"), reverse=True):  # files, then their folders
             if child.is_file() and not child.is_symlink():
+                # safetensors writes its files owner-only (0600) whatever the umask; give
+                # every file the mode an ordinary write would, so a shared group can read
+                # the adapter and the checkpoints.
+                os.chmod(child, 0o666 & ~umask)
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
             elif child.is_dir():

@@ -178,6 +178,8 @@ def test_atomic_directory_permissions_subfolders_and_crash_between_renames(tmp_p
     fine, and a copy set aside by a crash between the two renames is put back."""
     import os
 
+    from safetensors.torch import save_file
+
     from lowmem_es.lora import atomic_directory, restore_set_aside
 
     umask = os.umask(0o022)
@@ -186,11 +188,13 @@ def test_atomic_directory_permissions_subfolders_and_crash_between_renames(tmp_p
             (tmp / "sub").mkdir()
             (tmp / "sub" / "file.txt").write_text("new")
             (tmp / "top.txt").write_text("new")
+            save_file({"w": torch.zeros(2)}, str(tmp / "w.safetensors"))  # writes 0600
     finally:
         os.umask(umask)
     out = tmp_path / "out"
     assert (out / "sub" / "file.txt").read_text() == "new"
     assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "w.safetensors").stat().st_mode & 0o777 == 0o644  # group can read it
     # A crash after the old copy was moved aside and before the new one moved in.
     os.replace(out, tmp_path / ".out.old-12345")
     assert not out.exists()
