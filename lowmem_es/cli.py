@@ -204,7 +204,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         base = Path(config.output_dir) / "base-model"
         distributed.setup(config.distributed_timeout, resolve_device(config.device))
         if distributed.is_main():  # under torchrun one rank writes, the others wait
-            example.build_tiny_model(base)
+            _ensure_tiny_model(base)
         distributed.barrier()
         data = example.tiny_dataset()
         trainer = ESTrainer(str(base), [target_fraction], train_dataset=data,
@@ -251,6 +251,26 @@ def cmd_train(ns: argparse.Namespace) -> int:
                 "" if before is None else f" (before {before:.4f})",
                 Path(config.output_dir) / "adapter")
     return 0
+
+
+def _ensure_tiny_model(base: Path) -> None:
+    """The tiny example's base model in ``base``: built once, atomically (a directory
+    that exists is complete), and kept across restarts and resumes. It is deterministic,
+    so a run resumed from it sees the model it started with."""
+    from safetensors import SafetensorError
+
+    from lowmem_es import example
+    from lowmem_es.lora import atomic_directory
+
+    if (base / "config.json").is_file() and (base / "model.safetensors").is_file():
+        return
+    try:
+        with atomic_directory(base) as tmp:
+            example.build_tiny_model(tmp)
+    except (OSError, SafetensorError) as error:  # a full disk is a SafetensorError
+        raise OSError(f"could not write the tiny example's base model to {str(base)!r} "
+                      f"({error}); free some space there or pass another --output-dir"
+                      ) from error
 
 
 def _leave_process_group() -> None:

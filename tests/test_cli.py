@@ -376,3 +376,31 @@ def test_default_run_stopped_early_prints_the_resume_command(monkeypatch, caplog
     assert calls == [{"resume": False, "overwrite": True, "force": False}]
     assert any(r.getMessage().endswith("continue with:\n  lowmem-es train --max-hours 1 "
                                        "--resume") for r in caplog.records)
+
+
+def test_tiny_example_base_model_is_built_once_and_write_errors_are_clear(tmp_path,
+                                                                          monkeypatch):
+    """The tiny example's base model is written atomically on the first start and reused
+    afterwards; a failed write (a full disk) names the directory and the fix."""
+    from safetensors import SafetensorError
+
+    from lowmem_es import cli, example
+
+    base = tmp_path / "run" / "base-model"
+    builds = []
+    real = example.build_tiny_model
+    monkeypatch.setattr(example, "build_tiny_model",
+                        lambda path: builds.append(path) or real(path))
+    cli._ensure_tiny_model(base)
+    cli._ensure_tiny_model(base)
+    assert len(builds) == 1 and (base / "model.safetensors").is_file()
+    assert sorted(p.name for p in base.parent.iterdir()) == ["base-model"]  # no temporaries
+
+    def full_disk(path):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(example, "build_tiny_model", full_disk)
+    other = tmp_path / "other" / "base-model"
+    with pytest.raises(OSError, match=r"other.*No space left.*free some space"):
+        cli._ensure_tiny_model(other)
+    assert not other.exists()
