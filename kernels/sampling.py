@@ -25,9 +25,9 @@ so that no approximation can ever make the outer log see a value <= 0.
 * ``gumbel_scores``: dispatch, like the other kernels (CUDA -> kernel, else twin;
   ``force=``; ``LOWMEM_ES_FORCE_TORCH``).
 
-The twin on CPU costs ~9x the per-row ``torch.Generator`` (62 vs 6.9 ms per step for 32
-rows x 49k vocab, 1 thread: bench/bench_sampling.py), so the CPU sampler keeps its
-generators; the twin is the kernel's reference and the fallback on CUDA.
+The twin on CPU costs 5-12x the per-row ``torch.Generator`` (bench/bench_sampling.py,
+bench/RESULTS.md), so the CPU sampler keeps its generators; the twin is the kernel's
+reference and the fallback on CUDA.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ if HAS_TRITON:
 BLOCK_GPU = 1024
 NUM_WARPS_GPU = 4
 BLOCK_INTERPRETER = 1 << 14
-# Columns per pass of the twin: its ~20 int64 temporaries of rows x chunk stay small.
-TWIN_CHUNK = 1 << 14
+# Elements (rows x columns) per pass of the twin: its ~10 live int64 temporaries then
+# hold ~20 MiB whatever the row count (the twin is the CUDA fallback too, where memory
+# is planned), and a pass stays cache-sized on CPU.
+TWIN_ELEMENTS = 1 << 18
 _UNIFORM_STEP = 1.0 / (1 << 23)
 
 if HAS_TRITON:
@@ -100,8 +102,9 @@ def gumbel_scores_torch(logits: torch.Tensor, keys: torch.Tensor, step: int,
     rows, vocab = logits.shape
     out = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
     row_keys = (keys & _noise.MASK63)[:, None]
-    for start in range(0, vocab, TWIN_CHUNK):
-        stop = min(start + TWIN_CHUNK, vocab)
+    width = max(64, TWIN_ELEMENTS // max(rows, 1))
+    for start in range(0, vocab, width):
+        stop = min(start + width, vocab)
         counters = torch.arange(start, stop, dtype=torch.int64, device=logits.device)
         counters |= step << 32
         word, _ = _noise.philox4x32(row_keys, counters[None, :])

@@ -218,7 +218,7 @@ def _sample_keys(rows: Sequence[tuple[int | None, int]], run_seed: int, iteratio
 
 # Where the sampling noise comes from: None = counter-based Philox (lowmem_es.kernels.
 # sampling: one kernel launch per step for all rows) on CUDA and one seeded torch.Generator
-# per row on CPU (the Philox twin costs ~9x there); "philox" or "generator" everywhere.
+# per row on CPU (the Philox twin costs 5-12x there); "philox" or "generator" everywhere.
 SAMPLER: str | None = None
 SAMPLERS = ("philox", "generator")
 # The Philox sampler's path: None = the Triton kernel for CUDA logits, its torch twin
