@@ -25,7 +25,7 @@ so that no approximation can ever make the outer log see a value <= 0.
 * ``gumbel_scores``: dispatch, like the other kernels (CUDA -> kernel, else twin;
   ``force=``; ``LOWMEM_ES_FORCE_TORCH``).
 
-The twin on CPU costs 5-12x the per-row ``torch.Generator`` (bench/bench_sampling.py,
+The twin on CPU costs 2.4-11x the per-row ``torch.Generator`` (bench/bench_sampling.py,
 bench/RESULTS.md), so the CPU sampler keeps its generators; the twin is the kernel's
 reference and the fallback on CUDA.
 """
@@ -46,10 +46,15 @@ if HAS_TRITON:
 BLOCK_GPU = 1024
 NUM_WARPS_GPU = 4
 BLOCK_INTERPRETER = 1 << 14
-# Elements (rows x columns) per pass of the twin: its ~10 live int64 temporaries then
-# hold ~20 MiB whatever the row count (the twin is the CUDA fallback too, where memory
-# is planned), and a pass stays cache-sized on CPU.
+# Elements (rows x columns) per pass of the twin. CPU: ~10 live int64 temporaries of a
+# pass stay cache-sized (~20 MiB). CUDA, where the twin is the fallback when the kernel is
+# off: each of a pass's ~170 operations is a launch, so wider passes (~160 MiB of
+# temporaries, inside the 16 bytes per logit the memory plan counts at 128 rows x 152k
+# vocabulary); even so ~10 passes, ~1,700 launches, per step there.
 TWIN_ELEMENTS = 1 << 18
+TWIN_ELEMENTS_CUDA = 1 << 21
+# The smallest temperature: 1 / T must be a finite float32 (the kernel multiplies by it).
+MIN_TEMPERATURE = 1e-30
 _UNIFORM_STEP = 1.0 / (1 << 23)
 
 if HAS_TRITON:
@@ -85,8 +90,11 @@ def _check(logits: torch.Tensor, keys: torch.Tensor, step: int, temperature: flo
         raise ValueError(f"`keys` is on {keys.device} but `logits` on {logits.device}")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < (1 << 31):
         raise ValueError(f"`step` must be an integer in [0, 2**31), got {step!r}")
-    if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not MIN_TEMPERATURE <= temperature < float("inf"):
+        raise ValueError(f"`temperature` must be a finite number >= {MIN_TEMPERATURE:g} "
+                         f"(1 / T must fit a float32; 0 means greedy, which does not "
+                         f"sample), got {temperature!r}")
 
 
 def uniform24(word: torch.Tensor) -> torch.Tensor:
@@ -102,7 +110,8 @@ def gumbel_scores_torch(logits: torch.Tensor, keys: torch.Tensor, step: int,
     rows, vocab = logits.shape
     out = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device)
     row_keys = (keys & _noise.MASK63)[:, None]
-    width = max(64, TWIN_ELEMENTS // max(rows, 1))
+    budget = TWIN_ELEMENTS_CUDA if logits.device.type == "cuda" else TWIN_ELEMENTS
+    width = max(64, budget // max(rows, 1))
     for start in range(0, vocab, width):
         stop = min(start + width, vocab)
         counters = torch.arange(start, stop, dtype=torch.int64, device=logits.device)

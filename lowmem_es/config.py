@@ -160,6 +160,8 @@ class ESConfig:
             raise bad("correct_threshold", "should be a number")
         if not _is_number(self.temperature) or self.temperature < 0:
             raise bad("temperature", "should be >= 0 (0 means greedy)")
+        if 0 < self.temperature < 1e-30:  # sampling divides by it in float32
+            raise bad("temperature", "should be 0 (greedy) or at least 1e-30")
         for name in FLOAT_FIELDS:  # the checks above let inf through
             if not math.isfinite(getattr(self, name)):
                 default = next(f.default for f in dataclasses.fields(self) if f.name == name)

@@ -218,7 +218,7 @@ def _sample_keys(rows: Sequence[tuple[int | None, int]], run_seed: int, iteratio
 
 # Where the sampling noise comes from: None = counter-based Philox (lowmem_es.kernels.
 # sampling: one kernel launch per step for all rows) on CUDA and one seeded torch.Generator
-# per row on CPU (the Philox twin costs 5-12x there); "philox" or "generator" everywhere.
+# per row on CPU (the Philox twin costs 2.4-11x there); "philox" or "generator" everywhere.
 SAMPLER: str | None = None
 SAMPLERS = ("philox", "generator")
 # The Philox sampler's path: None = the Triton kernel for CUDA logits, its torch twin
@@ -253,7 +253,7 @@ def _sampler(row_keys: list[int], prompt_len: int, temperature: float) -> list:
                 if scores.device not in keys_on:  # once per chunk: no host work per step
                     keys_on[scores.device] = torch.tensor(row_keys, dtype=torch.int64,
                                                           device=scores.device)
-                return gumbel_scores(scores, keys_on[scores.device], step, temperature,
+                return gumbel_scores(scores, keys_on[scores.device], step, float(temperature),
                                      force=SAMPLING_FORCE)
             uniform = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
             generator = torch.Generator(device=scores.device)

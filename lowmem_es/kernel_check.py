@@ -133,6 +133,9 @@ def check_kernels(es_model: ESLoraModel, device: torch.device | str,
         if value not in FORCE_CHOICES:
             raise ValueError(f"`{module.__name__}.{switch}` is {value!r}; expected one of "
                              f"{FORCE_CHOICES}")
+    if generate.SAMPLER not in (None, *generate.SAMPLERS):
+        raise ValueError(f"`lowmem_es.generate.SAMPLER` is {generate.SAMPLER!r}; expected one "
+                         f"of {(None, *generate.SAMPLERS)}")
     if dtype is None:
         dtype = _activation_dtype(es_model)
     if dtype not in TOLERANCES:
@@ -178,6 +181,8 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
     ``NF4_MATMUL_FORCE="kernel"`` on CPU is checked too (the layer then calls the NF4
     kernel on CPU tensors as well), so that the interpreter tests can reach it.
     """
+    if name == SAMPLING:  # the logits' kernel: no layer shapes involved
+        return _sampling_check(es_model, device, dtype)
     layers = _distinct_layers(es_model, device)
     if not layers:
         return None
@@ -211,8 +216,6 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
                       "the frozen 4-bit base layers use bitsandbytes",
                       f"pass --nf4-kernel false (ESConfig.nf4_kernel=False) or set "
                       f"{FORCE_TORCH_ENV}=1 (all kernels)")
-    if name == SAMPLING:
-        return _sampling_check(es_model, device, dtype)
     force = es.UPDATE_FORCE
     if force == "torch" or (force is None and device.type != "cuda"):
         return None
@@ -243,9 +246,16 @@ def _sampling_check(es_model: ESLoraModel, device: torch.device, dtype: torch.dt
     vocab = _vocab_size(es_model)
     return _Check(SAMPLING, "Gumbel sampling noise (lowmem_es.kernels.sampling)",
                   lambda: _sampling_cases(vocab, device, dtype),
-                  lambda: setattr(generate, "SAMPLING_FORCE", "torch"),
+                  _disable_sampling_kernel,
                   "sampling draws its Philox noise with the torch twin",
                   f"set {FORCE_TORCH_ENV}=1 (all kernels)")
+
+
+def _disable_sampling_kernel() -> None:
+    """The twin instead of the kernel, and the Philox source pinned: with the source left
+    to the default, "torch" on CPU would switch to the per-row generators (other draws)."""
+    generate.SAMPLER = generate.SAMPLER or "philox"
+    generate.SAMPLING_FORCE = "torch"
 
 
 def _vocab_size(es_model: ESLoraModel) -> int:
@@ -629,7 +639,7 @@ def _agree_across_ranks(status: dict[str, str], device: torch.device) -> dict[st
     disable = {NOISY_LORA: lambda: setattr(lora, "NOISY_LORA_FORCE", "torch"),
                NF4_MATMUL: lambda: setattr(lora, "NF4_MATMUL_FORCE", "torch"),
                ES_UPDATE: lambda: setattr(es, "UPDATE_FORCE", "torch"),
-               SAMPLING: lambda: setattr(generate, "SAMPLING_FORCE", "torch")}
+               SAMPLING: _disable_sampling_kernel}
     for name, flag in zip(KERNELS, flags.tolist(), strict=True):
         if flag and not status[name].startswith("disabled") and status[name] != NOT_USED:
             disable[name]()

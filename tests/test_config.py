@@ -62,6 +62,7 @@ BAD_VALUES = [
     ({"batch_size": 8.0}, "batch_size", "8.0", "positive integer"),
     ({"save_steps": -1}, "save_steps", "-1", "non-negative integer"),
     ({"temperature": -0.5}, "temperature", "-0.5", "0 means greedy"),
+    ({"temperature": 1e-40}, "temperature", "1e-40", "at least 1e-30"),
     ({"weight_decay": -0.1}, "weight_decay", "-0.1", ">= 0"),
     ({"device": "gpu"}, "device", "'gpu'", "'cpu' or 'cuda[:index]'"),
     ({"device": "tpu:0"}, "device", "'tpu:0'", "'cpu' or 'cuda[:index]'"),

@@ -170,6 +170,30 @@ def test_repeated_rows_sample_different_completions(model_and_tokenizer):
     assert len({tuple(t) for t in texts}) > 1
 
 
+def test_sampler_defaults_and_switches(model_and_tokenizer, monkeypatch):
+    """CPU default: the per-row generators; SAMPLING_FORCE="kernel" alone selects the
+    Philox source (as on CUDA); an unknown SAMPLER is named."""
+    from lowmem_es import generate
+    from lowmem_es.kernels.noise import INTERPRETED
+
+    model, tokenizer = model_and_tokenizer
+
+    def ids(sampler, force):
+        monkeypatch.setattr(generate, "SAMPLER", sampler)
+        monkeypatch.setattr(generate, "SAMPLING_FORCE", force)
+        return [c.ids for c in _generate(model, tokenizer, temperature=1.0)]
+
+    default = ids(None, None)
+    assert default == ids("generator", None)
+    philox = ids("philox", "torch")
+    assert philox != default
+    if INTERPRETED:
+        assert ids(None, "kernel") == philox
+    monkeypatch.setattr(generate, "SAMPLER", "numpy")
+    with pytest.raises(ValueError, match="SAMPLER"):
+        _generate(model, tokenizer, temperature=1.0)
+
+
 @pytest.mark.parametrize("sampler", ["generator", "philox"], indirect=True)  # kernel = twin
 def test_gumbel_sampler_draws_from_softmax(sampler):
     """argmax(logits / T + Gumbel) has the softmax(logits / T) distribution."""

@@ -54,6 +54,7 @@ def switches(monkeypatch):
     check_kernels turned one to "torch")."""
     for module, name in SWITCHES.values():
         monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(generate, "SAMPLER", generate.SAMPLER)  # the sampling switch-off pins it
     monkeypatch.delenv(kernel_check.FORCE_TORCH_ENV, raising=False)
 
     def force(**values: str | None) -> None:
@@ -200,6 +201,8 @@ def test_wrong_kernel_result_is_switched_off_with_the_error(es_model, switches, 
     assert status[kernel].startswith("disabled: max abs error 0.01 vs its torch twin")
     switch_module, name = SWITCHES[kernel]
     assert getattr(switch_module, name) == "torch"
+    if kernel == "sampling":  # the twin of the same Philox draws, not the generators
+        assert generate.SAMPLER == "philox"
     [warning] = _warnings(caplog)
     assert f"`{kernel}`" in warning.getMessage()
     assert "max abs error 0.01" in warning.getMessage()

@@ -102,6 +102,8 @@ def test_bad_inputs_are_named():
         sampling.gumbel_scores(logits, keys.to(torch.int32), 0, 1.0)
     with pytest.raises(ValueError, match="temperature"):
         sampling.gumbel_scores(logits, keys, 0, 0.0)
+    with pytest.raises(ValueError, match=r"1e-30.*float32"):  # 1 / T would overflow
+        sampling.gumbel_scores(logits, keys, 0, 1e-40)
     with pytest.raises(ValueError, match="step"):
         sampling.gumbel_scores(logits, keys, -1, 1.0)
     with pytest.raises(ValueError, match="logits"):
