@@ -191,6 +191,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         report = default_model.run_default(config, **_run_flags(ns))
         if report["stopped_early"]:
             _log_resume_command(ns, report["iterations_done"])
+        _leave_process_group()
         return 0
     if ns.model is None:
         from lowmem_es import example
@@ -253,6 +254,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+TINY_MODEL_MARKER = ".lowmem-es-complete"  # written last inside the atomic build
+
+
 def _ensure_tiny_model(base: Path) -> None:
     """The tiny example's base model in ``base``: built once, atomically (a directory
     that exists is complete), and kept across restarts and resumes. It is deterministic,
@@ -260,13 +264,18 @@ def _ensure_tiny_model(base: Path) -> None:
     from safetensors import SafetensorError
 
     from lowmem_es import example
+    from lowmem_es.default_model import remove_stale_temporaries
     from lowmem_es.lora import atomic_directory
 
-    if (base / "config.json").is_file() and (base / "model.safetensors").is_file():
+    if (base / TINY_MODEL_MARKER).is_file():
         return
+    # A build killed before its rename leaves a temporary; one made before the marker
+    # existed may be torn (written in place): both are replaced.
+    remove_stale_temporaries(base)
     try:
         with atomic_directory(base) as tmp:
             example.build_tiny_model(tmp)
+            (tmp / TINY_MODEL_MARKER).write_text("complete\n")
     except (OSError, SafetensorError) as error:  # a full disk is a SafetensorError
         raise OSError(f"could not write the tiny example's base model to {str(base)!r} "
                       f"({error}); free some space there or pass another --output-dir"

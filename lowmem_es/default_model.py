@@ -301,7 +301,8 @@ def score_splits(trainer: Any, data: dict[str, list[dict]], task: Any,
                  splits: tuple[str, ...] = ("eval", "transfer")) -> dict[str, dict[str, Any]]:
     """Greedy held-out metrics of ``trainer``'s current adapter on ``splits`` of ``data``,
     scored by the trainer's own rewards, with ``EVAL_COMPLETION_LENGTH`` tokens: the
-    measurement the default run reports before and after training."""
+    measurement the default run reports before and after training. Under torchrun every
+    rank must call it: the rows are sharded over the ranks (``evaluate_rows``)."""
     from lowmem_es.evaluate import evaluate_rows
 
     config = trainer.args
@@ -313,7 +314,8 @@ def score_splits(trainer: Any, data: dict[str, list[dict]], task: Any,
                                 rows_per_chunk=config.rows_per_chunk,
                                 kv_cache_dtype=config.kv_cache_dtype,
                                 prefill_chunk=(trainer.plan.prefill_chunk
-                                               if trainer.plan is not None else 0))
+                                               if trainer.plan is not None else 0),
+                                sharded=True)
             for name in splits}
 
 
@@ -328,7 +330,7 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
     logged as a table and written to ``output_dir/default_report.json``. ``resume``,
     ``overwrite`` and ``force`` go to ESTrainer. A run stopped early (SIGINT/SIGTERM)
     skips the final evaluation and says so in the report (``stopped_early``); under
-    torchrun only rank 0 evaluates and writes.
+    torchrun every rank evaluates its share of the rows and rank 0 writes.
     """
     import time
 
@@ -358,18 +360,17 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
             logger.info("%s %s: accuracy %.3f (well-formed %.3f)", variant, name,
                         metrics["accuracy"], metrics["well_formed"])
 
-    if main:
-        logger.info("embedded default: %s on %s (%d train / %d eval / %d transfer rows)",
-                    MODEL_NAME, task.name, len(data["train"]), len(data["eval"]),
-                    len(data["transfer"]))
-        measure("base")  # before train(): a resumed run restores its adapter in train()
+    logger.info("embedded default: %s on %s (%d train / %d eval / %d transfer rows)",
+                MODEL_NAME, task.name, len(data["train"]), len(data["eval"]),
+                len(data["transfer"]))
+    # Every rank measures its share of the rows (a collective, so none idles through
+    # rank 0's evaluation against --distributed-timeout); only rank 0 writes the report.
+    measure("base")  # before train(): a resumed run restores its adapter in train()
     started = time.perf_counter()
     trainer.train()
     report["train_seconds"] = round(time.perf_counter() - started, 1)
     report["stopped_early"] = trainer.stopped_early
     report["iterations_done"] = trainer.iteration
-    if not main:
-        return report
     if trainer.stopped_early:
         logger.warning("stopped after %d of %d iterations: no final evaluation; continue "
                        "with --resume", trainer.iteration, config.iterations)
@@ -377,6 +378,8 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
         report["adapter"] = str(Path(config.output_dir) / "adapter")
         measure("adapter")
         logger.info("\n%s", format_report(report))
+    if not main:
+        return report
     out = Path(config.output_dir) / "default_report.json"
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     return report

@@ -36,6 +36,13 @@ def summarize(totals: Sequence[float], texts: Sequence[str],
     """
     if len(totals) != len(texts):
         raise ValueError(f"{len(totals)} rewards for {len(texts)} completions")
+    formed = None if well_formed is None else [bool(well_formed(text)) for text in texts]
+    return _summary(totals, formed, correct_threshold)
+
+
+def _summary(totals: Sequence[float], formed: Sequence[bool] | None, correct_threshold: float
+             ) -> dict[str, Any]:
+    """``summarize`` from per-completion rewards and well-formed flags (None: not judged)."""
     count = len(totals)
     correct = [t >= correct_threshold for t in totals]
     result: dict[str, Any] = {
@@ -43,8 +50,7 @@ def summarize(totals: Sequence[float], texts: Sequence[str],
         "accuracy": sum(correct) / count if count else 0.0,
         "mean_reward": sum(totals) / count if count else 0.0,
     }
-    if well_formed is not None:
-        formed = [bool(well_formed(text)) for text in texts]
+    if formed is not None:
         formed_correct = sum(c for c, f in zip(correct, formed, strict=True) if f)
         result["well_formed"] = sum(formed) / count if count else 0.0
         result["accuracy_well_formed"] = (formed_correct / sum(formed) if any(formed)
@@ -71,7 +77,8 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
                   correct_threshold: float = 1.0, max_prompt_length: int = 256,
                   max_completion_length: int = 64, rows_per_chunk: int = 0,
                   reward_weights: Sequence[float] | None = None, samples: int = 0,
-                  kv_cache_dtype: str = "auto", prefill_chunk: int = 0) -> dict[str, Any]:
+                  kv_cache_dtype: str = "auto", prefill_chunk: int = 0,
+                  sharded: bool = False) -> dict[str, Any]:
     """Greedy completions of the current (unperturbed) adapter on ``rows``, scored.
 
     ``scorer`` is the ``RewardScorer`` (or ESTrainer) whose ``score`` to use, e.g. the
@@ -80,8 +87,12 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     triples, which is the quickest way to see *what* a model learned.
     ``kv_cache_dtype``: the decode loop's KV cache ("auto" or "int8", lowmem_es.kv_cache).
     ``prefill_chunk``: prompt tokens per prefill pass (0: whole prompts), as the memory
-    plan that sized ``rows_per_chunk`` assumed.
+    plan that sized ``rows_per_chunk`` assumed. ``sharded`` (under torchrun; every rank
+    must call it then): rank r generates and scores rows r, r + world, ..., and the
+    per-row rewards and well-formed flags are gathered, so every rank returns the metrics
+    of all rows (``samples`` then come from this rank's rows).
     """
+    from lowmem_es import distributed
     from lowmem_es.generate import generate_population, render_prompt
     from lowmem_es.trainer import validate_rows
 
@@ -94,18 +105,33 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
     device = next(es_model.model.parameters()).device
     started = time.perf_counter()
-    completions = generate_population(
-        es_model, tokenizer, prompts, [(None, i) for i in range(len(rows))],
-        max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
-        temperature=0.0, rows_per_chunk=rows_per_chunk, device=device,
-        kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk)
-    totals, _ = scorer.score(rows, list(range(len(rows))), completions)
-    texts = [c.text for c in completions]
-    result = summarize(totals, texts, well_formed, correct_threshold)
+    world = distributed.world_size() if sharded else 1
+    mine = list(range(distributed.rank() if sharded else 0, len(rows), world))
+    totals: list[float] = []
+    texts: list[str] = []
+    if mine:  # all prompts go in: the same left padding, so the same tokens, as alone
+        completions = generate_population(
+            es_model, tokenizer, prompts, [(None, i) for i in mine],
+            max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
+            temperature=0.0, rows_per_chunk=rows_per_chunk, device=device,
+            kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk)
+        totals, _ = scorer.score(rows, mine, completions)
+        texts = [c.text for c in completions]
+    formed = None if well_formed is None else [float(bool(well_formed(t))) for t in texts]
+    if world > 1:
+        merged = distributed.gather_rows(mine, [totals] + ([formed] if formed is not None else []),
+                                         len(rows))
+        all_totals = merged[0]
+        all_formed = None if formed is None else [flag == 1.0 for flag in merged[1]]
+    else:
+        all_totals = totals
+        all_formed = None if formed is None else [flag == 1.0 for flag in formed]
+    result = _summary(all_totals, all_formed, correct_threshold)
     result["seconds"] = round(time.perf_counter() - started, 2)
     if samples:
-        result["samples"] = [{"prompt": prompts[i], "completion": texts[i], "reward": totals[i]}
-                             for i in range(min(samples, len(rows)))]
+        result["samples"] = [{"prompt": prompts[row], "completion": texts[k],
+                              "reward": totals[k]}
+                             for k, row in enumerate(mine[:samples])]
     return result
 
 

@@ -630,7 +630,7 @@ def _agree_across_ranks(status: dict[str, str], device: torch.device) -> dict[st
         backend = torch.distributed.get_backend()
         if backend == "nccl":
             flags = flags.to(device if device.type == "cuda" else torch.device("cuda"))
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     except Exception as error:
         logger.warning("lowmem-es: could not agree the kernel self-check across ranks (%s); "
                        "each rank keeps its own result", _first_line(error))

@@ -395,6 +395,15 @@ def test_tiny_example_base_model_is_built_once_and_write_errors_are_clear(tmp_pa
     cli._ensure_tiny_model(base)
     assert len(builds) == 1 and (base / "model.safetensors").is_file()
     assert sorted(p.name for p in base.parent.iterdir()) == ["base-model"]  # no temporaries
+    # A directory without the marker (torn by the earlier in-place writes, here: no
+    # tokenizer) is rebuilt whole, and a killed build's temporary is removed.
+    (base / cli.TINY_MODEL_MARKER).unlink()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base / name).unlink(missing_ok=True)
+    (base.parent / ".base-model.tmp-dead").mkdir()
+    cli._ensure_tiny_model(base)
+    assert len(builds) == 2 and (base / "tokenizer_config.json").is_file()
+    assert sorted(p.name for p in base.parent.iterdir()) == ["base-model"]
 
     def full_disk(path):
         raise SafetensorError("No space left on device (os error 28)")

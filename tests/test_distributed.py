@@ -159,3 +159,32 @@ def test_stop_votes_live_where_the_backend_reduces(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_backend", lambda: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert distributed.collective_device() == torch.device("cuda", 3)
+
+
+def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One rank of test_gather_rows_over_gloo: ranks 0-2 hold rows r and r + 3 of 5, with
+    None, NaN and an infinity among the values; rank 3 holds no row."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank,
+                                         world_size=world)
+    try:
+        values = [0.5, None, float("nan"), float("inf"), -7.25]
+        rows = list(range(rank, 5, 3)) if rank < 3 else []
+        merged = distributed.gather_rows(rows, [[values[r] for r in rows],
+                                                [float(r) for r in rows]], 5)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(merged))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_rows_over_gloo(tmp_path):
+    """Every rank gets every row's values exactly, in row order, None kept, from four
+    gloo processes, one of them holding no rows (more ranks than eval rows)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(4, f"file://{tmp_path / 'store'}", str(tmp_path)),
+             nprocs=4)
+    for rank in range(4):
+        values, rows = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert values[0] == 0.5 and values[1] is None and values[2] != values[2]  # NaN
+        assert values[3] == float("inf") and values[4] == -7.25
+        assert rows == [0.0, 1.0, 2.0, 3.0, 4.0]

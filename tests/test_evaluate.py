@@ -419,3 +419,48 @@ def test_adapter_settings_errors_name_the_file_and_field(tiny_llama_dir, tmp_pat
     with pytest.raises(ValueError, match=message) as caught:
         adapter_settings(adapter)
     assert str(config_file) in str(caught.value)
+
+
+def test_sharded_evaluation_generates_this_ranks_rows_and_gathers_all(tiny_llama_dir,
+                                                                      monkeypatch):
+    """``sharded=True`` under torchrun: rank 1 of 2 generates rows 1, 3, 5 only, hands its
+    rewards and well-formed flags to the gather, and reports the metrics of all rows."""
+    from lowmem_es import distributed, generate
+    from lowmem_es.evaluate import evaluate_rows
+    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.model import load_model
+
+    model, tokenizer, _ = load_model(tiny_llama_dir)
+    es_model = attach_es_lora(model, ["q_proj"], 2, 4.0, seed=0)
+    rows = [dict(row, target="b") for row in ROWS]
+    def well_formed(text):
+        return "b" in text
+
+    options = dict(reward_funcs=[target_fraction], well_formed=well_formed,
+                   correct_threshold=0.2, max_completion_length=6)
+    alone = evaluate_rows(es_model, tokenizer, rows, **options)
+    full = evaluate_rows(es_model, tokenizer, rows, samples=len(rows), **options)["samples"]
+    generated, handed = [], []
+    real = generate.generate_population
+
+    def spy(model_, tokenizer_, prompts, spec, **kwargs):
+        generated.append([p for _, p in spec])
+        return real(model_, tokenizer_, prompts, spec, **kwargs)
+
+    def gather(indices, columns, count):  # what the other rank would contribute
+        handed.append((list(indices), [list(c) for c in columns]))
+        totals = [s["reward"] for s in full]
+        return [totals, [float(well_formed(s["completion"])) for s in full]]
+
+    monkeypatch.setattr(generate, "generate_population", spy)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "gather_rows", gather)
+    sharded = evaluate_rows(es_model, tokenizer, rows, sharded=True, **options)
+    assert generated == [[1, 3, 5]]
+    [(indices, columns)] = handed
+    assert indices == [1, 3, 5] and columns[0] == [full[i]["reward"] for i in indices]
+    assert columns[1] == [float(well_formed(full[i]["completion"])) for i in indices]
+    for key in ("count", "accuracy", "mean_reward", "well_formed", "accuracy_well_formed"):
+        assert sharded[key] == alone[key], key
+    assert evaluate_rows(es_model, tokenizer, rows, **options)["count"] == 6  # not sharded
