@@ -66,7 +66,7 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < vocab
-        key = tl.load(keys_ptr + row)
+        key = tl.load(keys_ptr + row) & 0x7FFFFFFFFFFFFFFF  # mod 2**63, as the twin
         counters = cols.to(tl.int64) + (step.to(tl.int64) << 32)
         word = tl.randint(key, counters)  # uint32: word 0 of Philox4x32-10
         u = ((word >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
@@ -143,7 +143,7 @@ def gumbel_scores_triton(logits: torch.Tensor, keys: torch.Tensor, step: int,
     else:
         block, warps = BLOCK_GPU, NUM_WARPS_GPU
     _gumbel_scores_kernel[(rows, triton.cdiv(vocab, block))](
-        logits, (keys & _noise.MASK63).contiguous(), out, vocab, logits.stride(0),
+        logits, keys.contiguous(), out, vocab, logits.stride(0),
         out.stride(0), step, 1.0 / temperature, BLOCK=block, num_warps=warps)
     return out
 

@@ -102,24 +102,9 @@ def gather_fitness(local: dict[int, float], population_size: int,
     process group's backend reduces them (``collective_device``).
     """
     del device
-    if world_size() == 1:
-        return [local[m] for m in range(population_size)]
-    device = collective_device()  # what the backend reduces, wherever the model lives
-    values = torch.full((population_size,), float("nan"), dtype=torch.float64, device=device)
-    owned = torch.zeros(population_size, dtype=torch.float64, device=device)
-    for member, value in local.items():
-        values[member] = value
-        owned[member] = 1.0
-    values = torch.where(owned.bool(), values, torch.zeros_like(values))
-    try:
-        all_reduce(values)  # each member is owned by exactly one rank
-        all_reduce(owned)
-    except Exception as error:  # gloo/NCCL raise RuntimeError subclasses of many kinds
-        raise DistributedError(_lost_peer(error)) from error
-    if not torch.equal(owned, torch.ones_like(owned)):
-        raise DistributedError("member fitnesses were not covered exactly once by the ranks; "
-                               "all ranks must run the same configuration")
-    return values.cpu().tolist()
+    members = list(local)
+    return gather_rows(members, [[local[m] for m in members]], population_size,
+                       what="member fitnesses")[0]
 
 
 # Handles of the latest collectives. gloo's worker thread drops its reference to a
@@ -173,23 +158,23 @@ def total(value: int) -> int:
     return int(tensor.item())
 
 
+def shard_rows(count: int) -> list[int]:
+    """This rank's rows of ``count`` (r, r + world, ...): all of them in one process."""
+    return list(range(rank(), count, world_size()))
+
+
 def gather_rows(indices: Sequence[int], columns: Sequence[Sequence[float | None]],
-                count: int) -> list[list[float | None]]:
+                count: int, what: str = "rows") -> list[list[float | None]]:
     """Columns of ``count`` rows, each row held by exactly one rank, merged in row order.
 
     This rank holds rows ``indices`` and, for each column, their values (``None`` for
-    none); every rank gets every column whole. float64 sums in which each slot has one
-    non-zero addend, so the values arrive exactly, like ``gather_fitness``.
+    none); every rank gets every column whole. One all-reduce of float64 sums in which
+    each slot has one non-zero addend, so the values arrive exactly. In one process the
+    rows are just put in order (the same code path, so every test runs the merge).
     """
-    if world_size() == 1:
-        merged: list[list[float | None]] = [[None] * count for _ in columns]
-        for c, column in enumerate(columns):
-            for position, row in enumerate(indices):
-                merged[c][row] = column[position]
-        return merged
-    device = collective_device()
-    values = torch.zeros((len(columns), count), dtype=torch.float64)
-    present = torch.zeros((len(columns), count), dtype=torch.float64)
+    width = len(columns)
+    values = torch.zeros((width, count), dtype=torch.float64)
+    present = torch.zeros((width, count), dtype=torch.float64)
     owned = torch.zeros(count, dtype=torch.float64)
     for c, column in enumerate(columns):
         for position, row in enumerate(indices):
@@ -197,18 +182,20 @@ def gather_rows(indices: Sequence[int], columns: Sequence[Sequence[float | None]
                 values[c, row] = column[position]
                 present[c, row] = 1.0
     owned[list(indices)] = 1.0
-    values, present, owned = values.to(device), present.to(device), owned.to(device)
-    try:
-        for tensor in (values, present, owned):
-            all_reduce(tensor)
-    except Exception as error:
-        raise DistributedError(_lost_peer(error)) from error
+    if world_size() > 1:
+        packed = torch.cat([values.reshape(-1), present.reshape(-1), owned])
+        packed = packed.to(collective_device())
+        try:
+            all_reduce(packed)
+        except Exception as error:  # gloo/NCCL raise RuntimeError subclasses of many kinds
+            raise DistributedError(_lost_peer(error)) from error
+        values, present, owned = packed.cpu().split([width * count, width * count, count])
+        values, present = values.view(width, count), present.view(width, count)
     if not torch.equal(owned, torch.ones_like(owned)):
-        raise DistributedError("rows were not covered exactly once by the ranks; all ranks "
-                               "must run the same configuration")
-    values, present = values.cpu().tolist(), present.cpu().tolist()
+        raise DistributedError(f"{what} were not covered exactly once by the ranks; all "
+                               "ranks must run the same configuration")
     return [[value if flag else None for value, flag in zip(row_values, row_flags, strict=True)]
-            for row_values, row_flags in zip(values, present, strict=True)]
+            for row_values, row_flags in zip(values.tolist(), present.tolist(), strict=True)]
 
 
 def barrier() -> None:

@@ -105,8 +105,7 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
     device = next(es_model.model.parameters()).device
     started = time.perf_counter()
-    world = distributed.world_size() if sharded else 1
-    mine = list(range(distributed.rank() if sharded else 0, len(rows), world))
+    mine = distributed.shard_rows(len(rows)) if sharded else list(range(len(rows)))
     totals: list[float] = []
     texts: list[str] = []
     if mine:  # all prompts go in: the same left padding, so the same tokens, as alone
@@ -117,16 +116,13 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
             kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk)
         totals, _ = scorer.score(rows, mine, completions)
         texts = [c.text for c in completions]
-    formed = None if well_formed is None else [float(bool(well_formed(t))) for t in texts]
-    if world > 1:
-        merged = distributed.gather_rows(mine, [totals] + ([formed] if formed is not None else []),
-                                         len(rows))
-        all_totals = merged[0]
-        all_formed = None if formed is None else [flag == 1.0 for flag in merged[1]]
-    else:
-        all_totals = totals
-        all_formed = None if formed is None else [flag == 1.0 for flag in formed]
-    result = _summary(all_totals, all_formed, correct_threshold)
+    columns = [totals]
+    if well_formed is not None:
+        columns.append([float(bool(well_formed(text))) for text in texts])
+    if sharded:
+        columns = distributed.gather_rows(mine, columns, len(rows))
+    formed = None if well_formed is None else [flag == 1.0 for flag in columns[1]]
+    result = _summary(columns[0], formed, correct_threshold)
     result["seconds"] = round(time.perf_counter() - started, 2)
     if samples:
         result["samples"] = [{"prompt": prompts[row], "completion": texts[k],

@@ -228,6 +228,17 @@ SAMPLERS = ("philox", "generator")
 SAMPLING_FORCE: str | None = None
 
 
+def sampling_source(device: torch.device) -> str:
+    """"philox" or "generator": where sampling on ``device`` draws its noise (``SAMPLER``,
+    else Philox on CUDA or when ``SAMPLING_FORCE`` is "kernel"). Validates ``SAMPLER``."""
+    if SAMPLER is not None and SAMPLER not in SAMPLERS:
+        raise ValueError(f"lowmem_es.generate.SAMPLER must be one of {SAMPLERS} or None, got "
+                         f"{SAMPLER!r}")
+    if SAMPLER is not None:
+        return SAMPLER
+    return "philox" if device.type == "cuda" or SAMPLING_FORCE == "kernel" else "generator"
+
+
 def _sampler(row_keys: list[int], prompt_len: int, temperature: float) -> list:
     """A transformers logits processor that samples each row by Gumbel-max with its own key.
 
@@ -238,16 +249,12 @@ def _sampler(row_keys: list[int], prompt_len: int, temperature: float) -> list:
     """
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    if SAMPLER is not None and SAMPLER not in SAMPLERS:
-        raise ValueError(f"generate.SAMPLER must be one of {SAMPLERS} or None, got {SAMPLER!r}")
     keys_on: dict[torch.device, torch.Tensor] = {}
 
     class RowGumbelSampler(LogitsProcessor):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             step = input_ids.shape[1] - prompt_len
-            source = SAMPLER or ("philox" if scores.device.type == "cuda"
-                                 or SAMPLING_FORCE == "kernel" else "generator")
-            if source == "philox":
+            if sampling_source(scores.device) == "philox":
                 from lowmem_es.kernels.sampling import gumbel_scores
 
                 if scores.device not in keys_on:  # once per chunk: no host work per step

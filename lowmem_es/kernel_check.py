@@ -133,9 +133,7 @@ def check_kernels(es_model: ESLoraModel, device: torch.device | str,
         if value not in FORCE_CHOICES:
             raise ValueError(f"`{module.__name__}.{switch}` is {value!r}; expected one of "
                              f"{FORCE_CHOICES}")
-    if generate.SAMPLER not in (None, *generate.SAMPLERS):
-        raise ValueError(f"`lowmem_es.generate.SAMPLER` is {generate.SAMPLER!r}; expected one "
-                         f"of {(None, *generate.SAMPLERS)}")
+    generate.sampling_source(device)  # validates generate.SAMPLER with the switches
     if dtype is None:
         dtype = _activation_dtype(es_model)
     if dtype not in TOLERANCES:
@@ -235,9 +233,8 @@ def _sampling_check(es_model: ESLoraModel, device: torch.device, dtype: torch.dt
     """The Gumbel sampling kernel, where the sampler would call it (``generate._sampler``:
     the Philox source on CUDA logits, or with ``SAMPLING_FORCE="kernel"``)."""
     force = generate.SAMPLING_FORCE
-    source = generate.SAMPLER or ("philox" if device.type == "cuda" or force == "kernel"
-                                  else "generator")
-    if source != "philox" or force == "torch" or (force is None and device.type != "cuda"):
+    if generate.sampling_source(device) != "philox" or force == "torch" \
+            or (force is None and device.type != "cuda"):
         return None
     from lowmem_es.kernels import sampling
 

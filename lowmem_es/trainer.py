@@ -408,7 +408,7 @@ class ESTrainer:
         rows = validate_rows(dataset, "dataset") if dataset is not None else (
             self.eval_dataset or self.train_dataset)
         prompts = self._prompts(rows)
-        mine = list(range(distributed.rank(), len(rows), distributed.world_size()))
+        mine = distributed.shard_rows(len(rows))
         totals: list[float] = []
         per_func: dict[str, list] = {}
         if mine:  # all prompts go in: the same left padding, so the same tokens, as alone
@@ -420,12 +420,11 @@ class ESTrainer:
                 backend=self.args.generation_backend, kv_cache_dtype=self.args.kv_cache_dtype,
                 prefill_chunk=self.plan.prefill_chunk if self.plan is not None else 0)
             totals, per_func = self.score(rows, mine, completions)
-        if distributed.world_size() > 1:
-            names = list(dict.fromkeys(reward_name(f) for f in self.scorer.reward_funcs))
-            empty = [None] * len(mine)
-            merged = distributed.gather_rows(
-                mine, [totals] + [per_func.get(name, empty) for name in names], len(rows))
-            totals, per_func = merged[0], dict(zip(names, merged[1:], strict=True))
+        names = list(dict.fromkeys(reward_name(f) for f in self.scorer.reward_funcs))
+        empty = [None] * len(mine)  # a rank without rows has no per-function values
+        merged = distributed.gather_rows(
+            mine, [totals] + [per_func.get(name, empty) for name in names], len(rows))
+        totals, per_func = merged[0], dict(zip(names, merged[1:], strict=True))
         result = {"eval_reward": sum(totals) / len(totals)}
         for name, values in per_func.items():
             scored = [v for v in values if v is not None]
