@@ -191,7 +191,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         report = default_model.run_default(config, **_run_flags(ns))
         if report["stopped_early"]:
             _log_resume_command(ns, report["iterations_done"])
-        _leave_process_group()
+        distributed.leave()
         return 0
     if ns.model is None:
         from lowmem_es import example
@@ -242,10 +242,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
     trainer.train()
     if trainer.stopped_early:
         _log_resume_command(ns, trainer.iteration)
-        _leave_process_group()
+        distributed.leave()
         return 0
     after = trainer.evaluate()["eval_reward"]
-    _leave_process_group()
+    distributed.leave()
     if not main:
         return 0
     logger.info("eval reward after training: %.4f%s; adapter in %s", after,
@@ -280,16 +280,6 @@ def _ensure_tiny_model(base: Path) -> None:
         raise OSError(f"could not write the tiny example's base model to {str(base)!r} "
                       f"({error}); free some space there or pass another --output-dir"
                       ) from error
-
-
-def _leave_process_group() -> None:
-    """Under torchrun: wait for every rank, then close the process group (NCCL warns at
-    exit about a group left open; see also ``distributed.all_reduce`` on exiting right
-    after a collective)."""
-    from lowmem_es import distributed
-
-    distributed.barrier()
-    distributed.cleanup()
 
 
 def _log_resume_command(ns: argparse.Namespace, iterations_done: int) -> None:

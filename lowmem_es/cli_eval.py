@@ -122,6 +122,7 @@ def run_eval(ns: argparse.Namespace) -> int:
         from lowmem_es import default_model
 
         model = str(default_model.ensure_default_model())
+    sharded = _join_ranks(ns)
     report = evaluate(
         model, adapter=ns.adapter, task=task, splits=splits, split_names=split_names,
         reward_funcs=ns.reward, correct_threshold=ns.correct_threshold,
@@ -129,7 +130,14 @@ def run_eval(ns: argparse.Namespace) -> int:
         max_completion_length=ns.max_completion_length or defaults.get(
             "max_completion_length", 64),
         rows_per_chunk=ns.rows_per_chunk, limit=ns.limit, samples=ns.samples,
-        device=ns.device, profile=ns.profile, kv_cache_dtype=ns.kv_cache_dtype)
+        device=ns.device, profile=ns.profile, kv_cache_dtype=ns.kv_cache_dtype,
+        sharded=sharded)
+    from lowmem_es import distributed
+
+    main = distributed.is_main()  # under torchrun, rank 0 reports
+    distributed.leave()
+    if not main:
+        return 0
     if ns.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -138,3 +146,22 @@ def run_eval(ns: argparse.Namespace) -> int:
         if ns.samples:
             print(format_samples(report))
     return 0
+
+
+def _join_ranks(ns: argparse.Namespace) -> bool:
+    """Under torchrun: join the process group (NCCL when this rank evaluates on CUDA,
+    cuda:LOCAL_RANK for ``auto``/``cuda``) and return True, so that the splits are sharded
+    across the ranks rather than evaluated whole by each one."""
+    from lowmem_es import distributed
+    from lowmem_es.config import ESConfig
+    from lowmem_es.model import resolve_device
+
+    if not distributed.launched_distributed():
+        return False
+    device = ns.device
+    if device == "auto" and ns.profile is not None:
+        from lowmem_es.profiles import load_profile
+
+        device = load_profile(ns.profile).device
+    distributed.setup(ESConfig().distributed_timeout, resolve_device(device))
+    return True

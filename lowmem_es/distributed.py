@@ -15,6 +15,7 @@ processes; NCCL is used on CUDA, gloo on CPU. Multi-node is torchrun's own rende
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -198,6 +199,30 @@ def gather_rows(indices: Sequence[int], columns: Sequence[Sequence[float | None]
             for row_values, row_flags in zip(values.tolist(), present.tolist(), strict=True)]
 
 
+def gather_json(items: Sequence[object]) -> list[object]:
+    """Every rank's ``items`` (small JSON values, e.g. sample texts), concatenated in rank
+    order; in one process, ``items`` itself. Sent as UTF-8 JSON through ``all_reduce``
+    (each rank fills its own slot of a zeroed byte buffer): no pickle, and the handles are
+    kept as for every collective here (``all_gather_object`` would drop them)."""
+    if world_size() == 1:
+        return list(items)
+    mine = torch.frombuffer(bytearray(json.dumps(list(items)).encode()), dtype=torch.uint8)
+    try:
+        sizes = torch.zeros(world_size(), dtype=torch.int64, device=collective_device())
+        sizes[rank()] = mine.numel()
+        all_reduce(sizes)
+        offsets = [0, *torch.cumsum(sizes, 0).tolist()]
+        packed = torch.zeros(offsets[-1], dtype=torch.int32)  # sums of bytes, one addend
+        packed[offsets[rank()]:offsets[rank() + 1]] = mine
+        packed = packed.to(collective_device())
+        all_reduce(packed)
+    except Exception as error:
+        raise DistributedError(_lost_peer(error)) from error
+    data = packed.to(device="cpu", dtype=torch.uint8).numpy().tobytes()
+    return [item for r in range(world_size())
+            for item in json.loads(data[offsets[r]:offsets[r + 1]].decode())]
+
+
 def barrier() -> None:
     if world_size() > 1:
         try:
@@ -211,6 +236,14 @@ def _lost_peer(error: BaseException) -> str:
             f"{str(error).splitlines()[0] if str(error) else ''}). Another rank probably died "
             "or hung past the timeout; the last checkpoint and the journal are intact: "
             "restart the job with --resume (any number of ranks)")
+
+
+def leave() -> None:
+    """At the end of a command under torchrun: wait for every rank, then close the
+    process group (NCCL warns at exit about a group left open; see also ``all_reduce``
+    on exiting right after a collective). Nothing in one process."""
+    barrier()
+    cleanup()
 
 
 def cleanup() -> None:

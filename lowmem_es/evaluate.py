@@ -89,8 +89,8 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     ``prefill_chunk``: prompt tokens per prefill pass (0: whole prompts), as the memory
     plan that sized ``rows_per_chunk`` assumed. ``sharded`` (under torchrun; every rank
     must call it then): rank r generates and scores rows r, r + world, ..., and the
-    per-row rewards and well-formed flags are gathered, so every rank returns the metrics
-    of all rows (``samples`` then come from this rank's rows).
+    per-row rewards, well-formed flags and samples are gathered, so every rank returns
+    what one process would (but ``seconds``).
     """
     from lowmem_es import distributed
     from lowmem_es.generate import generate_population, render_prompt
@@ -125,9 +125,12 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     result = _summary(columns[0], formed, correct_threshold)
     result["seconds"] = round(time.perf_counter() - started, 2)
     if samples:
-        result["samples"] = [{"prompt": prompts[row], "completion": texts[k],
-                              "reward": totals[k]}
-                             for k, row in enumerate(mine[:samples])]
+        # The first ``samples`` rows, wherever they were generated: the same as alone.
+        shown = [(row, texts[k], totals[k]) for k, row in enumerate(mine) if row < samples]
+        if sharded:
+            shown = sorted(distributed.gather_json(shown))
+        result["samples"] = [{"prompt": prompts[row], "completion": text, "reward": reward}
+                             for row, text, reward in shown]
     return result
 
 
@@ -213,14 +216,16 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
              max_prompt_length: int = 256, max_completion_length: int = 64,
              rows_per_chunk: int = 0, limit: int | None = None, samples: int = 0,
              device: str = "auto", profile: str | None = None,
-             kv_cache_dtype: str | None = None) -> dict[str, Any]:
+             kv_cache_dtype: str | None = None, sharded: bool = False) -> dict[str, Any]:
     """Base model and adapter side by side on the task's held-out splits.
 
     ``profile`` (a VRAM profile name or path) loads and generates as a training run under
     it would: its device and compute dtype, the input embedding in host memory if it says
     so, its KV-cache dtype, and, unless ``rows_per_chunk`` is given, the rows per chunk the
     memory planner fits (``PlanError`` before loading if not even one row fits).
-    ``kv_cache_dtype`` ("auto" or "int8") overrides the profile's.
+    ``kv_cache_dtype`` ("auto" or "int8") overrides the profile's. ``sharded`` (under
+    torchrun, called on every rank): each rank generates every world-th row of each split
+    and every rank returns the whole report (see ``evaluate_rows``).
 
     ``task`` is a Task or a registered name (``splits`` may give rows directly instead);
     its reward functions, well-formed test and threshold apply unless overridden.
@@ -305,7 +310,8 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     common = dict(scorer=scorer, well_formed=well_formed, correct_threshold=threshold,
                   max_prompt_length=max_prompt_length,
                   max_completion_length=max_completion_length, rows_per_chunk=rows_per_chunk,
-                  samples=samples, kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk)
+                  samples=samples, kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk,
+                  sharded=sharded)
     report: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None,
                               "task": task.name if task is not None else None,
                               "correct_threshold": threshold, "rows_per_chunk": rows_per_chunk,

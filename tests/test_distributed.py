@@ -171,20 +171,26 @@ def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
         rows = list(range(rank, 5, 3)) if rank < 3 else []
         merged = distributed.gather_rows(rows, [[values[r] for r in rows],
                                                 [float(r) for r in rows]], 5)
-        Path(out, f"rank{rank}.json").write_text(json.dumps(merged))
+        # Samples: texts of any length (none on rank 3), non-ASCII, NaN and None.
+        texts = distributed.gather_json([[r, "é€" * r + "\n\"x", values[r]] for r in rows])
+        Path(out, f"rank{rank}.json").write_text(json.dumps([*merged, texts]))
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_gather_rows_over_gloo(tmp_path):
     """Every rank gets every row's values exactly, in row order, None kept, from four
-    gloo processes, one of them holding no rows (more ranks than eval rows)."""
+    gloo processes, one of them holding no rows (more ranks than eval rows); the same for
+    gather_json's texts, in rank order."""
     import torch.multiprocessing as mp
 
     mp.spawn(_gather_worker, args=(4, f"file://{tmp_path / 'store'}", str(tmp_path)),
              nprocs=4)
     for rank in range(4):
-        values, rows = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        values, rows, texts = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert values[0] == 0.5 and values[1] is None and values[2] != values[2]  # NaN
         assert values[3] == float("inf") and values[4] == -7.25
+        assert [t[0] for t in texts] == [0, 3, 1, 4, 2]  # rank order
+        assert all(t[1] == "é€" * t[0] + "\n\"x" for t in texts)
+        assert texts[1][2] == float("inf") and texts[2][2] is None and texts[4][2] != texts[4][2]
         assert rows == [0.0, 1.0, 2.0, 3.0, 4.0]

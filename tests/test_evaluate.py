@@ -464,3 +464,40 @@ def test_sharded_evaluation_generates_this_ranks_rows_and_gathers_all(tiny_llama
     for key in ("count", "accuracy", "mean_reward", "well_formed", "accuracy_well_formed"):
         assert sharded[key] == alone[key], key
     assert evaluate_rows(es_model, tokenizer, rows, **options)["count"] == 6  # not sharded
+
+
+def test_cli_eval_under_torchrun_shards_and_reports_once(tiny_llama_dir, tmp_path, capsys):
+    """``torchrun ... lowmem-es eval``: 3 ranks share the rows, rank 0 alone prints, and the
+    report (metrics and the first samples) equals one process's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} plus 1:", "answer": str(i + 1)})
+                            + "\n" for i in range(7)))
+    adapter = _adapter(tiny_llama_dir, tmp_path / "adapter")
+    argv = ["--model", str(tiny_llama_dir), "--adapter", str(adapter), "--dataset", str(data),
+            "--eval-dataset", str(data), "--max-completion-length", "4", "--samples", "5",
+            "--json"]
+    assert run_eval(_parse(argv)) == 0
+    alone = json.loads(capsys.readouterr().out)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
+         f"--master_port={port}", "-m", "lowmem_es.cli", "eval", *argv],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = json.loads(result.stdout)  # one report: a second one would not parse
+    for report in (alone, sharded):
+        for split in report["splits"].values():
+            for metrics in split.values():
+                metrics.pop("seconds")
+    assert sharded == alone
+    samples = alone["splits"]["eval"]["adapter"]["samples"]
+    assert [s["prompt"].count(f"{i} plus 1:") for i, s in enumerate(samples)] == [1] * 5
+    assert len(samples) == 5
