@@ -587,6 +587,12 @@ class ESTrainer:
         self.history = [m for m in metrics if m.get("iteration", -1) < self.iteration]
         logger.info("resuming %s at iteration %d (checkpoint step %d + %d journal lines "
                     "replayed)", out, self.iteration + 1, step, len(records) - step)
+        if self.force and (state.get(IDENTITY_KEY) != self.identity
+                           or state.get("config_hash") != self.args.result_hash()):
+            # Forced onto another model, data or configuration: put them on record now
+            # (the restored state is exact), or a crash before the next checkpoint would
+            # leave the old ones there and the next --resume would need --force again.
+            self._checkpoint(out, self.iteration)
 
     def _install_signal_handlers(self) -> dict:
         if threading.current_thread() is not threading.main_thread():

@@ -396,6 +396,15 @@ def test_resume_on_another_base_model_or_data_is_refused_unless_forced(
             ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(7),
                       args=example_config(str(out), **dict(SMALL, iterations=3)), resume=True)
     assert _iterations(out) == [0, 1]  # nothing was written
+    # Forcing puts the new model on record at once: a crash before the next checkpoint
+    # (here: no iteration left to run) does not make the next resume need --force again.
+    ESTrainer(str(other), [target_fraction], train_dataset=tiny_dataset(8),
+              args=example_config(str(out), **dict(SMALL, iterations=2)), resume=True,
+              force=True).train()
+    assert checkpoint.read_state(checkpoint.step_dir(out, 2))[trainer_module.IDENTITY_KEY][
+        "base_model"] == str(other.resolve())
+    _trainer(other, out, resume=True, iterations=2)
+    assert _iterations(out) == [0, 1]
     forced = ESTrainer(str(other), [target_fraction], train_dataset=tiny_dataset(8),
                        args=example_config(str(out), **dict(SMALL, iterations=3)),
                        resume=True, force=True)
