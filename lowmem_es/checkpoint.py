@@ -115,9 +115,13 @@ def read_state(path: Path) -> dict[str, Any]:
     state_file = path / STATE_FILE
     try:
         state = json.loads(state_file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"checkpoint {str(path)!r}: cannot read {STATE_FILE} "
                               f"({error})") from error
+    if not isinstance(state, dict) or not isinstance(state.get("files", {}), dict):
+        raise CheckpointError(f"checkpoint {str(path)!r}: {STATE_FILE} is not a checkpoint "
+                              "state (a JSON object with a 'files' object); it was edited or "
+                              "damaged")
     for name, digest in state.get("files", {}).items():
         file = path / name
         if not file.is_file():
@@ -152,7 +156,7 @@ def newest_state(output_dir: Path) -> dict[str, Any] | None:
     for _, path in reversed(list_checkpoints(output_dir)):
         try:
             state = json.loads((path / STATE_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(state, dict):
             return state
@@ -214,9 +218,12 @@ def write_adapter_tensors(params: dict[str, torch.Tensor], config_source: Path,
 
 # --- journal ---
 
-def read_journal(path: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """Journal records in order. A torn last line (a kill mid-write) is dropped, and with
-    ``repair`` cut from the file; a bad line elsewhere is an error naming the line.
+def read_journal(path: Path, repair: bool = False, what: str = "journal"
+                 ) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file in order (the journal, or ``what`` names another, such
+    as the metrics). A torn last line (a kill mid-write) is dropped, and with ``repair``
+    cut from the file; a bad line elsewhere, or one that is not a JSON object, is an error
+    naming the line.
 
     A complete last record without its newline (a kill between the record and its
     newline, or an editor that strips it) is kept; with ``repair`` the newline is
@@ -233,18 +240,30 @@ def read_journal(path: Path, repair: bool = False) -> list[dict[str, Any]]:
             good_bytes += len(line) + 1
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             if number >= len(lines) - 1 and not any(x.strip() for x in lines[number:]):
-                logger.warning("journal %s: dropping a torn last line (a kill mid-write)", path)
+                logger.warning("%s %s: dropping a torn last line (a kill mid-write)", what,
+                               path)
                 if repair:
                     with open(path, "r+b") as handle:
                         handle.truncate(good_bytes)
                         handle.flush()
                         os.fsync(handle.fileno())
                 break
-            raise CheckpointError(f"{path}:{number} is not valid JSON ({error}); the journal "
-                                  "is damaged in the middle, not just at its end") from error
+            raise CheckpointError(f"{path}:{number} is not valid JSON ({error}); the {what} "
+                                  "is damaged in the middle, not just at its end: restore the "
+                                  "line from a backup (one JSON object per iteration) or start "
+                                  "over with --overwrite") from error
+        if not isinstance(record, dict) or (what == "journal" and (
+                not isinstance(record.get("iteration"), int)
+                or isinstance(record.get("iteration"), bool))):
+            raise CheckpointError(f"{path}:{number} is not a {what} record (a JSON object"
+                                  f"{' with an integer iteration' if what == 'journal' else ''}"
+                                  f"; got {line[:60].decode(errors='replace')!r}): the {what} "
+                                  "was edited or damaged; restore the line from a backup or "
+                                  "start over with --overwrite")
+        records.append(record)
         good_bytes += len(line) + 1
     else:  # every line parsed: the last one may lack its newline
         if repair and raw and not raw.endswith(b"\n"):
@@ -273,12 +292,23 @@ def rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+# What apply_journal_record reads from a journal record (besides "skipped").
+JOURNAL_UPDATE_KEYS = ("members", "fitness", "fitness_shaping", "run_seed", "iteration",
+                       "learning_rate", "optimizer", "weight_decay")
+
+
 def apply_journal_record(params: dict[str, torch.Tensor], ids: dict[str, int],
                          record: dict[str, Any], adam_state: es.AdamState | None,
                          noise_backend: str | None = None) -> None:
     """Redo one journaled update exactly as the trainer did it."""
     if record.get("skipped"):
         return
+    missing = [key for key in JOURNAL_UPDATE_KEYS if key not in record]
+    if missing:
+        raise CheckpointError(f"journal record of iteration {record.get('iteration')!r} lacks "
+                              f"{', '.join(missing)}: the journal was edited or damaged, and "
+                              "the update cannot be redone; restore it from a backup or "
+                              "start over with --overwrite")
     schedule = [tuple(m) for m in record["members"]]
     shaped = es.shape_fitness(record["fitness"], record["fitness_shaping"])
     es.es_update(params, ids, run_seed=record["run_seed"], iteration=record["iteration"],
@@ -339,7 +369,7 @@ def replay_journal(output_dir: Path, step: int | None = None, start: str = "init
             raise CheckpointError(f"journal has no line for iteration {iteration}; cannot "
                                   "replay past it")
         record = by_iteration[iteration]
-        if record["optimizer"] == "adam" and adam_state is None:
+        if record.get("optimizer") == "adam" and adam_state is None:
             adam_state = es.AdamState()
         apply_journal_record(params, ids, record, adam_state, noise_backend)
     verified, diff = None, None

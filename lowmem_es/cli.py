@@ -226,6 +226,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
                                 answer_field=ns.answer_field, has_reward=bool(ns.reward),
                                 eval_path=ns.eval_dataset)
         splits = task.splits(seed=config.seed)
+        if ns.dataset:
+            check_dataset_splits(splits, ns.dataset, ns.eval_dataset, "train")
         trainer = ESTrainer(ns.model, ns.reward or list(task.reward_funcs),
                             train_dataset=splits["train"], eval_dataset=splits.get("eval") or None,
                             args=config, trust_remote_code=ns.trust_remote_code,
@@ -252,6 +254,33 @@ def cmd_train(ns: argparse.Namespace) -> int:
                 "" if before is None else f" (before {before:.4f})",
                 Path(config.output_dir) / "adapter")
     return 0
+
+
+def check_dataset_splits(splits: dict[str, list[dict]], dataset: str,
+                         eval_dataset: str | None, command: str,
+                         needed: Sequence[str] = ("train",)) -> None:
+    """Say why a split of ``--dataset`` is empty, which the hashed hold-out makes likely
+    for a small file: a ``needed`` split that is empty is an error naming the file, the
+    split and the fix; an empty held-out split for ``train`` is a warning (evaluations
+    then score the training rows)."""
+    from lowmem_es.tasks.jsonl import EVAL_FRACTION
+
+    total = sum(len(rows) for rows in splits.values())
+    hint = (f"about {EVAL_FRACTION:.0%} of the rows are held out for evaluation, chosen by "
+            "a hash of each row and --seed")
+    for name in needed:
+        if splits.get(name):
+            continue
+        if eval_dataset is not None:
+            source = dataset if name == "train" else eval_dataset
+            raise ValueError(f"the {name} split ({source!r}) has no rows")
+        raise ValueError(f"the {name} split of {dataset!r} is empty ({total} rows in all; "
+                         f"{hint}); add rows to the file, pass --eval-dataset FILE to "
+                         "give the held-out rows separately, or try another --seed")
+    if command == "train" and not splits.get("eval") and eval_dataset is None:
+        logger.warning("the held-out split of %r is empty (%d rows in all; %s): evaluations "
+                       "will score the training rows; add rows or pass --eval-dataset FILE",
+                       dataset, total, hint)
 
 
 TINY_MODEL_MARKER = ".lowmem-es-complete"  # written last inside the atomic build
@@ -331,8 +360,9 @@ def cmd_replay(ns: argparse.Namespace) -> int:
 
 def _check_replay_destination(run: Path, destination: Path) -> None:
     """Refuse a ``--out`` that is the run itself, a folder above it or inside its
-    checkpoints (a directory holding other files is refused where the adapter is
-    written, ``lora.check_adapter_destination``), before any replay work."""
+    checkpoints, or the trained adapter of this or any run (``RUN/adapter``), before any
+    replay work; a directory holding other files is refused where the adapter is
+    written (``lora.check_adapter_destination``)."""
     from lowmem_es.lora import check_adapter_destination
 
     run, target = run.resolve(), destination.resolve()
@@ -341,6 +371,10 @@ def _check_replay_destination(run: Path, destination: Path) -> None:
         raise ValueError(f"--out {str(destination)!r} is the run directory, a folder above "
                          "it or inside its checkpoints, which writing the adapter would "
                          f"replace; choose a new directory (default: {run}/replay/...)")
+    if target.name == "adapter" and (target.parent / "journal.jsonl").is_file():
+        raise ValueError(f"--out {str(destination)!r} is the trained adapter of the run in "
+                         f"{str(target.parent)!r}, which the replayed one would replace; "
+                         f"choose a new directory (default: {run}/replay/...)")
     check_adapter_destination(target)
 
 

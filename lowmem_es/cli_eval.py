@@ -115,6 +115,10 @@ def run_eval(ns: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"--split {unknown[0]!r} is not a split of task {task.name!r}; "
                              f"its splits are {sorted(splits)}")
+    if ns.dataset:
+        from lowmem_es.cli import check_dataset_splits
+
+        check_dataset_splits(splits, ns.dataset, ns.eval_dataset, "eval", needed=split_names)
     if ns.adapter is not None:
         adapter_settings(ns.adapter)  # a missing or broken adapter config fails now
     model = ns.model

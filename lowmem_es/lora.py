@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -391,7 +392,13 @@ class ESLoraModel:
             raise ValueError(f"adapter {str(path)!r} has rank r={config['r']} but this run uses "
                              f"lora_rank={self.rank}; set lora_rank={config['r']}")
         _check_adapter_scaling(path, config, self.alpha)
-        tensors = load_file(str(weights))
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError) as error:  # truncated, not safetensors, unreadable
+            raise ValueError(f"{str(weights)!r} is not a readable safetensors file ({error}); "
+                             "the adapter is damaged or was not written completely: write it "
+                             "again (a run's checkpoints/step_* hold earlier copies, and "
+                             "`lowmem-es replay` rebuilds any step from the journal)") from None
         values = []
         used = set()
         for layer in self.layers.values():

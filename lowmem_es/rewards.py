@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 import numbers
 import re
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from lowmem_es.errors import RewardFunctionError
 
 RewardFunc = Callable[..., list]
+
+# The keywords every reward function is called with; a dataset column of the same name
+# would collide with them (TypeError: got multiple values for keyword argument).
+RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")
 
 
 def target_fraction(completions: list, target: list[str], **kwargs: Any) -> list[float]:
@@ -176,15 +182,53 @@ def load_reward(spec: str | RewardFunc) -> RewardFunc:
                          f"{sorted(BUILTIN_REWARDS) + sorted(task_rewards)} or an import path "
                          "such as 'my_rewards:score'")
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward {spec!r} is not a 'module:function' import path; give both, "
+                         "such as 'my_rewards:score'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({error}); "
-                         "is it on PYTHONPATH?") from error
+    except ModuleNotFoundError as error:
+        if _names_module(error.name, module_name):
+            raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({error}); "
+                             "is it on PYTHONPATH? Run from the directory that holds it, or "
+                             "add that directory to PYTHONPATH") from error
+        raise ValueError(f"reward {spec!r}: module {module_name!r} was found, but importing "
+                         f"it failed: it imports {error.name!r}, which is not installed "
+                         f"({error}){_raised_at(error)}; install {error.name!r} or fix the "
+                         "module's imports") from error
+    except Exception as error:  # any error in the user's module: name it, and where
+        text = error.msg if isinstance(error, SyntaxError) else error
+        raise ValueError(f"reward {spec!r}: module {module_name!r} was found, but importing "
+                         f"it raised {type(error).__name__}: {text}{_raised_at(error)}; fix "
+                         "the module so that it imports") from error
     func = getattr(module, attr, None)
     if not callable(func):
         raise ValueError(f"reward {spec!r}: module {module_name!r} has no function {attr!r}")
     return func
+
+
+def _names_module(missing: str | None, module_name: str) -> bool:
+    """Whether a ModuleNotFoundError for ``missing`` means ``module_name`` itself is absent.
+
+    True when ``missing`` is the module or one of its parent packages (then it is not on
+    the path); False when it is another module that ``module_name`` imports (a missing
+    dependency of a module that was found, which PYTHONPATH advice would not fix).
+    """
+    if missing is None:
+        return True
+    return module_name == missing or module_name.startswith(missing + ".")
+
+
+def _raised_at(error: BaseException) -> str:
+    """" at FILE, line N" for where ``error`` was raised (for a syntax error: where the
+    bad code is), skipping importlib's own frames; "" when there is no such place."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f" at {error.filename}, line {error.lineno}"
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if not frame.filename.startswith("<frozen importlib")]
+    if not frames:
+        return ""
+    return f" at {frames[-1].filename}, line {frames[-1].lineno}"
 
 
 def _task_rewards() -> dict[str, RewardFunc]:
@@ -207,8 +251,15 @@ def compute_rewards(reward_funcs: Sequence[RewardFunc], *, prompts: list, comple
     """Weighted total reward per completion, and each function's raw rewards by name.
 
     ``None`` entries are ignored (TRL's nansum); a completion no function scored gets 0.
-    A function returning the wrong length or a non-number is an error naming it.
+    A function returning anything but one finite number (or None) per completion, in a
+    list, tuple or 1-d array / tensor, is an error naming it. A column named like one of
+    the keywords (``RESERVED_COLUMNS``) is an error naming the column.
     """
+    clashing = sorted(set(columns) & set(RESERVED_COLUMNS))
+    if clashing:
+        raise ValueError(f"dataset column(s) {clashing} have the names of the keyword "
+                         f"arguments {list(RESERVED_COLUMNS)} every reward function is "
+                         "called with; rename the column(s) in the dataset")
     if weights is not None and len(weights) != len(reward_funcs):
         raise ValueError(f"`reward_weights` has {len(weights)} entries but there are "
                          f"{len(reward_funcs)} reward functions; give one weight per function")
@@ -220,10 +271,11 @@ def compute_rewards(reward_funcs: Sequence[RewardFunc], *, prompts: list, comple
         name = reward_name(func)
         values = func(prompts=prompts, completions=completions, completion_ids=completion_ids,
                       **columns)
-        if values is None or len(values) != count:
-            got = "None" if values is None else f"{len(values)} values"
-            raise ValueError(f"reward function {name!r} returned {got} for {count} "
-                             "completions; it must return one float (or None) per completion")
+        _check_reward_list(values, name, count)
+        if len(values) != count:
+            raise ValueError(f"reward function {name!r} returned {len(values)} values for "
+                             f"{count} completions; it must return one float (or None) per "
+                             "completion")
         clean = [_reward_value(value, name, i) for i, value in enumerate(values)]
         per_func[name] = clean
         for i, value in enumerate(clean):
@@ -232,13 +284,48 @@ def compute_rewards(reward_funcs: Sequence[RewardFunc], *, prompts: list, comple
     return totals, per_func
 
 
+def _check_reward_list(values: Any, name: str, count: int) -> None:
+    """Refuse a reward function's return value unless it is one reward per completion.
+
+    A list or a tuple is accepted, and a 1-d numpy array or torch tensor (TRL builds a
+    tensor from what is returned). Anything else would fail with a bare ``TypeError``
+    (a float has no ``len``), or worse be read wrongly: a dict's keys, a set in no order,
+    a string's characters. The error names the function and what it returned.
+    """
+    if isinstance(values, (list, tuple)):
+        return
+    shape = getattr(values, "shape", None)
+    if shape is not None and hasattr(values, "__len__") and not isinstance(values, (str, bytes)):
+        if len(tuple(shape)) == 1:
+            return
+        raise ValueError(f"reward function {name!r} returned a {type(values).__name__} of "
+                         f"shape {tuple(shape)} for {count} completions; it must return a "
+                         "list (or a 1-d array or tensor) with one float (or None) per "
+                         "completion")
+    if values is None:
+        got = "None"
+    else:
+        text = repr(values)
+        got = f"a {type(values).__name__} ({text[:60] + '...' if len(text) > 60 else text})"
+    hint = ""
+    if isinstance(values, dict):
+        hint = "; a dict is not read by its keys or values: return them in completion order"
+    elif values is not None and hasattr(values, "__next__"):
+        hint = "; build a list from it, e.g. list(...)"
+    raise ValueError(f"reward function {name!r} returned {got} for {count} completions; it "
+                     "must return a list with one float (or None) per completion, e.g. "
+                     f"[1.0, 0.0, None]{hint}")
+
+
 def _reward_value(value: Any, name: str, index: int) -> float | None:
     """One returned reward as a float, or None for "not applicable" (None or NaN).
 
     Python, numpy and torch numbers are accepted, as TRL accepts them (it builds a tensor
     from the list): a numpy scalar, a 0-d numpy array or a 0-d torch tensor is read with
-    ``.item()``. A bool, a string or a tensor of several elements is an error naming the
-    function and the completion. NaN counts as None (TRL's nansum); +-inf is kept.
+    ``.item()``. A bool, a string, a tensor of several elements or +-inf is an error
+    naming the function and the completion. NaN counts as None (TRL's nansum). An
+    infinite reward would make every member's fitness infinite or NaN, which the ES
+    update cannot rank; it is refused here, where the function can still be named.
     """
     if value is None:
         return None
@@ -254,6 +341,10 @@ def _reward_value(value: Any, name: str, index: int) -> float | None:
         raise ValueError(f"reward function {name!r} returned {value!r} for completion "
                          f"{index}; rewards must be numbers or None")
     value = float(value)
+    if math.isinf(value):
+        raise ValueError(f"reward function {name!r} returned {value!r} for completion "
+                         f"{index}; rewards must be finite numbers (or None or NaN for "
+                         "\"not applicable\")")
     return None if math.isnan(value) else value
 
 
@@ -262,7 +353,9 @@ def guard_reward(func: RewardFunc) -> RewardFunc:
 
     On failure the batch is re-scored one completion at a time to find the first one that
     raises, so the user sees the offending text, not just a traceback from deep inside.
-    Nothing has been written for the iteration yet, so the last checkpoint is intact.
+    Nothing has been written for the iteration yet, so the last checkpoint is intact. A
+    function that needs a dataset column the rows lack (``exact_match`` without an
+    ``answer``) is a data problem, not a bug in the function: that error names the column.
     """
     @functools.wraps(func)
     def guarded(**kwargs: Any) -> list:
@@ -270,6 +363,16 @@ def guard_reward(func: RewardFunc) -> RewardFunc:
             return func(**kwargs)
         except Exception as error:
             name = reward_name(func)
+            missing = _missing_arguments(func, kwargs) if isinstance(error, TypeError) else []
+            if missing:
+                have = sorted(k for k in kwargs if k not in RESERVED_COLUMNS)
+                raise RewardFunctionError(
+                    f"reward function {name!r} needs the dataset column(s) {missing}, which "
+                    f"the rows lack (their columns: {have}); add the column(s) to every row "
+                    "of the dataset (for --dataset, --answer-field FIELD makes FIELD the "
+                    "'answer' column), or choose a reward function that does not need them. "
+                    "If a run was started, continue it with --resume: the last checkpoint "
+                    "and the journal are intact") from error
             culprit = None
             for i in range(len(kwargs.get("completions", []))):
                 single = {k: v[i:i + 1] if isinstance(v, list) else v for k, v in kwargs.items()}
@@ -282,10 +385,26 @@ def guard_reward(func: RewardFunc) -> RewardFunc:
                      else " on the batch (no single completion fails alone)")
             raise RewardFunctionError(f"reward function {name!r} raised "
                                       f"{type(error).__name__}: {error}{where}. Fix the "
-                                      "function and resume with --resume; the last "
-                                      "checkpoint and the journal are intact") from error
+                                      "function; if a run was started, continue it with "
+                                      "--resume: the last checkpoint and the journal are "
+                                      "intact") from error
 
     return guarded
+
+
+def _missing_arguments(func: RewardFunc, kwargs: dict[str, Any]) -> list[str]:
+    """The required parameters of ``func`` that ``kwargs`` does not give (sorted).
+
+    Read from the signature, not from the error text, so a TypeError raised inside the
+    function is not mistaken for a missing column. [] when there is no signature to read.
+    """
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return sorted(p.name for p in parameters if p.kind in keyword
+                  and p.default is inspect.Parameter.empty and p.name not in kwargs)
 
 
 class RewardScorer:

@@ -62,15 +62,17 @@ def validate_rows(rows: Sequence[dict], name: str) -> list[dict]:
     return rows
 
 
-def run_identity(model: str | os.PathLike | ESLoraModel, train_dataset: Sequence[dict]
-                 ) -> dict[str, Any]:
+def run_identity(model: str | os.PathLike | ESLoraModel, train_dataset: Sequence[dict],
+                 reward_funcs: Sequence[RewardFunc] | None = None) -> dict[str, Any]:
     """What a run trains on, recorded in its checkpoints and compared on resume.
 
     ``base_model``: the model directory (absolute, when it is a local directory) or hub id;
     ``base_model_config_sha256``: sha256 of its config.json (of the loaded config for an
     ``ESLoraModel`` without a local directory; None when neither exists); ``train_rows``
-    and ``train_data_sha256``: the number of training rows and the sha256 of their JSON.
-    The weights are not hashed (gigabytes); the path and config stand for them.
+    and ``train_data_sha256``: the number of training rows and the sha256 of their JSON;
+    ``reward_functions``: each reward function as ``module:qualified_name`` (the objective;
+    its weights are in the configuration). The weights and the functions' code are not
+    hashed; the path, config and names stand for them.
     """
     config_text: bytes | None = None
     if isinstance(model, ESLoraModel):
@@ -90,7 +92,14 @@ def run_identity(model: str | os.PathLike | ESLoraModel, train_dataset: Sequence
             "base_model_config_sha256": (hashlib.sha256(config_text).hexdigest()
                                          if config_text is not None else None),
             "train_rows": len(train_dataset),
-            "train_data_sha256": hashlib.sha256(rows).hexdigest()}
+            "train_data_sha256": hashlib.sha256(rows).hexdigest(),
+            "reward_functions": [reward_path(func) for func in reward_funcs or ()]}
+
+
+def reward_path(func: RewardFunc) -> str:
+    """``module:qualified_name`` of a reward function (or of a callable object's class)."""
+    named = func if hasattr(func, "__qualname__") else type(func)
+    return f"{getattr(named, '__module__', '?')}:{named.__qualname__}"
 
 
 def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = False,
@@ -109,6 +118,9 @@ def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = Fal
         raise ValueError("`resume` and `overwrite` exclude each other: resume continues "
                          "the run in output_dir, overwrite deletes it")
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {str(out)!r} is a file, not a directory; pass "
+                         "--output-dir (output_dir=) a directory to write the run into")
     journal = out / "journal.jsonl"
     # A run exists once it has a complete checkpoint or a journaled iteration; a kill
     # while the very first checkpoint was being written leaves neither (only a temp
@@ -121,10 +133,12 @@ def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = Fal
         raise ValueError(f"output_dir {str(out)!r} already holds a run; pass --resume "
                          "(resume=True) to continue it or --overwrite (overwrite=True) to "
                          "start over")
-    done = max((step for step, _ in checkpoint.list_checkpoints(out)), default=0)
+    # Done: the newest checkpoint, or further the journal (resume replays its lines).
+    done = max([step for step, _ in checkpoint.list_checkpoints(out)]
+               + [len(checkpoint.read_journal(journal))])
     if args.iterations < done:
         raise ValueError(f"cannot resume {str(out)!r} with iterations={args.iterations}: the "
-                         f"run has already done {done} iterations (checkpointed). "
+                         f"run has already done {done} iterations. "
                          "`iterations` is the run's total, not how many more to do: pass "
                          f"at least {done}")
     if force:
@@ -176,11 +190,16 @@ def _compare_identity(out: Path, saved: dict[str, Any], current: dict[str, Any])
                         f"{str(saved.get('train_data_sha256'))[:12]}) -> "
                         f"{current.get('train_rows')} rows (sha256 "
                         f"{str(current.get('train_data_sha256'))[:12]})")
+    saved_rewards = saved.get("reward_functions")  # absent: an older lowmem-es
+    if saved_rewards is not None and saved_rewards != current.get("reward_functions"):
+        problems.append(f"reward functions {', '.join(saved_rewards)} -> "
+                        f"{', '.join(current.get('reward_functions') or [])}")
     if problems:
         raise ValueError(f"cannot resume {str(out)!r}: it was trained on something else "
-                         f"({'; '.join(problems)}). Resume with the run's own --model and "
-                         "data, pass another --output-dir to start a new run, or pass "
-                         "--force (force=True) to continue this run on the new ones anyway "
+                         f"({'; '.join(problems)}). Resume with the run's own --model, "
+                         "data and --reward, pass another --output-dir to start a new run, "
+                         "or pass --force (force=True) to continue this run on the new ones "
+                         "anyway "
                          "(the same applies if the model directory only moved)")
 
 
@@ -215,7 +234,7 @@ class ESTrainer:
             raise ValueError("`model` is missing; pass a model directory or hub id")
         # Base model + training rows, as given (before the CLI fits chat prompts to the
         # tokenizer): saved in every checkpoint, compared on resume.
-        self.identity = run_identity(model, self.train_dataset)
+        self.identity = run_identity(model, self.train_dataset, self.reward_funcs)
         # Before any model loading: a clash with output_dir costs nothing yet.
         check_output_dir(self.args, resume, overwrite, force, self.identity)
         noise.set_backend(self.args.noise_backend)
@@ -537,6 +556,9 @@ class ESTrainer:
                 shutil.rmtree(out / name, ignore_errors=True)
         if self.overwrite:
             has_run = False
+        elif self.resume and not has_run and main:
+            logger.warning("--resume: %s holds no run to continue (check the path); starting "
+                           "a new run there", out)
         if main:
             out.mkdir(parents=True, exist_ok=True)
         distributed.barrier()  # nobody reads while rank 0 clears
@@ -579,7 +601,7 @@ class ESTrainer:
             checkpoint.apply_journal_record(params, ids, record, self.adam_state,
                                             self.args.noise_backend)
         self.iteration = len(records)
-        metrics = checkpoint.read_journal(out / "metrics.jsonl", repair=distributed.is_main())
+        metrics = read_metrics(out, repair=distributed.is_main())
         if distributed.is_main():
             checkpoint.rewrite_jsonl(
                 out / "metrics.jsonl",
@@ -678,7 +700,11 @@ def plot_rewards(out: Path) -> Path | None:
                         "(pip install 'lowmem-es[plot]')")
             _plot_warned = True
         return None
-    metrics = checkpoint.read_journal(out / "metrics.jsonl")
+    try:
+        metrics = checkpoint.read_journal(out / "metrics.jsonl", what="metrics")
+    except checkpoint.CheckpointError as error:  # a picture is not worth stopping a run
+        logger.warning("reward.png not drawn: %s", error)
+        return None
     if not metrics:
         return None
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -700,6 +726,32 @@ def plot_rewards(out: Path) -> Path | None:
     plt.close(figure)
     os.replace(tmp, out / "reward.png")
     return out / "reward.png"
+
+
+def read_metrics(out: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of ``out/metrics.jsonl``. The metrics are a log that resume does not
+    need, so damage (a bad line in the middle) does not stop a run: with ``repair`` the
+    damaged file is kept as ``metrics.jsonl.damaged-<time>`` and its readable records go on
+    in metrics.jsonl, with a warning; without, the readable records are returned."""
+    path = out / "metrics.jsonl"
+    try:
+        return checkpoint.read_journal(path, repair=repair, what="metrics")
+    except checkpoint.CheckpointError as error:
+        records = []
+        for line in path.read_bytes().splitlines():
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        if repair:
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.copy2(path, aside)
+            checkpoint.rewrite_jsonl(path, records)
+            logger.warning("%s; kept the damaged file as %s and its %d readable records",
+                           error, aside, len(records))
+        return records
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -146,6 +146,52 @@ def test_damaged_journal_middle_is_an_error(tmp_path):
         checkpoint.read_journal(path)
 
 
+@pytest.mark.parametrize("line", ['5', '[1, 2]', '{"fitness": [1.0]}', '{"iteration": "1"}'])
+def test_journal_line_that_is_no_record_is_an_error(tmp_path, line):
+    path = tmp_path / "journal.jsonl"
+    path.write_text(f'{{"iteration": 0}}\n{line}\n{{"iteration": 2}}\n')
+    with pytest.raises(checkpoint.CheckpointError, match=r"journal\.jsonl:2 is not a journal "
+                       r"record.*integer iteration.*--overwrite"):
+        checkpoint.read_journal(path)
+    path.write_text(f'{{"iteration": 0}}\n{line}\n')  # last and complete: no torn line
+    with pytest.raises(checkpoint.CheckpointError, match=r"journal\.jsonl:2"):
+        checkpoint.read_journal(path)
+
+
+def test_damaged_run_files_give_checkpoint_errors(reference, tmp_path):
+    """A journal record without what the update needs, and a trainer_state.json that is no
+    object, are CheckpointErrors naming the damage (they were KeyError/AttributeError)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    lines = (run / "journal.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    del record["fitness"]
+    lines[1] = json.dumps(record)
+    (run / "journal.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(checkpoint.CheckpointError, match=r"iteration 1 lacks fitness.*edited"):
+        checkpoint.replay_journal(run, 3)
+    state = checkpoint.step_dir(run, 3) / checkpoint.STATE_FILE
+    state.write_text("[1]")
+    with pytest.raises(checkpoint.CheckpointError, match=r"not a checkpoint state"):
+        checkpoint.read_state(state.parent)
+
+
+def test_damaged_metrics_do_not_stop_a_resume(tiny_llama_dir, tmp_path, caplog):
+    """metrics.jsonl is a log: a bad line in its middle is set aside with a warning and the
+    run resumes (it used to refuse, calling the metrics "the journal")."""
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, iterations=3).train()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    damaged = "\n".join([lines[0], "{oops", *lines[1:]]) + "\n"
+    (out / "metrics.jsonl").write_text(damaged)
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        _trainer(tiny_llama_dir, out, resume=True, iterations=4).train()
+    assert any("metrics" in r.message and "damaged" in r.message for r in caplog.records)
+    [aside] = out.glob("metrics.jsonl.damaged-*")
+    assert aside.read_text() == damaged
+    assert _iterations(out, "metrics.jsonl") == [0, 1, 2, 3]
+
+
 def test_replay_matches_checkpoints(reference, tmp_path, capsys):
     for step in (3, 9):
         result = checkpoint.replay_journal(reference, step)
@@ -374,6 +420,10 @@ def _strip_identity(out: Path) -> None:
         state_file.write_text(json.dumps(state))
 
 
+def _other_reward(completions, **kwargs):
+    return [0.0 for _ in completions]
+
+
 def test_resume_on_another_base_model_or_data_is_refused_unless_forced(
         tiny_llama_dir, tmp_path, monkeypatch, caplog):
     from lowmem_es import trainer as trainer_module
@@ -383,6 +433,7 @@ def test_resume_on_another_base_model_or_data_is_refused_unless_forced(
     _trainer(tiny_llama_dir, out, iterations=2).train()
     state = checkpoint.read_state(checkpoint.step_dir(out, 2))[trainer_module.IDENTITY_KEY]
     assert state["base_model"] == str(tiny_llama_dir.resolve()) and state["train_rows"] == 8
+    assert state["reward_functions"] == ["lowmem_es.rewards:target_fraction"]
     other = build_tiny_model(tmp_path / "other-model", seed=123)  # same architecture
 
     def no_loading(*args, **kwargs):
@@ -392,6 +443,9 @@ def test_resume_on_another_base_model_or_data_is_refused_unless_forced(
         patch.setattr(trainer_module, "load_model", no_loading)
         with pytest.raises(ValueError, match=r"base model .*other-model.*--force"):
             _trainer(other, out, resume=True, iterations=3)
+        with pytest.raises(ValueError, match=r"reward functions lowmem_es.rewards:"
+                           r"target_fraction -> test_checkpoint:_other_reward.*--reward"):
+            _trainer(tiny_llama_dir, out, reward=_other_reward, resume=True, iterations=3)
         with pytest.raises(ValueError, match=r"training data 8 rows .* -> 7 rows.*--force"):
             ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(7),
                       args=example_config(str(out), **dict(SMALL, iterations=3)), resume=True)
@@ -426,16 +480,22 @@ def test_replay_out_never_destroys_a_directory(reference, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     before = sorted(p.name for p in run.iterdir())
+    trained = _adapter(run / "adapter")
     precious = tmp_path / "mine"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep")
+    other = tmp_path / "other-run"
+    shutil.copytree(reference, other)
     for out, match in ((run, "the run directory"), (tmp_path, "a folder above"),
                        (run / "checkpoints" / "step_000000", "checkpoints"),
-                       (precious, "notes.txt")):
+                       (precious, "notes.txt"), (run / "adapter", "trained adapter"),
+                       (other / "adapter", "trained adapter of the run")):
         assert main(["replay", str(run), "--out", str(out)]) == 2  # a usage error
         assert match in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before
     assert (precious / "notes.txt").read_text() == "keep"
+    for name, tensor in _adapter(run / "adapter").items():
+        assert torch.equal(tensor, trained[name]), name
     assert main(["replay", str(run), "--out", str(tmp_path / "new")]) == 0
     assert main(["replay", str(run), "--out", str(tmp_path / "new")]) == 0  # an adapter dir
     capsys.readouterr()
@@ -473,11 +533,26 @@ def test_resume_without_run_toml_still_checks_the_configuration(tiny_llama_dir, 
     assert _iterations(out) == [0, 1, 2, 3]
 
 
+def test_resume_of_a_missing_run_warns_and_starts_one(tiny_llama_dir, tmp_path, caplog):
+    """--resume into an empty or missing directory (a typo?) says so, then starts a run
+    (restart scripts pass --resume from the first launch on)."""
+    out = tmp_path / "typo"
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        _trainer(tiny_llama_dir, out, resume=True, iterations=1).train()
+    assert any("holds no run to continue" in r.getMessage() for r in caplog.records)
+    assert _iterations(out) == [0]
+
+
 def test_resume_with_fewer_iterations_than_done_is_refused(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     _trainer(tiny_llama_dir, out, iterations=6).train()
     with pytest.raises(ValueError, match=r"already done 6 iterations.*at least 6"):
         _trainer(tiny_llama_dir, out, resume=True, iterations=4)
+    # Journaled beyond the newest checkpoint counts too (resume would replay those lines).
+    shutil.rmtree(checkpoint.step_dir(out, 6))
+    with pytest.raises(ValueError, match=r"already done 6 iterations.*at least 6"):
+        _trainer(tiny_llama_dir, out, resume=True, iterations=5)
+    assert not checkpoint.step_dir(out, 6).exists()
 
 
 def test_save_adapter_refuses_a_directory_with_other_files(tiny_llama_dir, tmp_path):

@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +104,11 @@ def test_unparseable_flag_exits_2(capsys, args):
 
 
 # --- user errors: exit code 2, message on stderr ---
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
 
 def _error(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
@@ -363,6 +369,58 @@ def test_output_dir_clash_is_reported_before_any_model_work(
     err = _error(capsys, ["train", "--example", "tiny", "--output-dir", str(out), *extra])
     assert re.search(message, err)
     assert not (out / "base-model").exists()
+
+
+def test_output_dir_that_is_a_file_is_refused_before_any_model_work(
+        tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from lowmem_es import trainer
+
+    def fail(*args, **kwargs):
+        raise AssertionError("model work ran before the output_dir check")
+
+    monkeypatch.setattr(trainer.ESTrainer, "evaluate", fail)
+    monkeypatch.setattr(trainer, "load_model", fail)
+    out = tmp_path / "afile"
+    out.write_text("mine")
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        err = _error(capsys, ["train", "--model", str(tiny_llama_dir), "--task", "arithmetic",
+                              "--output-dir", str(out), *extra])
+        assert "is a file, not a directory" in err and "--output-dir" in err
+    assert out.read_text() == "mine"
+
+
+def test_empty_splits_of_a_small_dataset_are_explained(tiny_llama_dir, tmp_path, monkeypatch,
+                                                      capsys, caplog):
+    """A file too small for the hashed hold-out: no training rows is an error saying why
+    (it was "`train_dataset` is empty"); no held-out rows is a warning for train (its
+    evaluations then score the training rows) and an error for eval."""
+    from lowmem_es import trainer
+    from lowmem_es.tasks.jsonl import dataset_task
+
+    rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(12)]
+    splits = [dataset_task(_jsonl(tmp_path / f"r{i}.jsonl", [row])).splits(seed=0)
+              for i, row in enumerate(rows)]
+    held = next(i for i, s in enumerate(splits) if s["eval"])
+    trained = next(i for i, s in enumerate(splits) if s["train"])
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(trainer.ESTrainer, "__init__", stop)
+    base = ["--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "run")]
+    err = _error(capsys, ["train", *base, "--dataset", str(tmp_path / f"r{held}.jsonl")])
+    assert re.search(r"train split of .*r\d+\.jsonl' is empty \(1 rows in all; about 20% "
+                     r".*--eval-dataset", err)
+    with caplog.at_level("WARNING", logger="lowmem_es"), pytest.raises(Stop):
+        main(["train", *base, "--dataset", str(tmp_path / f"r{trained}.jsonl")])
+    assert any("held-out split" in r.getMessage() and "score the training rows"
+               in r.getMessage() for r in caplog.records)
+    err = _error(capsys, ["eval", "--model", str(tiny_llama_dir), "--dataset",
+                          str(tmp_path / f"r{trained}.jsonl")])
+    assert "the eval split of" in err and "is empty" in err
 
 
 def test_default_run_stopped_early_prints_the_resume_command(monkeypatch, caplog):

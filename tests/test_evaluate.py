@@ -306,7 +306,7 @@ def test_eval_without_model_applies_default_options_to_the_default_task_only(
     monkeypatch.setattr(default_model, "ensure_default_model", lambda: tiny_llama_dir)
     calls = _capture_evaluate(monkeypatch)
     data = _jsonl(tmp_path / "d.jsonl", [{"prompt": f"{i} + 1 =", "answer": str(i + 1)}
-                                         for i in range(10)])
+                                         for i in range(30)])
     assert run_eval(_parse(["--dataset", str(data)])) == 0
     assert run_eval(_parse(["--task", "countdown", "--limit", "2"])) == 0
     assert run_eval(_parse([])) == 0

@@ -149,6 +149,11 @@ def test_adapter_round_trip_and_errors(es_model, tiny_llama_dir, tmp_path):
     wrong_rank = attach_es_lora(base, TARGETS, rank=2, alpha=8.0)
     with pytest.raises(ValueError, match="lora_rank"):
         wrong_rank.load_adapter(path)
+    weights = path / ADAPTER_WEIGHTS
+    for damage in (weights.read_bytes()[:50], b"\x00" * 64 + b"junk"):  # truncated, garbage
+        weights.write_bytes(damage)
+        with pytest.raises(ValueError, match=r"not a readable safetensors file.*damaged"):
+            other.load_adapter(path)
 
 
 @pytest.mark.parametrize(("change", "match"), [

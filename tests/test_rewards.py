@@ -8,6 +8,7 @@ CPU only, no model.
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 
@@ -168,14 +169,64 @@ def test_zero_d_tensor_and_array_rewards_are_numbers():
         return [torch.tensor(1.0), torch.tensor(2, dtype=torch.int64), np.array(0.5)]
 
     def nan_tensor(completions, **kwargs):
-        return [torch.tensor(float("nan")), np.array(float("nan")), torch.tensor(float("inf"))]
+        return [torch.tensor(float("nan")), np.array(float("nan")), torch.tensor(3.0)]
 
     totals, per_func = _call([tensor_rewards, nan_tensor], weights=[1.0, 0.0])
     assert per_func["tensor_rewards"] == [1.0, 2.0, 0.5]
     assert all(type(v) is float for v in per_func["tensor_rewards"])
-    # NaN is "not applicable" whatever its type (TRL's nansum); inf is kept, as for floats.
-    assert per_func["nan_tensor"] == [None, None, float("inf")]
+    # NaN is "not applicable" whatever its type (TRL's nansum).
+    assert per_func["nan_tensor"] == [None, None, 3.0]
     assert totals[:2] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("infinite", [float("inf"), -float("inf"), torch.tensor(float("inf")),
+                                      np.float64(-np.inf)], ids=["inf", "-inf", "tensor", "numpy"])
+def test_infinite_reward_names_function_and_completion(infinite):
+    """+-inf would make the ES shaping fail later, naming no function: refused here."""
+    def unbounded(completions, **kwargs):
+        return [1.0, infinite, 0.0]
+
+    with pytest.raises(ValueError, match=r"'unbounded' returned -?inf for completion 1; "
+                                         r"rewards must be finite numbers \(or None or NaN"):
+        _call([unbounded])
+
+
+def _returning(value):
+    def returns_it(completions, **kwargs):
+        return value
+    return returns_it
+
+
+@pytest.mark.parametrize(("value", "what"), [
+    (1.0, r"a float \(1.0\)"),
+    ((x for x in [1.0, 2.0, 3.0]), r"a generator .*list\(\.\.\.\)"),
+    ({0: 1.0, 1: 1.0, 2: 1.0}, r"a dict .*completion order"),  # was read by its keys
+    ({1.0, 2.0, 3.0}, r"a set "),  # was read in no order
+    ("abc", r"a str \('abc'\)"),
+    (np.ones((3, 1)), r"a ndarray of shape \(3, 1\) for 3 completions"),
+    (np.array(1.0), r"a ndarray of shape \(\) for 3 completions"),
+    (torch.ones(3, 2), r"a Tensor of shape \(3, 2\) for 3 completions"),
+], ids=["scalar", "generator", "dict", "set", "str", "2d-array", "0d-array", "2d-tensor"])
+def test_non_list_return_names_function(value, what):
+    """Anything but one reward per completion in a list, tuple or 1-d array/tensor is an
+    error naming the function, not a bare TypeError or rewards read from the wrong thing."""
+    with pytest.raises(ValueError, match=rf"reward function 'returns_it' returned {what}"):
+        _call([_returning(value)])
+
+
+@pytest.mark.parametrize("value", [(1.0, 2.0, 3.0), np.array([1.0, 2.0, 3.0]),
+                                   torch.tensor([1.0, 2.0, 3.0])], ids=["tuple", "numpy", "torch"])
+def test_tuple_and_one_d_array_returns_are_accepted(value):
+    totals, per_func = _call([_returning(value)])
+    assert totals == [1.0, 2.0, 3.0] and per_func["returns_it"] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("column", ["prompts", "completions", "completion_ids"])
+def test_column_named_like_a_keyword_is_refused(column):
+    """It would collide with the keyword: 'got multiple values for keyword argument'."""
+    with pytest.raises(ValueError, match=rf"dataset column\(s\) \['{column}'\] have the "
+                                         r"names of the keyword arguments.*rename"):
+        _call([reward_len], columns={column: [1, 2, 3]})
 
 
 def test_multi_element_tensor_names_function_and_completion():
@@ -248,6 +299,62 @@ def test_missing_module_names_it():
     with pytest.raises(ValueError, match=r"cannot import module 'no_such_module_xyz'") as caught:
         load_reward("no_such_module_xyz:score")
     assert isinstance(caught.value.__cause__, ImportError)
+
+
+def test_missing_parent_package_advises_pythonpath():
+    with pytest.raises(ValueError, match=r"cannot import module 'no_such_pkg_xyz\.sub'.*"
+                                         r"PYTHONPATH"):
+        load_reward("no_such_pkg_xyz.sub:score")
+    with pytest.raises(ValueError, match=r"cannot import module 'json\.no_such_sub_xyz'.*"
+                                         r"PYTHONPATH"):
+        load_reward("json.no_such_sub_xyz:score")
+
+
+@pytest.fixture
+def broken_module(tmp_path, monkeypatch):
+    """Writes a module ``lowmem_test_broken`` with the given source; yields the writer."""
+    name = "lowmem_test_broken"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+    def write(source: str):
+        path = tmp_path / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        return name, path
+
+    yield write
+    sys.modules.pop(name, None)
+
+
+def test_module_with_missing_dependency_names_the_dependency(broken_module):
+    """The module was found: PYTHONPATH advice would send the user the wrong way."""
+    name, path = broken_module("""
+        import lowmem_no_such_dependency_xyz
+
+        def score(completions, **kwargs):
+            return [0.0] * len(completions)
+    """)
+    with pytest.raises(ValueError) as caught:
+        load_reward(f"{name}:score")
+    message = str(caught.value)
+    assert f"module '{name}' was found" in message
+    assert "imports 'lowmem_no_such_dependency_xyz', which is not installed" in message
+    assert f"{path}, line 2" in message and "PYTHONPATH" not in message
+    assert isinstance(caught.value.__cause__, ModuleNotFoundError)
+
+
+@pytest.mark.parametrize(("source", "raised", "line"), [
+    ("def score(completions, **kwargs)\n    return []\n", "SyntaxError", 1),
+    ("x = 1\nraise RuntimeError('no config')\n", "RuntimeError: no config", 2),
+    ("from os import no_such_name_xyz\n", "ImportError: cannot import name", 1),
+], ids=["syntax", "raises", "bad-name"])
+def test_module_raising_on_import_names_module_file_and_line(broken_module, source, raised,
+                                                             line):
+    name, path = broken_module(source)
+    with pytest.raises(ValueError, match=rf"module '{name}' was found, but importing it raised "
+                                         rf"{raised}.* at {re.escape(str(path))}, line {line}; "
+                                         r"fix the module"):
+        load_reward(f"{name}:score")
 
 
 @pytest.mark.parametrize("attr", ["nope", "NOT_A_FUNCTION"])
@@ -447,5 +554,30 @@ def test_reward_scorer_errors_name_the_problem():
     rows = [{"prompt": "x"}]
     done = [SimpleNamespace(text="ok", ids=[1]), SimpleNamespace(text="", ids=[])]
     with pytest.raises(RewardFunctionError, match=r"'picky' raised ZeroDivisionError.*"
-                                                  r"on completion 1: ''"):
+                                                  r"on completion 1: ''.*Fix the function; if "
+                                                  r"a run was started, continue it with "
+                                                  r"--resume"):
         RewardScorer(picky).score(rows, [0, 0], done)
+
+
+def test_reward_needing_a_missing_column_names_the_column():
+    """exact_match on rows without an answer: the fix is the data, not the function."""
+    from types import SimpleNamespace
+
+    from lowmem_es.errors import RewardFunctionError
+    from lowmem_es.rewards import RewardScorer
+
+    rows = [{"prompt": "2+2=", "solution": "4"}]
+    done = [SimpleNamespace(text="4", ids=[1])]
+    with pytest.raises(RewardFunctionError) as caught:
+        RewardScorer("exact_match").score(rows, [0], done)
+    message = str(caught.value)
+    assert ("'exact_match' needs the dataset column(s) ['answer'], which the rows lack "
+            "(their columns: ['solution'])") in message
+    assert "--answer-field" in message and "Fix the function" not in message
+
+    def typo(completions, answer, **kwargs):  # a TypeError of its own is the function's
+        return [len(answer) + None for _ in completions]
+
+    with pytest.raises(RewardFunctionError, match=r"'typo' raised TypeError.*Fix the function"):
+        RewardScorer(typo).score([{"prompt": "x", "answer": "4"}], [0], done)

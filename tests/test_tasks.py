@@ -30,6 +30,7 @@ from lowmem_es.tasks.countdown import (
     countdown_format,
     parse_expression,
 )
+from lowmem_es.tasks.jsonl import dataset_task
 
 # --- registry ---
 
@@ -339,10 +340,79 @@ def test_jsonl_null_or_empty_answer_is_an_error(tmp_path):
         {"prompt": [{"role": "user", "content": "q"}], "answer": None}]
 
 
+@pytest.mark.parametrize(("answer", "shown"), [
+    ("NaN", "NaN"), ("[1, 2]", r"\[1, 2\]"), ('{"a": 1}', r'\{"a": 1\}'), ("true", "true"),
+    ('"x"', '"x"'), ('"the answer is 42"', '"the answer is 42"'), ('"inf"', '"inf"'),
+], ids=["nan", "list", "object", "bool", "text", "sentence", "inf"])
+def test_jsonl_answer_must_be_a_number_for_last_number(tmp_path, answer, shown):
+    """last_number compares float(answer): any of these would score 0 forever, silently."""
+    path = tmp_path / "n.jsonl"
+    path.write_text('{"prompt": "q", "answer": 1}\n{"prompt": "q", "answer": ' + answer + "}\n")
+    with pytest.raises(ValueError, match=rf"n.jsonl:2: field 'answer' is {shown}, which is not "
+                                         r"a number.*last_number.*--reward"):
+        jsonl_task(path)
+    with pytest.raises(ValueError, match=r"n.jsonl:2: field 'answer'.*not a number"):
+        dataset_task(path)  # train/eval without --reward: the last-number reward scores it
+    # A run with its own reward (exact_match, say) may compare any answer.
+    assert len(dataset_task(path, has_reward=True, answer_field="answer").splits()["train"]
+               + dataset_task(path, has_reward=True, answer_field="answer").splits()["eval"]) == 2
+
+
+def test_jsonl_numeric_answers_in_every_form_are_accepted(tmp_path):
+    answers = [42, 3.5, -7, "1,234", " 8 ", "Add them.\n#### 1,024", "1e3", 0]
+    path = _write(tmp_path / "ok.jsonl", [json.dumps({"prompt": f"q{i}", "answer": a})
+                                          for i, a in enumerate(answers)])
+    rows = jsonl_task(path, eval_fraction=0).splits()["train"]
+    assert [r["answer"] for r in rows] == ["42", "3.5", "-7", "1234", "8", "1024", "1e3", "0"]
+
+
+@pytest.mark.parametrize("field", ["prompts", "completions", "completion_ids"])
+def test_jsonl_field_named_like_a_reward_keyword_is_refused(tmp_path, field):
+    """As a column it would clash with the keyword in every reward function call."""
+    path = _write(tmp_path / "k.jsonl", [json.dumps({"prompt": "a", "answer": 1}),
+                                         json.dumps({"prompt": "b", "answer": 2, field: "x"})])
+    with pytest.raises(ValueError, match=rf"k.jsonl:2: field '{field}' has the name of a "
+                                         r"keyword argument.*rename the field"):
+        jsonl_task(path)
+
+
+def test_jsonl_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": 1}\n\n{"prompt": "caf\xe9", "answer": 2}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl:3 is not UTF-8 text \(byte 0xe9 at "
+                                         r"column 16\); save the file as UTF-8"):
+        read_jsonl(path)
+
+
+def test_jsonl_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + b'{"prompt": "a", "answer": 1}\r\n{"prompt": "b"}\r\n')
+    assert read_jsonl(path) == [{"prompt": "a", "answer": 1}, {"prompt": "b"}]
+
+
 def test_jsonl_keeps_chat_prompts(tmp_path):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     path = _write(tmp_path / "c.jsonl", [json.dumps({"prompt": chat, "answer": "1"})])
     assert jsonl_task(path, eval_fraction=0).splits()["train"][0]["prompt"] == chat
+
+
+@pytest.mark.parametrize(("messages", "problem"), [
+    ([{"role": "system", "content": "x"}, {"role": "user", "content": 5}],
+     "message 1 has 'content' = 5, not a string"),
+    ([{"role": "user", "content": "x"}, {"role": None, "content": "y"}],
+     "message 1 has 'role' = null, not a string"),
+    ([{"role": "user", "content": "x"}, {"content": "y"}], "message 1 has no 'role'"),
+    ([{"role": "user", "content": "x"}, "y"], "message 1 is a JSON str, not an object"),
+], ids=["content", "role", "no-role", "not-object"])
+def test_jsonl_chat_messages_are_checked_by_file_line(tmp_path, messages, problem):
+    """Checked when read, by file:line (later, only a split's row index could be named)."""
+    lines = [json.dumps({"prompt": f"q{i}", "answer": i}) for i in range(6)]
+    lines.insert(3, "")
+    lines.append(json.dumps({"prompt": messages, "answer": 1}))
+    path = _write(tmp_path / "m.jsonl", lines)
+    with pytest.raises(ValueError, match=rf"m.jsonl:8: field 'prompt' {problem}; each chat "
+                                         r"message must be an object with a string 'role'"):
+        jsonl_task(path)
 
 
 # --- prompts for tokenizers without a chat template ---

@@ -10,10 +10,11 @@ functions. Errors name the file, the line and the field.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
-from lowmem_es.rewards import last_number
+from lowmem_es.rewards import RESERVED_COLUMNS, last_number
 from lowmem_es.tasks._split import stable_unit
 
 
@@ -23,29 +24,55 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def read_numbered(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL file."""
+    """(line number, object) for each non-blank line of a JSONL file.
+
+    The file must be UTF-8; a byte-order mark at its start (Windows editors write one) is
+    skipped. Text in another encoding is an error naming the file and the line.
+    """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist; pass a JSONL "
                                 "file with one JSON object per line")
     rows = []
-    with open(file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON ({error.msg} at column "
-                                 f"{error.colno}); each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number} is a JSON {type(row).__name__}, not an "
-                                 "object; each line must be one JSON object like "
-                                 '{"prompt": "...", "answer": "..."}')
-            rows.append((number, row))
+    try:
+        with open(file, encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number} is not valid JSON ({error.msg} at "
+                                     f"column {error.colno}); each line must be one JSON "
+                                     "object") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number} is a JSON {type(row).__name__}, not an "
+                                     "object; each line must be one JSON object like "
+                                     '{"prompt": "...", "answer": "..."}')
+                rows.append((number, row))
+    except UnicodeDecodeError as error:
+        raise ValueError(_not_utf8(file, path, error)) from None
     if not rows:
         raise ValueError(f"dataset file {str(path)!r} has no rows")
     return rows
+
+
+def _not_utf8(file: Path, path: str | os.PathLike, error: UnicodeDecodeError) -> str:
+    """The message for a file that is not UTF-8, naming the first undecodable line.
+
+    The text reader decodes in blocks, so its error does not say which line; the file is
+    read again as bytes, line by line (a UTF-8 character never contains a newline byte).
+    """
+    fix = ("; save the file as UTF-8 (e.g. with iconv -f latin1 -t utf-8, or your editor's "
+           "'save with encoding')")
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return (f"{path}:{number} is not UTF-8 text (byte 0x{raw[bad.start]:02x} at "
+                        f"column {bad.start + 1}){fix}")
+    return f"{path} is not UTF-8 text ({error}){fix}"
 
 
 def final_answer(answer: object) -> str:
@@ -56,11 +83,16 @@ def final_answer(answer: object) -> str:
     return text.strip().replace(",", "")
 
 
-def _reference_answer(answer: object, path: str | os.PathLike, line: int, field: str) -> str:
+def _reference_answer(answer: object, path: str | os.PathLike, line: int, field: str,
+                      numeric: bool = True) -> str:
     """The row's reference answer (see ``final_answer``); a null or empty one is an error.
 
     Either would silently score 0 on every completion (``str(None)`` is "None"), so the
-    row could never be learnt from, and the run would not say why.
+    row could never be learnt from, and the run would not say why. With ``numeric`` (the
+    answer is scored by ``last_number``) the answer must also be a finite number after
+    ``final_answer`` (42, "-3.5", "1,234", "... #### 72"): ``last_number`` compares a
+    completion's last number with ``float(answer)``, so NaN, a list, an object, a boolean
+    or text like "x" would score 0 forever too.
     """
     if answer is None:
         raise ValueError(f"{path}:{line}: field {field!r} is null; give the row a reference "
@@ -72,16 +104,45 @@ def _reference_answer(answer: object, path: str | os.PathLike, line: int, field:
         raise ValueError(f"{path}:{line}: field {field!r} is empty{where}; give the row a "
                          "reference answer, or drop the row, or set --answer-field to the "
                          "field that holds the reference answer")
+    if numeric and not _is_number(answer, text):
+        shown = json.dumps(answer, ensure_ascii=False)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise ValueError(f"{path}:{line}: field {field!r} is {shown}, which is not a number; "
+                         "the default last_number reward compares the last number in each "
+                         "completion with it, so the row would score 0 on every completion. "
+                         "The answer must contain a number (42, -3.5, \"1,234\" or a GSM8K "
+                         "solution ending \"#### 42\"); fix or drop the row, or set "
+                         "--answer-field to the field that holds it, or give --reward to "
+                         "score the rows differently")
     return text
 
 
+def _is_number(answer: object, text: str) -> bool:
+    """Whether ``last_number`` can compare completions with ``answer`` (as ``text``).
+
+    A JSON boolean, list or object never can (``str(True)`` is "True"); a number or a
+    string can when ``text`` reads as a finite float, as ``last_number`` reads it.
+    """
+    if isinstance(answer, (bool, list, dict)):
+        return False
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def map_rows(raw: list[tuple[int, dict]], path: str | os.PathLike, prompt_field: str = "prompt",
-             answer_field: str | None = "answer", chat: bool = True) -> list[dict]:
+             answer_field: str | None = "answer", chat: bool = True,
+             numeric_answer: bool = True) -> list[dict]:
     """Rows ``{prompt, answer, ...}`` from numbered JSONL objects (see ``read_numbered``).
 
     A string prompt becomes ``[{"role": "user", "content": ...}]`` when ``chat``; a
-    prompt that already is a list of chat messages is kept as it is. A null or empty
-    answer is an error naming the file, the line and the field (it could never score).
+    prompt that already is a list of chat messages is kept as it is (each message must
+    be an object with a string ``role`` and a string ``content``). A null or empty answer
+    is an error naming the file, the line and the field (it could never score), and so is
+    one that is not a number when ``numeric_answer`` (the last-number reward scores it).
+    A field named like a reward keyword (``RESERVED_COLUMNS``) is an error too: as a
+    column it would clash with that keyword in every reward function call.
     """
     rows = []
     for line, raw_row in raw:
@@ -95,37 +156,75 @@ def map_rows(raw: list[tuple[int, dict]], path: str | os.PathLike, prompt_field:
             if not prompt.strip():
                 raise ValueError(f"{path}:{line}: field {prompt_field!r} is empty")
             prompt = [{"role": "user", "content": prompt}] if chat else prompt
-        elif not (isinstance(prompt, list) and prompt and all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in prompt)):
+        elif not (isinstance(prompt, list) and prompt):
             raise ValueError(f"{path}:{line}: field {prompt_field!r} must be a string or a "
                              "list of chat messages {'role': ..., 'content': ...}, got "
-                             f"{type(prompt).__name__}")
+                             f"{'an empty list' if prompt == [] else type(prompt).__name__}")
+        else:
+            _check_messages(prompt, path, line, prompt_field)
         mapped = {"prompt": prompt, **{k: v for k, v in row.items() if k != "prompt"}}
+        clashing = sorted(set(mapped) & set(RESERVED_COLUMNS))
+        if clashing:
+            raise ValueError(f"{path}:{line}: field {clashing[0]!r} has the name of a keyword "
+                             "argument every reward function is called with "
+                             f"({', '.join(RESERVED_COLUMNS)}); rename the field in the "
+                             "dataset")
         if answer_field is not None:
             if answer_field not in row:
                 raise ValueError(f"{path}:{line} has no field {answer_field!r} (fields: "
                                  f"{sorted(row)}); set --answer-field to the field that "
                                  "holds the reference answer")
-            mapped["answer"] = _reference_answer(row[answer_field], path, line, answer_field)
+            mapped["answer"] = _reference_answer(row[answer_field], path, line, answer_field,
+                                                 numeric_answer)
         rows.append(mapped)
     return rows
 
 
+def _check_messages(messages: list, path: str | os.PathLike, line: int, field: str) -> None:
+    """Refuse a chat prompt unless every message is ``{"role": str, "content": str, ...}``.
+
+    Checked here, while the file and line are known: a bad message found later (by the
+    chat template or the trainer) could only be named by its row in a split.
+    """
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            problem = f"is a JSON {type(message).__name__}, not an object"
+        else:
+            problem = next((f"has {key!r} = {json.dumps(message.get(key))}, not a string"
+                            for key in ("role", "content")
+                            if not isinstance(message.get(key), str)), None)
+            if problem is None:
+                continue
+            if any(key not in message for key in ("role", "content")):
+                problem = f"has no {'role' if 'role' not in message else 'content'!r}"
+        raise ValueError(f"{path}:{line}: field {field!r} message {index} {problem}; each "
+                         "chat message must be an object with a string 'role' and a string "
+                         "'content', like {\"role\": \"user\", \"content\": \"...\"}")
+
+
+EVAL_FRACTION = 0.2  # of a --dataset file's rows held out for evaluation (without --eval-dataset)
+
+
 def jsonl_task(path: str | os.PathLike, prompt_field: str = "prompt",
                answer_field: str | None = "answer", eval_path: str | os.PathLike | None = None,
-               eval_fraction: float = 0.2, chat: bool = True):
+               eval_fraction: float = EVAL_FRACTION, chat: bool = True,
+               numeric_answer: bool = True):
     """A Task over a JSONL file (GSM8K-style last-number reward).
 
     With ``eval_path`` the two files are the train and eval splits; otherwise rows are
     split by a seeded hash of their line content (``eval_fraction`` to eval), so the
-    split is stable when lines are added or reordered.
+    split is stable when lines are added or reordered. ``numeric_answer`` requires each
+    answer to be a number, as the task's last-number reward needs; pass False when the
+    rows are scored by other reward functions.
     """
     from lowmem_es.tasks import Task
 
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}")
-    train_rows = map_rows(read_numbered(path), path, prompt_field, answer_field, chat)
-    eval_rows = (map_rows(read_numbered(eval_path), eval_path, prompt_field, answer_field, chat)
+    train_rows = map_rows(read_numbered(path), path, prompt_field, answer_field, chat,
+                          numeric_answer)
+    eval_rows = (map_rows(read_numbered(eval_path), eval_path, prompt_field, answer_field, chat,
+                          numeric_answer)
                  if eval_path is not None else None)
 
     def make_splits(seed: int = 0) -> dict[str, list[dict]]:
@@ -157,7 +256,10 @@ def dataset_task(path: str | os.PathLike, *, prompt_field: str | None = None,
     would move rows between train and eval, and an evaluation would score training rows.
     ``prompt_field`` defaults to "prompt"; ``answer_field`` to "answer" unless the run
     has its own reward functions (``has_reward``: --reward), which may not need one.
+    Answers must be numbers only without ``has_reward``: then the last-number reward
+    scores them; a run's own reward may compare text (``exact_match``).
     String prompts stay plain text (``fit_prompts`` and ``render_prompt`` format them).
     """
     answer = answer_field or (None if has_reward else "answer")
-    return jsonl_task(path, prompt_field or "prompt", answer, eval_path=eval_path, chat=False)
+    return jsonl_task(path, prompt_field or "prompt", answer, eval_path=eval_path, chat=False,
+                      numeric_answer=not has_reward)
