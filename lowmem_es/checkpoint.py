@@ -26,11 +26,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -163,13 +164,95 @@ def newest_state(output_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+LOCK_FILE = ".lowmem-es.lock"  # in output_dir: held (flock) by the process training there
+_HELD_LOCKS: dict[Path, IO[str]] = {}
+
+
+def lock_run(output_dir: Path) -> None:
+    """Hold an exclusive lock on ``output_dir`` until ``unlock_run`` (or this process
+    ends: the kernel drops the lock of a killed process, so none goes stale).
+
+    Two processes training in one directory (a requeued job while the old one still
+    runs) would interleave their journals and delete each other's checkpoint
+    temporaries, leaving a run that cannot be resumed; the second one is refused. On a
+    filesystem without locks (some network mounts) it warns and goes on.
+    """
+    path = Path(output_dir).resolve()
+    if path in _HELD_LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise ValueError(_locked_message(output_dir, owner)) from None
+    except OSError as error:
+        handle.close()
+        logger.warning("could not lock %s (%s); make sure no other process trains there",
+                       output_dir, error)
+        return
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _HELD_LOCKS[path] = handle
+
+
+def unlock_run(output_dir: Path) -> None:
+    """Release ``lock_run``'s lock (nothing if this process does not hold it)."""
+    handle = _HELD_LOCKS.pop(Path(output_dir).resolve(), None)
+    if handle is not None:
+        handle.close()  # closing the file releases its flock
+
+
+def check_unlocked(output_dir: Path) -> None:
+    """Refuse, as ``lock_run`` would, when another process holds ``output_dir``'s lock;
+    takes nothing (a cheap probe for checks that run before any model work)."""
+    path = Path(output_dir).resolve()
+    if path in _HELD_LOCKS or not (path / LOCK_FILE).is_file():
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        with open(path / LOCK_FILE) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(_locked_message(output_dir, handle.read().strip())) from None
+    except OSError:  # unreadable or no locks here: lock_run decides
+        return
+
+
+def _locked_message(output_dir: Path, owner: str) -> str:
+    return (f"another lowmem-es process ({owner or 'owner unknown'}) is training in "
+            f"{str(output_dir)!r}; two runs in one output_dir would interleave their "
+            "journals. Wait for it to finish, or stop it (Ctrl-C or SIGTERM: it "
+            "checkpoints) and then --resume, or pass another --output-dir")
+
+
 def remove_partial_checkpoints(output_dir: Path) -> None:
-    """Delete temporary directories left by a kill in the middle of a checkpoint write."""
-    root = Path(output_dir) / CHECKPOINTS
-    if root.is_dir():
+    """Delete the temporaries a kill in the middle of a write left: checkpoint
+    directories, and the files and directories of atomic writes in output_dir itself
+    (run.toml, plan.json, reward.png, adapter/). Call it holding ``lock_run``'s lock, when
+    no other process can be writing them."""
+    for root in (Path(output_dir) / CHECKPOINTS, Path(output_dir)):
+        if not root.is_dir():
+            continue
         for child in root.iterdir():
-            if child.is_dir() and child.name.startswith(".step_") and ".tmp-" in child.name:
+            if not (child.name.startswith(".") and ".tmp-" in child.name):
+                continue
+            if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
+            elif child.is_file():
+                child.unlink(missing_ok=True)
 
 
 def rotate_checkpoints(output_dir: Path, keep: int) -> None:

@@ -161,10 +161,12 @@ def check_train_flags(ns: argparse.Namespace) -> None:
                              "FILE.jsonl instead of --task")
 
 
-def resume_command(argv: Sequence[str], resume_given: bool = False) -> str:
+def resume_command(argv: Sequence[str], resume_given: bool = False,
+                   launcher: Sequence[str] = ("lowmem-es",)) -> str:
     """The shell command that continues the run ``lowmem-es ARGV`` started: the same
     arguments (global options included), without --overwrite (it would delete the run and
-    excludes --resume), plus --resume unless ``resume_given``; quoted for a POSIX shell."""
+    excludes --resume), plus --resume unless ``resume_given``; quoted for a POSIX shell.
+    ``launcher`` is what runs them (``torchrun_launcher()`` under torchrun)."""
     # argparse also accepts unambiguous prefixes (--overw). No option is itself a prefix of
     # --overwrite and an argument starting with "--" is never read as a value, so in a
     # command line argparse accepted every such argument means --overwrite.
@@ -172,7 +174,16 @@ def resume_command(argv: Sequence[str], resume_given: bool = False) -> str:
             if not (len(arg) > 2 and arg.startswith("--") and "--overwrite".startswith(arg))]
     if not resume_given:
         kept.append("--resume")
-    return shlex.join(["lowmem-es", *kept])
+    return shlex.join([*launcher, *kept])
+
+
+def torchrun_launcher() -> list[str]:
+    """How this torchrun job was launched, as far as the environment tells: ranks per node
+    (LOCAL_WORLD_SIZE) and nodes; rendezvous options are not visible and must be added."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = [f"--nnodes={world // local}"] if local and world > local else []
+    return ["torchrun", *nodes, f"--nproc_per_node={local}", "-m", "lowmem_es.cli"]
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -313,11 +324,18 @@ def _ensure_tiny_model(base: Path) -> None:
 
 def _log_resume_command(ns: argparse.Namespace, iterations_done: int) -> None:
     """Tell the user the exact command that continues a run stopped early."""
+    from lowmem_es import distributed
+
     argv = getattr(ns, "argv", None)  # set by main(); absent when cmd_train is called directly
-    command = ("lowmem-es train ... --resume" if argv is None
-               else resume_command(argv, resume_given=ns.resume))
-    logger.warning("stopped early after %d iterations; continue with:\n  %s",
-                   iterations_done, command)
+    launcher = torchrun_launcher() if distributed.world_size() > 1 else ["lowmem-es"]
+    command = (shlex.join(launcher) + " train ... --resume" if argv is None
+               else resume_command(argv, resume_given=ns.resume, launcher=launcher))
+    note = ""
+    if distributed.world_size() > 1:
+        note = ("\n(with this or any other number of ranks; on several nodes add the job's "
+                "rendezvous options)")
+    logger.warning("stopped early after %d iterations; continue with:\n  %s%s",
+                   iterations_done, command, note)
 
 
 def _run_flags(ns: argparse.Namespace) -> dict[str, bool]:

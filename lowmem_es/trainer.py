@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,8 @@ def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = Fal
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {str(out)!r} is a file, not a directory; pass "
                          "--output-dir (output_dir=) a directory to write the run into")
+    if distributed.is_main():  # rank 0 holds the lock under torchrun
+        checkpoint.check_unlocked(out)
     journal = out / "journal.jsonl"
     # A run exists once it has a complete checkpoint or a journaled iteration; a kill
     # while the very first checkpoint was being written leaves neither (only a temp
@@ -461,9 +463,21 @@ class ESTrainer:
         The first SIGINT/SIGTERM finishes the iteration in flight, checkpoints and returns
         (``self.stopped_early`` is then True); a second one aborts at once, which is safe
         because every file is written atomically and the journal replays on resume.
+        The output directory is locked meanwhile: a second process training there is
+        refused (``checkpoint.lock_run``).
         """
+        out = Path(self.args.output_dir)
+        if not distributed.is_main():  # under torchrun rank 0 holds the lock
+            return self._train(out, callback)
+        checkpoint.lock_run(out)
+        try:
+            return self._train(out, callback)
+        finally:
+            checkpoint.unlock_run(out)
+
+    def _train(self, out: Path, callback: Callable[[dict[str, Any]], None] | None
+               ) -> list[dict[str, Any]]:
         args = self.args
-        out = Path(args.output_dir)
         main = distributed.is_main()  # under torchrun only rank 0 writes files
         self._prepare_output_dir(out)
         logger.info("training %d LoRA values (%d tensors), population %d%s, iterations "
@@ -489,14 +503,16 @@ class ESTrainer:
                     if iteration == first:  # what this process ran on, once per start
                         entry["kernels"] = self.kernel_status
                     if main:
-                        journal.write(json.dumps(record) + "\n")
-                        journal.flush()
-                        os.fsync(journal.fileno())  # the update is durable once this returns
+                        with _write_failure(out / "journal.jsonl", iteration):
+                            journal.write(json.dumps(record) + "\n")
+                            journal.flush()
+                            os.fsync(journal.fileno())  # the update is durable from here
                     if args.eval_steps and (iteration + 1) % args.eval_steps == 0:
                         entry.update(self.evaluate())  # every rank: a sharded collective
                     if main:
-                        metrics.write(json.dumps(entry) + "\n")
-                        metrics.flush()
+                        with _write_failure(out / "metrics.jsonl", iteration):
+                            metrics.write(json.dumps(entry) + "\n")
+                            metrics.flush()
                         progress.update(entry, record)
                     self.history.append(entry)
                     if callback is not None:
@@ -601,12 +617,22 @@ class ESTrainer:
             checkpoint.apply_journal_record(params, ids, record, self.adam_state,
                                             self.args.noise_backend)
         self.iteration = len(records)
-        metrics = read_metrics(out, repair=distributed.is_main())
+        metrics = [m for m in read_metrics(out, repair=distributed.is_main())
+                   if m.get("iteration", -1) < self.iteration]
+        # A kill between an iteration's journal line and its metrics line loses the
+        # latter: rebuild it from the journal (which holds every training metric; a
+        # periodic evaluation of that iteration is lost, and the line says so).
+        logged = {m.get("iteration") for m in metrics}
+        rebuilt = [dict({k: r[k] for k in _METRIC_KEYS if k in r}, rebuilt_from_journal=True)
+                   for r in records if r["iteration"] not in logged]
+        if rebuilt:
+            metrics = sorted(metrics + rebuilt, key=lambda m: m.get("iteration", -1))
+            logger.info("metrics.jsonl lacked iteration(s) %s (a kill before they were "
+                        "written): rebuilt from the journal",
+                        ", ".join(str(m["iteration"] + 1) for m in rebuilt))
         if distributed.is_main():
-            checkpoint.rewrite_jsonl(
-                out / "metrics.jsonl",
-                [m for m in metrics if m.get("iteration", -1) < self.iteration])
-        self.history = [m for m in metrics if m.get("iteration", -1) < self.iteration]
+            checkpoint.rewrite_jsonl(out / "metrics.jsonl", metrics)
+        self.history = metrics
         logger.info("resuming %s at iteration %d (checkpoint step %d + %d journal lines "
                     "replayed)", out, self.iteration + 1, step, len(records) - step)
         if self.force and (state.get(IDENTITY_KEY) != self.identity
@@ -640,6 +666,19 @@ class ESTrainer:
     def save_adapter(self, path: str | os.PathLike) -> Path:
         """Write the current (centre) adapter as a PEFT adapter directory."""
         return self.es_model.save_adapter(path)
+
+
+@contextlib.contextmanager
+def _write_failure(path: Path, iteration: int) -> Iterator[None]:
+    """Turn a failed append (a full disk, a lost mount) into an error that says what
+    failed and that the run can go on: a torn last line is dropped on resume."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(f"could not append iteration {iteration + 1} to {str(path)!r} "
+                      f"({error.strerror or error}); the checkpoints and the journal up to "
+                      f"iteration {iteration} are intact: free space there (or fix the "
+                      "directory) and continue with --resume") from error
 
 
 _METRIC_KEYS = ("iteration", "reward_mean", "reward_max", "update_norm", "param_norm",

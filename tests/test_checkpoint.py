@@ -192,6 +192,44 @@ def test_damaged_metrics_do_not_stop_a_resume(tiny_llama_dir, tmp_path, caplog):
     assert _iterations(out, "metrics.jsonl") == [0, 1, 2, 3]
 
 
+def test_metrics_line_lost_by_a_kill_is_rebuilt_from_the_journal(tiny_llama_dir, tmp_path):
+    """A kill after an iteration's journal line, before its metrics line: resume rebuilds
+    the metrics line from the journal (it used to stay missing for good)."""
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, iterations=4).train()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # iteration 3 lost
+    _trainer(tiny_llama_dir, out, resume=True, iterations=5).train()
+    assert _iterations(out, "metrics.jsonl") == [0, 1, 2, 3, 4]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    assert metrics[3]["rebuilt_from_journal"] is True
+    assert metrics[3]["reward_mean"] == journal[3]["reward_mean"]
+    assert not any("rebuilt_from_journal" in m for m in metrics[:3] + metrics[4:])
+
+
+def test_full_disk_while_journaling_says_what_failed_and_resumes(tiny_llama_dir, tmp_path,
+                                                                monkeypatch):
+    out = tmp_path / "run"
+    real_fsync = os.fsync
+    calls = []
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("journal.jsonl"):
+            calls.append(fd)
+            if len(calls) == 3:
+                raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match=r"could not append iteration 3 to .*journal\.jsonl' "
+                       r"\(No space left on device\); .*up to iteration 2 are intact.*--resume"):
+        _trainer(tiny_llama_dir, out, iterations=4).train()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    _trainer(tiny_llama_dir, out, resume=True, iterations=4).train()
+    assert _iterations(out) == [0, 1, 2, 3]
+
+
 def test_replay_matches_checkpoints(reference, tmp_path, capsys):
     for step in (3, 9):
         result = checkpoint.replay_journal(reference, step)
@@ -242,8 +280,15 @@ def test_kill_during_first_checkpoint_starts_over(tiny_llama_dir, reference, tmp
     partial = out / "checkpoints" / ".step_000000.tmp-abc"
     partial.mkdir(parents=True)
     (partial / "adapter_model.safetensors").write_bytes(b"half")
+    # Temporaries of other atomic writes killed midway (run.toml, the final adapter).
+    leftovers = [out / ".run.toml.tmp-123", out / ".adapter.tmp-xyz"]
+    leftovers[0].write_text("half")
+    leftovers[1].mkdir()
+    keep = out / ".notes.txt"
+    keep.write_text("mine")
     _trainer(tiny_llama_dir, out, optimizer="adam", resume=True).train()
-    assert not partial.exists()
+    assert not partial.exists() and not any(p.exists() for p in leftovers)
+    assert keep.read_text() == "mine"
     _assert_same_adapter(out / "adapter", reference / "adapter")
 
 
@@ -531,6 +576,34 @@ def test_resume_without_run_toml_still_checks_the_configuration(tiny_llama_dir, 
         _trainer(tiny_llama_dir, out, resume=True, sigma=0.07, iterations=4)
     _trainer(tiny_llama_dir, out, resume=True, iterations=4).train()  # unchanged: resumes
     assert _iterations(out) == [0, 1, 2, 3]
+
+
+def test_a_second_process_in_the_same_output_dir_is_refused(tiny_llama_dir, tmp_path):
+    """While one process trains in output_dir (it holds the lock), another one is refused
+    before it loads the model or touches a file there; a killed holder leaves no stale
+    lock."""
+    out = tmp_path / "run"
+    _trainer(tiny_llama_dir, out, iterations=1).train()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lowmem_es import checkpoint; "
+         f"checkpoint.lock_run({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        with pytest.raises(ValueError, match=rf"another lowmem-es process \(pid {holder.pid} "
+                           r"on .*\) is training in .*--output-dir"):
+            _trainer(tiny_llama_dir, out, resume=True, iterations=2)
+        with pytest.raises(ValueError, match="another lowmem-es process"):
+            checkpoint.lock_run(out)
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    _trainer(tiny_llama_dir, out, resume=True, iterations=2).train()
+    assert _iterations(out) == [0, 1]
+    checkpoint.lock_run(out)  # released at the end of train()
+    checkpoint.unlock_run(out)
 
 
 def test_resume_of_a_missing_run_warns_and_starts_one(tiny_llama_dir, tmp_path, caplog):

@@ -313,6 +313,25 @@ def test_resume_command_drops_overwrite_keeps_globals_and_quotes():
     build_parser().parse_args(shlex.split(command)[1:])  # a command line argparse accepts
 
 
+def test_resume_command_under_torchrun_names_the_launcher(monkeypatch, caplog):
+    """A torchrun job stopped early prints a torchrun command (a plain `lowmem-es` one
+    would silently continue it in one process)."""
+    import argparse
+
+    from lowmem_es import distributed
+    from lowmem_es.cli import _log_resume_command
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 8)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    ns = argparse.Namespace(argv=["train", "--model", "m", "--overwrite"], resume=False)
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        _log_resume_command(ns, 3)
+    [message] = [r.getMessage() for r in caplog.records]
+    assert ("torchrun --nnodes=2 --nproc_per_node=4 -m lowmem_es.cli train --model m "
+            "--resume\n") in message and "rendezvous" in message
+
+
 def test_printed_resume_command_continues_a_run_started_with_overwrite(tmp_path, caplog):
     """--max-hours stops an --overwrite run after one of two iterations; the printed
     command (global -v, a path with a space) must run as printed and finish the run."""
