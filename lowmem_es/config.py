@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,11 @@ FLOAT_FIELDS = ("sigma", "learning_rate", "weight_decay", "lr_min_ratio", "tempe
 # Largest seed: run.toml stores it as a TOML integer, which is a signed 64-bit number
 # (noise.member_key and torch.manual_seed would take up to 2**64 - 1).
 MAX_SEED = 2**63 - 1
+
+# Device names a run accepts: torch.device would take more ('mps', 'meta', 'cpu:0' ...) that
+# loading and the kernels do not support, and raises RuntimeError on a typo such as 'cuda:x'.
+DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index such as 0)"
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?")
 
 # Fields that only change logging or where files go: a resumed run may change them.
 NON_RESULT_FIELDS = frozenset({"output_dir", "save_steps", "save_total_limit", "eval_steps",
@@ -116,9 +122,20 @@ class ESConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and the fix for any bad value."""
-        def bad(name: str, fix: str) -> ValueError:
-            return ValueError(f"`{name}` {fix}, but the value passed is {getattr(self, name)!r}")
+        self._validate_values()
+        self._validate_combinations()
 
+    def _bad(self, name: str, fix: str) -> ValueError:
+        """The error for field ``name``: what it should be (``fix``) and its value."""
+        return ValueError(f"`{name}` {fix}, but the value passed is {getattr(self, name)!r}")
+
+    def _validate_values(self) -> None:
+        """Check each field on its own (type, range, choices), normalising lists and paths.
+
+        Kept apart from the checks of fields against each other so that the values of one
+        source (a config file) can be checked before other sources complete them.
+        """
+        bad = self._bad
         for name in ("population_size", "iterations", "batch_size", "num_generations",
                      "max_prompt_length", "max_completion_length", "lora_rank"):
             value = getattr(self, name)
@@ -139,9 +156,6 @@ class ESConfig:
         if self.population_size < 2:
             raise bad("population_size", "should be at least 2 (ES compares members); use 30 "
                       "as in the paper")
-        if self.antithetic and self.population_size % 2:
-            raise bad("population_size", "should be even when `antithetic=True` (members come "
-                      f"in +/- pairs); use {self.population_size + 1} or set antithetic=False")
         for name in ("sigma", "learning_rate", "lora_alpha"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
@@ -167,9 +181,6 @@ class ESConfig:
                 default = next(f.default for f in dataclasses.fields(self) if f.name == name)
                 raise bad(name, f"should be a finite number, not inf or nan (the default is "
                           f"{default!r})")
-        if self.num_generations > 1 and self.temperature == 0:
-            raise bad("num_generations", "needs sampling to give different completions; set "
-                      "temperature > 0 (e.g. 0.7) or num_generations=1")
         choices = {"fitness_shaping": FITNESS_SHAPINGS, "optimizer": OPTIMIZERS,
                    "lr_schedule": LR_SCHEDULES,
                    "compute_dtype": DTYPES, "noise_backend": ("eager", "compiled"),
@@ -178,10 +189,6 @@ class ESConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise bad(name, f"should be one of {list(valid)}")
-        if self.kv_cache_dtype != "auto" and self.generation_backend != "loop":
-            raise bad("kv_cache_dtype", "needs generation_backend='loop' (generate() keeps its "
-                      "own 16-bit cache); set kv_cache_dtype='auto' or "
-                      "generation_backend='loop'")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
         if isinstance(self.lora_target_modules, tuple):
@@ -190,9 +197,8 @@ class ESConfig:
                 or not all(isinstance(m, str) and m for m in self.lora_target_modules):
             raise bad("lora_target_modules", "should be a non-empty list of module names "
                       "such as ['q_proj', 'v_proj']")
-        if not isinstance(self.device, str) or (self.device not in ("auto", "cpu") and not (
-                self.device.startswith("cuda"))):
-            raise bad("device", "should be 'auto', 'cpu' or 'cuda[:index]'")
+        if not is_device_name(self.device):
+            raise bad("device", f"should be {DEVICE_FORMS}")
         if self.reward_weights is not None and (
                 not isinstance(self.reward_weights, (list, tuple))
                 or not all(_is_number(w) and math.isfinite(w) for w in self.reward_weights)):
@@ -208,6 +214,20 @@ class ESConfig:
         if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
             raise bad("profile", "should be a profile name such as '8gb' (see `lowmem-es "
                       "profiles`), the path of a profile TOML file, or unset for no profile")
+
+    def _validate_combinations(self) -> None:
+        """Check the fields that constrain each other (each field already valid alone)."""
+        bad = self._bad
+        if self.antithetic and self.population_size % 2:
+            raise bad("population_size", "should be even when `antithetic=True` (members come "
+                      f"in +/- pairs); use {self.population_size + 1} or set antithetic=False")
+        if self.num_generations > 1 and self.temperature == 0:
+            raise bad("num_generations", "needs sampling to give different completions; set "
+                      "temperature > 0 (e.g. 0.7) or num_generations=1")
+        if self.kv_cache_dtype != "auto" and self.generation_backend != "loop":
+            raise bad("kv_cache_dtype", "needs generation_backend='loop' (generate() keeps its "
+                      "own 16-bit cache); set kv_cache_dtype='auto' or "
+                      "generation_backend='loop'")
 
     # --- serialisation ---
     def to_dict(self) -> dict[str, Any]:
@@ -233,7 +253,13 @@ class ESConfig:
         """Load a TOML run file (top-level keys or an [es] table), then apply overrides."""
         values = read_toml_values(path)
         values.update(overrides or {})
-        return cls.from_dict(values, source=f"config file {str(path)!r}")
+        try:
+            return cls.from_dict(values, source=f"config file {str(path)!r}")
+        except ValueError as error:  # name the file: run.toml of a resumed run, or --config
+            where = f"config file {str(path)!r}"
+            if overrides:
+                where += f" with overrides of {sorted(overrides)}"
+            raise ValueError(f"in {where}: {error}") from error
 
     def result_hash(self) -> str:
         """Hash of the fields that change results (not logging/output fields)."""
@@ -246,20 +272,49 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_device_name(name: Any) -> bool:
+    """Whether ``name`` is a device a run accepts: one of ``DEVICE_FORMS``."""
+    return isinstance(name, str) and _DEVICE_NAME.fullmatch(name) is not None
+
+
+def read_utf8(path: Path, what: str, encoding: str = "utf-8-sig") -> str:
+    """The text of ``path``, decoded as UTF-8 (by default with or without a byte-order mark).
+
+    TOML and JSON files are UTF-8; a file saved in another encoding (Latin-1, UTF-16 ...)
+    is a ValueError that names it (``what``, e.g. "config file 'run.toml'"), the line of
+    the first bad byte and how to fix it, not a bare UnicodeDecodeError. Editors on Windows
+    often write a BOM: "utf-8-sig" drops it (tomllib reports it as an invalid statement).
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"{what} is not UTF-8 text (byte {data[error.start]:#04x} on line "
+                         f"{line} cannot be decoded); save it with UTF-8 encoding") from error
+
+
+def load_toml(path: Path, what: str) -> dict[str, Any]:
+    """The table of the TOML file ``path`` (UTF-8, a BOM allowed), or a ValueError naming
+    it (``what``) for a file that is not UTF-8 or not valid TOML."""
+    try:
+        return tomllib.loads(read_utf8(path, what))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{what} is not valid TOML: {error}") from error
+
+
 def read_toml_values(path: str | Path) -> dict[str, Any]:
     """The ESConfig keys a TOML run file sets (top level or an [es] table), checked.
 
     With an [es] table every key must be in it: top-level keys next to it are an error,
-    not silently dropped.
+    not silently dropped. Each value is checked on its own (ValueError "in config file
+    PATH: ..."); the checks of fields against each other run when the ESConfig is built.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist; pass an "
                                 "existing TOML file to --config")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from error
+    data = load_toml(path, f"config file {str(path)!r}")
     if "es" in data:
         table = data["es"]
         if not isinstance(table, dict):
@@ -279,6 +334,16 @@ def read_toml_values(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in config file {str(path)!r}; valid keys "
                          f"are {ESConfig.field_names()}")
+    # Check each value now, while the file it came from is known: the caller merges the
+    # values with a profile and flags first, and the merged error could not name the file.
+    # (Fields checked against each other wait for the merge: a flag may complete them.)
+    probe = ESConfig()
+    for key, value in values.items():
+        setattr(probe, key, value)
+    try:
+        probe._validate_values()
+    except ValueError as error:
+        raise ValueError(f"in config file {str(path)!r}: {error}") from error
     return values
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowmem_es.config import DEVICE_FORMS, is_device_name
+
 logger = logging.getLogger("lowmem_es")
 
 
@@ -22,29 +24,35 @@ def resolve_device(name: str = "auto") -> torch.device:
     'auto': this process's GPU when CUDA is available, else the CPU. 'cuda' without an
     index: this process's GPU. This process's GPU is ``cuda:LOCAL_RANK`` under torchrun
     (each rank its own card; a fixed index would put every rank's model on one card),
-    else the current CUDA device. An explicit 'cuda:N' must exist.
+    else the current CUDA device. An explicit 'cuda:N' must exist. Any other name (a typo
+    such as 'cuda:x', or a device lowmem-es does not run on such as 'tpu' or 'mps') is a
+    ValueError listing the accepted forms, raised before torch.device sees it.
     """
+    if not is_device_name(name):
+        raise ValueError(f"`device` should be {DEVICE_FORMS}, but the value passed is "
+                         f"{name!r}")
     if name == "auto":
         return torch.device("cuda", _own_gpu()) if torch.cuda.is_available() \
             else torch.device("cpu")
-    device = torch.device(name)
-    if device.type != "cuda":
-        return device
+    if name == "cpu":
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError(f"`device` is {name!r} but no CUDA device is available; use "
                          "device='cpu' or 'auto'")
-    if device.index is None:
+    if name == "cuda":
         return torch.device("cuda", _own_gpu())
-    count = torch.cuda.device_count()
-    if device.index >= count:
+    # The index is compared before torch.device sees it: torch cannot parse one past 2**31
+    # and wraps one past 127 into another device.
+    index, count = int(name.partition(":")[2]), torch.cuda.device_count()
+    if index >= count:
         raise ValueError(f"`device` is {name!r} but this machine has {count} CUDA "
                          f"device(s) (cuda:0..cuda:{count - 1}); use 'cuda' or 'auto'")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
-            and device.index != int(os.environ.get("LOCAL_RANK", device.index)):
+            and index != int(os.environ.get("LOCAL_RANK", index)):
         logger.warning("`device` is %r under torchrun: every rank then uses that one card; "
                        "give device='cuda' or 'auto' so that each rank takes "
                        "cuda:LOCAL_RANK", name)
-    return device
+    return torch.device("cuda", index)
 
 
 def _own_gpu() -> int:

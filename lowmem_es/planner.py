@@ -182,20 +182,57 @@ def model_shape(config: Any) -> ModelShape:
     return _model_shape(text)
 
 
+# Sizes of the model the planner builds tensors with or divides by: each must be a positive
+# integer. transformers fails on a bad one deep inside (a TypeError of its strict config
+# classes for "64", ZeroDivisionError for 0 heads, RuntimeError for a negative vocab).
+_SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+# The same, where null means "derive it" (head_dim = hidden_size / heads ...).
+_OPTIONAL_SIZE_KEYS = ("num_key_value_heads", "head_dim", "intermediate_size")
+
+
+def _check_sizes(values: dict[str, Any], aliases: dict[str, str]) -> None:
+    """Raise ValueError naming the key and value of any size in ``values`` (a config.json
+    dict) that is not a positive integer. ``aliases`` is the config class's attribute_map:
+    GPT-2's config.json spells hidden_size ``n_embd``, num_attention_heads ``n_head`` ..."""
+    for name in (*_SIZE_KEYS, *_OPTIONAL_SIZE_KEYS):
+        for key in dict.fromkeys((name, aliases.get(name, name))):
+            value = values.get(key)
+            if key not in values or (value is None and name in _OPTIONAL_SIZE_KEYS):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{key}` should be a positive integer (a JSON number, no "
+                                 f"quotes), but the value is {json.dumps(value)}; copy the "
+                                 "value from the model's published config.json")
+
+
+def _unbuildable(model_type: str, error: Exception) -> ValueError:
+    """The error for a config transformers rejects while building it or its model."""
+    detail = " ".join(f"{type(error).__name__}: {error}".split())  # one line
+    return ValueError(f"transformers cannot build a {model_type!r} model from the model "
+                      f"config ({detail}); check its values against the model's published "
+                      "config.json")
+
+
 @lru_cache(maxsize=16)
 def _model_shape(config_json: str) -> ModelShape:
     import torch
     from torch import nn
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     values = json.loads(config_json)
     model_type = values.pop("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        try:
+            AutoConfig.for_model(model_type)  # raises, listing the known model types
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"transformers does not know `model_type` {model_type!r}: "
+                             f"{error}") from error
+    _check_sizes(values, getattr(CONFIG_MAPPING[model_type], "attribute_map", {}))
     try:
         config = AutoConfig.for_model(model_type, **values)
-    except ValueError as error:
-        raise ValueError(f"transformers does not know `model_type` {model_type!r}: "
-                         f"{error}") from error
+    except Exception as error:  # a value transformers rejects (strict fields, validators)
+        raise _unbuildable(model_type, error) from error
     text = config.get_text_config(decoder=True)
     if text is not config:  # e.g. Gemma 3 (vision tower + text decoder under text_config)
         raise ValueError(
@@ -209,6 +246,8 @@ def _model_shape(config_json: str) -> ModelShape:
     try:
         with torch.device("meta"):  # shapes only: no memory, no weights
             model = AutoModelForCausalLM.from_config(config)
+    except Exception as error:  # a value only the model's layers reject (e.g. rope_theta)
+        raise _unbuildable(model_type, error) from error
     finally:
         hf_logging.set_verbosity(verbosity)
     embedding = model.get_input_embeddings()

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from lowmem_es.config import load_toml
 
 DEVICES = ("cuda", "cpu")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
@@ -187,10 +188,8 @@ def _shipped_names() -> list[str]:
 
 
 def _read(path: Path, name: str) -> Profile:
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"profile {str(path)!r} is not valid TOML: {error}") from error
+    """The profile in the TOML file ``path`` (UTF-8, a BOM allowed), its keys checked."""
+    data = load_toml(path, f"profile {str(path)!r}")
     unknown = sorted(set(data) - set(Profile.keys()))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in profile {str(path)!r}; valid keys "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -64,8 +65,8 @@ BAD_VALUES = [
     ({"temperature": -0.5}, "temperature", "-0.5", "0 means greedy"),
     ({"temperature": 1e-40}, "temperature", "1e-40", "at least 1e-30"),
     ({"weight_decay": -0.1}, "weight_decay", "-0.1", ">= 0"),
-    ({"device": "gpu"}, "device", "'gpu'", "'cpu' or 'cuda[:index]'"),
-    ({"device": "tpu:0"}, "device", "'tpu:0'", "'cpu' or 'cuda[:index]'"),
+    ({"device": "gpu"}, "device", "'gpu'", "'cuda' or 'cuda:N'"),
+    ({"device": "tpu:0"}, "device", "'tpu:0'", "'cuda' or 'cuda:N'"),
     ({"noise_backend": "triton"}, "noise_backend", "'triton'", "compiled"),
     ({"reward_weights": [1.0, "2"]}, "reward_weights", "[1.0, '2']", "list of numbers"),
     # Bools: a TOML string "false" is truthy and must not silently mean True.
@@ -152,9 +153,21 @@ def test_path_objects_become_strings():
     assert to_toml(config.to_dict())  # writable, as run.toml is
 
 
-@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:1", "cuda:10"])
 def test_good_devices_are_accepted(device):
     assert ESConfig(device=device).device == device
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:", "cuda:-1", "cuda:01", "cuda:1.0",
+                                    "cudnn", "cuda:0 "])
+def test_malformed_cuda_device_is_a_value_error(device):
+    """Anything starting with "cuda" used to pass, and torch.device then raised a
+    RuntimeError (a traceback, not a `lowmem-es: error:` line) when the run started."""
+    with pytest.raises(ValueError) as caught:
+        ESConfig(device=device)
+    message = str(caught.value)
+    assert "`device` should be 'auto', 'cpu', 'cuda' or 'cuda:N'" in message
+    assert f"the value passed is {device!r}" in message
 
 
 def test_non_string_device_is_a_value_error():
@@ -299,6 +312,55 @@ def test_toml_bad_value_names_field(tmp_path):
     path.write_text("population_size = 5\n")
     with pytest.raises(ValueError, match=r"`population_size`.*5"):
         ESConfig.from_toml(path)
+
+
+def test_toml_bad_value_names_the_file(tmp_path):
+    """The CLI merges a --config file's values with a profile and flags before building
+    the ESConfig, so each value is checked as the file is read, naming the file."""
+    path = _write(tmp_path, 'sigma = "x"\n')
+    with pytest.raises(ValueError) as caught:
+        read_toml_values(path)
+    assert str(caught.value) == (f"in config file {str(path)!r}: `sigma` should be a "
+                                 "positive number, but the value passed is 'x'")
+    with pytest.raises(ValueError, match=r"^in config file .*run\.toml.*`sigma`"):
+        ESConfig.from_toml(path)
+    with pytest.raises(ValueError, match=r"^`sigma` should be a positive number"):
+        ESConfig(sigma="x")  # values given directly keep the message without a file
+
+
+def test_toml_fields_checked_together_wait_for_the_other_sources(tmp_path):
+    """An odd population is fine in a file whose antithetic may come from a flag; built
+    from the file alone (run.toml of a resumed run), the error names the file."""
+    path = _write(tmp_path, "population_size = 5\n")
+    assert read_toml_values(path) == {"population_size": 5}
+    flagged = {**read_toml_values(path), "antithetic": False}  # as --no-antithetic would
+    assert ESConfig.from_dict(flagged).population_size == 5
+    with pytest.raises(ValueError, match=rf"^in config file {re.escape(repr(str(path)))}: "
+                                         r"`population_size` should be even"):
+        ESConfig.from_toml(path)
+    with pytest.raises(ValueError, match=r"^in config file .* with overrides of "
+                                         r"\['antithetic'\]: `population_size`"):
+        ESConfig.from_toml(path, overrides={"antithetic": True})
+
+
+def test_non_utf8_toml_names_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("sigma = 0.1\n# café\n".encode("latin-1"))
+    for read in (read_toml_values, ESConfig.from_toml):
+        with pytest.raises(ValueError) as caught:
+            read(path)
+        assert str(caught.value) == (f"config file {str(path)!r} is not UTF-8 text (byte 0xe9 "
+                                     "on line 2 cannot be decoded); save it with UTF-8 "
+                                     "encoding")
+        assert isinstance(caught.value.__cause__, UnicodeDecodeError)
+
+
+def test_toml_with_a_byte_order_mark_is_read(tmp_path):
+    """Windows editors save "UTF-8 with BOM"; tomllib called it an invalid statement."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbfsigma = 0.2\n")
+    assert read_toml_values(path) == {"sigma": 0.2}
+    assert ESConfig.from_toml(path).sigma == 0.2
 
 
 def test_invalid_toml_names_file_and_position(tmp_path):

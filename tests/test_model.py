@@ -214,6 +214,28 @@ def test_cuda_index_must_exist(two_gpus):
         resolve_device("cuda:5")
 
 
+@pytest.mark.parametrize("name", ["tpu", "mps", "cuda:x", "gpu", "cpu:0"])
+def test_unknown_device_name_is_a_value_error(name):
+    """`lowmem-es eval --device tpu` reached torch.device unchecked: a RuntimeError
+    traceback for 'tpu' or 'cuda:x', a device the model never loads onto for 'mps'."""
+    from lowmem_es.model import resolve_device
+
+    with pytest.raises(ValueError) as caught:
+        resolve_device(name)
+    assert str(caught.value) == ("`device` should be 'auto', 'cpu', 'cuda' or 'cuda:N' (N a "
+                                 f"GPU index such as 0), but the value passed is {name!r}")
+
+
+@pytest.mark.parametrize("name", ["cuda:128", "cuda:255", "cuda:2147483648"])
+def test_cuda_index_past_torch_range_must_exist_too(two_gpus, name):
+    """torch.device wraps an index past 127 (cuda:128 is cuda:-128, cuda:255 is plain
+    'cuda') and cannot parse one past 2**31: the index is checked before it."""
+    from lowmem_es.model import resolve_device
+
+    with pytest.raises(ValueError, match=rf"'{name}' but this machine has 2 CUDA device"):
+        resolve_device(name)
+
+
 def test_home_relative_model_path_loads(tiny_llama_dir, tmp_path, monkeypatch):
     """'~/...' is expanded for loading too, not only for the existence check."""
     home = tmp_path / "home"

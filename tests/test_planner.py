@@ -114,6 +114,39 @@ def test_config_without_model_type_is_an_error():
         model_shape({"hidden_size": 64})
 
 
+@pytest.mark.parametrize(("key", "value", "shown"), [
+    ("hidden_size", "64", '"64"'), ("hidden_size", 64.0, "64.0"),
+    ("num_attention_heads", 0, "0"), ("vocab_size", -5, "-5"),
+    ("num_hidden_layers", 0, "0"), ("num_key_value_heads", 0, "0"), ("head_dim", 0, "0"),
+    ("intermediate_size", True, "true"), ("hidden_size", None, "null"),
+])
+def test_model_size_that_is_not_a_positive_integer_is_named(key, value, shown):
+    """transformers failed deep inside instead: a strict-dataclass TypeError, a
+    ZeroDivisionError or a negative-dimension RuntimeError (or, for 0 layers, the planner
+    divided by zero later)."""
+    with pytest.raises(ValueError) as caught:
+        model_shape({**QWEN25_05B, key: value})
+    assert str(caught.value).startswith(f"`{key}` should be a positive integer (a JSON "
+                                        f"number, no quotes), but the value is {shown}")
+
+
+def test_model_size_is_checked_under_the_name_config_json_uses():
+    gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_head": 0, "n_layer": 2, "vocab_size": 96}
+    with pytest.raises(ValueError, match=r"^`n_head` should be a positive integer.*is 0"):
+        model_shape(gpt2)
+    assert model_shape({**gpt2, "n_head": 4}).num_heads == 4
+
+
+def test_model_config_transformers_cannot_build_is_a_value_error():
+    """A bad value the size checks do not know is still a ValueError naming the model
+    type (here rope_theta: a TypeError while building the rotary embedding)."""
+    with pytest.raises(ValueError, match=r"^transformers cannot build a 'qwen2' model from "
+                                         r"the model config \(TypeError: .*\); check its "
+                                         "values") as caught:
+        model_shape({**QWEN25_05B, "rope_theta": "x"})
+    assert isinstance(caught.value.__cause__, TypeError)
+
+
 def test_nf4_bytes_match_bitsandbytes():
     """Our byte count equals what bitsandbytes stores (blocksize 64, double quant)."""
     import torch
@@ -392,6 +425,44 @@ def test_plan_command_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B))
     with pytest.raises(ValueError, match="needs --profile"):
         run_plan(_cli("plan", "--model", str(tmp_path)))
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"hidden_size": "64"}, r"`hidden_size` should be a positive integer .* is \"64\""),
+    ({"num_attention_heads": 0}, r"`num_attention_heads` should be .* is 0"),
+    ({"vocab_size": -5}, r"`vocab_size` should be .* is -5"),
+])
+def test_plan_command_bad_model_config_names_the_file(tmp_path, change, match):
+    from lowmem_es.cli_plan import run_plan
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**QWEN25_7B, **change}))
+    with pytest.raises(ValueError, match=rf"^in model config {re.escape(repr(str(path)))}: "
+                                         + match):
+        run_plan(_cli("plan", "--model", str(tmp_path), "--profile", "8gb"))
+
+
+def test_plan_command_non_utf8_model_config_names_the_file(tmp_path):
+    from lowmem_es.cli_plan import run_plan
+
+    path = tmp_path / "config.json"
+    path.write_bytes(json.dumps(QWEN25_7B).replace("qwen2", "qwén2").encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^model config {re.escape(repr(str(path)))} is "
+                                         r"not UTF-8 text \(byte 0xe9 on line 1"):
+        run_plan(_cli("plan", "--model", str(path), "--profile", "8gb"))
+
+
+def test_plan_command_bad_config_file_value_names_the_file(qwen_dir, tmp_path):
+    """`plan --config` merges the file with the profile and flags: the bad value is
+    caught as the file is read, so the error still names it."""
+    from lowmem_es.cli_plan import run_plan
+
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('sigma = "x"\n')
+    with pytest.raises(ValueError, match=rf"^in config file {re.escape(repr(str(run_file)))}: "
+                                         r"`sigma` should be a positive number"):
+        run_plan(_cli("plan", "--model", str(qwen_dir), "--profile", "8gb", "--config",
+                      str(run_file)))
 
 
 def test_chunked_prefill_fits_more_rows_when_prefill_is_the_limit():

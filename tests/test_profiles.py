@@ -119,6 +119,21 @@ def test_invalid_toml_names_the_file(tmp_path):
         load_profile(str(_write(tmp_path, "memory_budget_gib = = 3")))
 
 
+def test_non_utf8_profile_names_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "card.toml"
+    path.write_bytes((BASE + 'description = "carte graphique à 10 Go"\n').encode("cp1252"))
+    with pytest.raises(ValueError) as caught:
+        load_profile(str(path))
+    assert str(caught.value) == (f"profile {str(path)!r} is not UTF-8 text (byte 0xe0 on "
+                                 "line 10 cannot be decoded); save it with UTF-8 encoding")
+
+
+def test_profile_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "card.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
+    assert load_profile(str(path)).memory_budget_gib == 10.0
+
+
 @pytest.mark.parametrize(("change", "match"), [
     ("reserve_gib = 12.0", r"`reserve_gib`.*below memory_budget_gib"),
     ("compute_dtype = \"fp8\"", r"`compute_dtype`.*one of"),
