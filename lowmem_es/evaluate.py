@@ -78,7 +78,7 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
                   max_completion_length: int = 64, rows_per_chunk: int = 0,
                   reward_weights: Sequence[float] | None = None, samples: int = 0,
                   kv_cache_dtype: str = "auto", prefill_chunk: int = 0,
-                  sharded: bool = False) -> dict[str, Any]:
+                  sharded: bool = False, label: str = "evaluation") -> dict[str, Any]:
     """Greedy completions of the current (unperturbed) adapter on ``rows``, scored.
 
     ``scorer`` is the ``RewardScorer`` (or ESTrainer) whose ``score`` to use, e.g. the
@@ -90,7 +90,8 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     plan that sized ``rows_per_chunk`` assumed. ``sharded`` (under torchrun; every rank
     must call it then): rank r generates and scores rows r, r + world, ..., and the
     per-row rewards, well-formed flags and samples are gathered, so every rank returns
-    what one process would (but ``seconds``).
+    what one process would (but ``seconds``). A long evaluation logs its progress
+    (``label``: N/M rows) every ``PROGRESS_SECONDS``.
     """
     from lowmem_es import distributed
     from lowmem_es.generate import generate_population, render_prompt
@@ -113,7 +114,8 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
             es_model, tokenizer, prompts, [(None, i) for i in mine],
             max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
             temperature=0.0, rows_per_chunk=rows_per_chunk, device=device,
-            kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk)
+            kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk,
+            progress=_ProgressLog(label))
         totals, _ = scorer.score(rows, mine, completions)
         texts = [c.text for c in completions]
     columns = [totals]
@@ -132,6 +134,24 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
         result["samples"] = [{"prompt": prompts[row], "completion": text, "reward": reward}
                              for row, text, reward in shown]
     return result
+
+
+PROGRESS_SECONDS = 30.0  # how often a long evaluation says how far it is
+
+
+class _ProgressLog:
+    """``generate_population``'s progress callback: "LABEL: N/M rows (T s)" at most every
+    ``PROGRESS_SECONDS``, so an evaluation of minutes does not look hung."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            logger.info("%s: %d/%d rows (%.0f s)", self.label, done, total, now - self.started)
 
 
 def warn_long_rows(rows: Sequence[dict], tokenizer: Any, max_prompt_length: int) -> int:
@@ -326,8 +346,11 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
         for name, tensor in masters.items():
             tensor.data.copy_(chosen_masters[name])
         for name in chosen:
+            logger.info("evaluating the %s on %s (%d rows)", "base model" if variant == "base"
+                        else "adapter", name, len(rows_by_split[name]))
             report["splits"][name][variant] = evaluate_rows(
-                es_model, tokenizer, rows_by_split[name], **common)
+                es_model, tokenizer, rows_by_split[name], label=f"{variant} on {name}",
+                **common)
     return report
 
 

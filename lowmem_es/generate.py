@@ -13,7 +13,7 @@ with the same seeds and gives the same completions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,9 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
                         rows_per_chunk: int = 0, device: torch.device | str = "cpu",
                         events: list[dict[str, Any]] | None = None,
                         backend: str = "loop", prefill_chunk: int = 0,
-                        kv_cache_dtype: str = "auto") -> list[Completion]:
+                        kv_cache_dtype: str = "auto",
+                        progress: Callable[[int, int], None] | None = None
+                        ) -> list[Completion]:
     """Generate one completion per row; row member ``None`` means the unperturbed centre.
 
     Rows are generated ``rows_per_chunk`` at a time (0 = all at once). When a chunk runs
@@ -96,6 +98,7 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
     many tokens at a time (the memory plan's choice when a whole prompt's activations do
     not fit; ``generate()`` gets it as ``prefill_chunk_size``). ``kv_cache_dtype="int8"``
     keeps the loop's KV cache in int8 (``lowmem_es.kv_cache``); ``generate()`` cannot.
+    ``progress(done, total)`` is called after each chunk with the rows generated so far.
     """
     if backend not in ("loop", "generate"):
         raise ValueError(f"`generation_backend` must be 'loop' or 'generate', got {backend!r}")
@@ -158,6 +161,8 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
                 ids = _cut(row, eos_ids, tokenizer.pad_token_id)
                 results.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids))
             start += size
+            if progress is not None:
+                progress(start, len(rows))
             continue
         # Outside the except block, so the failed attempt's tensors are already released.
         if input_ids.device.type == "cuda":

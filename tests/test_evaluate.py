@@ -501,3 +501,19 @@ def test_cli_eval_under_torchrun_shards_and_reports_once(tiny_llama_dir, tmp_pat
     samples = alone["splits"]["eval"]["adapter"]["samples"]
     assert [s["prompt"].count(f"{i} plus 1:") for i, s in enumerate(samples)] == [1] * 5
     assert len(samples) == 5
+
+
+def test_long_evaluation_logs_its_progress(tiny_llama_dir, monkeypatch, caplog):
+    """Chunk by chunk, at most every PROGRESS_SECONDS (0 here): an evaluation of minutes
+    says how far it is instead of looking hung."""
+    from lowmem_es import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "PROGRESS_SECONDS", 0.0)
+    rows = [dict(row, target="a") for row in ROWS]
+    with caplog.at_level("INFO", logger="lowmem_es"):
+        evaluate(tiny_llama_dir, splits={"eval": rows}, split_names=["eval"],
+                 reward_funcs=[target_fraction], max_completion_length=2, rows_per_chunk=2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "evaluating the base model on eval (6 rows)" in messages
+    progress = [m for m in messages if m.startswith("base on eval: ")]
+    assert [m.split(" rows")[0] for m in progress] == ["base on eval: 2/6", "base on eval: 4/6"]
