@@ -59,6 +59,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if is_list:
             group.add_argument(flag, dest=field.name, type=kind, nargs="+", default=None,
                                help=help_text)
+        elif element is bool:  # `--pass-at-k` alone means true; `--antithetic false` too
+            group.add_argument(flag, dest=field.name, type=kind, nargs="?", const=True,
+                               default=None, metavar="true|false",
+                               help=f"{help_text} (alone: true; or true/false, yes/no, 1/0)")
         else:
             group.add_argument(flag, dest=field.name, type=kind, default=None, help=help_text)
 
@@ -367,6 +371,10 @@ def cmd_replay(ns: argparse.Namespace) -> int:
         if result.start_step == result.step:
             print(f"started from the checkpoint at step {result.step} itself: nothing was "
                   "replayed, so nothing to compare (use --from initial to check the journal)")
+        elif checkpoint.step_dir(out, result.step).is_dir():
+            print(f"the checkpoint at step {result.step} is damaged (see the warning), so "
+                  f"nothing to compare with; the replayed adapter in {destination} stands in "
+                  "for it")
         else:
             print(f"no checkpoint at step {result.step} to compare with")
         return 0
@@ -430,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
             from lowmem_es.cli_plan import run_plan, run_profiles
 
             return run_plan(ns) if ns.command == "plan" else run_profiles(ns)
+    except BrokenPipeError:  # `lowmem-es profiles --json | head`: the reader left
+        # Python would complain again flushing stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell tool killed by it
     except USER_ERRORS as error:
         print(f"lowmem-es: error: {error}", file=sys.stderr)
         return 2

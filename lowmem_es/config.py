@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import tomllib
@@ -136,6 +137,12 @@ class ESConfig:
         source (a config file) can be checked before other sources complete them.
         """
         bad = self._bad
+        for item in dataclasses.fields(self):  # numpy / torch scalars become Python numbers
+            setattr(self, item.name, _plain_number(getattr(self, item.name)))
+        if isinstance(self.reward_weights, tuple):
+            self.reward_weights = list(self.reward_weights)
+        if isinstance(self.reward_weights, list):
+            self.reward_weights = [_plain_number(w) for w in self.reward_weights]
         for name in ("population_size", "iterations", "batch_size", "num_generations",
                      "max_prompt_length", "max_completion_length", "lora_rank"):
             value = getattr(self, name)
@@ -200,7 +207,7 @@ class ESConfig:
         if not is_device_name(self.device):
             raise bad("device", f"should be {DEVICE_FORMS}")
         if self.reward_weights is not None and (
-                not isinstance(self.reward_weights, (list, tuple))
+                not isinstance(self.reward_weights, list)
                 or not all(_is_number(w) and math.isfinite(w) for w in self.reward_weights)):
             raise bad("reward_weights", "should be a list of numbers, one per reward function, "
                       "each finite (not inf or nan)")
@@ -270,6 +277,34 @@ class ESConfig:
 def _is_number(value: Any) -> bool:
     """A real number that is not a bool (bool is an int subclass)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy or torch scalar (``np.float64`` from ``np.logspace``, ``np.int64`` ...) as
+    the Python int or float it stands for, so that it validates, compares and is written
+    to run.toml as a number (repr would write ``np.float64(0.03)``, which no TOML reader
+    reads back), a numpy / torch bool as a bool; anything else unchanged."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if hasattr(value, "shape") and tuple(getattr(value, "shape", ())) != ():
+        return value  # an array of several values is no scalar: validation says so
+    if _is_bool_like(value) and hasattr(value, "dtype"):
+        return bool(value)  # numpy / torch bool: a bool (an int field still refuses it)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    item = getattr(value, "item", None)  # a 0-d torch tensor is not a numbers.Real
+    if callable(item) and hasattr(value, "dtype"):
+        plain = item()
+        if type(plain) in (int, float):
+            return plain
+    return value
+
+
+def _is_bool_like(value: Any) -> bool:
+    """Whether a scalar is a numpy / torch boolean (kept a bool, never made 0 or 1)."""
+    return "bool" in str(getattr(value, "dtype", type(value).__name__))
 
 
 def is_device_name(name: Any) -> bool:
@@ -360,8 +395,10 @@ def to_toml(values: dict[str, Any]) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(float(value))
     if isinstance(value, str):
         return _toml_string(value)
     if isinstance(value, (list, tuple)):

@@ -18,6 +18,19 @@ from lowmem_es.config import DEVICE_FORMS, is_device_name
 logger = logging.getLogger("lowmem_es")
 
 
+def prepare_tokenizer(tokenizer: object, what: str = "the tokenizer") -> object:
+    """Make ``tokenizer`` fit for batched generation, in place: left padding (completions
+    are appended on the right) and a pad token (its EOS token when it has none; ``what``
+    names it in the error when it has neither). Returns it."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{what} has neither a pad nor an EOS token; set "
+                             "tokenizer.pad_token before training")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """The torch device a run computes on.
 
@@ -124,12 +137,7 @@ def load_model(path: str | os.PathLike, *, load_in_4bit: bool = True,
         raise FileNotFoundError(f"could not load a tokenizer from {path!r}: {error}. Save the "
                                 "tokenizer next to the model (tokenizer.save_pretrained)"
                                 ) from error
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {path!r} has neither a pad nor an EOS token; set "
-                             "tokenizer.pad_token before training")
-        tokenizer.pad_token = tokenizer.eos_token
+    prepare_tokenizer(tokenizer, f"tokenizer of {path!r}")
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

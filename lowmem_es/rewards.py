@@ -3,7 +3,9 @@
 A reward function is called with keywords ``prompts``, ``completions``,
 ``completion_ids`` and every dataset column except ``prompt`` (each a list with one entry
 per completion) and returns ``list[float | None]``; ``None`` means "not applicable" and
-is ignored. So a reward function written for TRL works here unchanged.
+is ignored. So a reward function written for TRL works here unchanged, unless it needs
+the keywords only TRL's trainer passes (``trainer_state``, ``log_metric``, ``log_extra``;
+such a function is refused with that explanation) or is an ``async def`` function.
 
 Built-ins (``load_reward(name)``): ``exact_match``, ``last_number`` (GSM8K style),
 ``think_answer_format`` (a ``make_regex_reward``), ``length_penalty`` (a
@@ -31,6 +33,8 @@ RewardFunc = Callable[..., list]
 # The keywords every reward function is called with; a dataset column of the same name
 # would collide with them (TypeError: got multiple values for keyword argument).
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")
+# Keywords TRL's GRPOTrainer adds that have no meaning here (they are not passed).
+TRL_TRAINER_KEYWORDS = ("trainer_state", "log_metric", "log_extra")
 
 
 def target_fraction(completions: list, target: list[str], **kwargs: Any) -> list[float]:
@@ -240,7 +244,10 @@ def _task_rewards() -> dict[str, RewardFunc]:
 
 
 def reward_name(func: RewardFunc) -> str:
-    """The name a reward's values are reported under (its ``__name__``)."""
+    """The name a reward's values are reported under: its ``__name__``, that of the
+    function a ``functools.partial`` wraps, or a callable object's class name."""
+    while isinstance(func, functools.partial):
+        func = func.func
     return getattr(func, "__name__", type(func).__name__)
 
 
@@ -308,7 +315,10 @@ def _check_reward_list(values: Any, name: str, count: int) -> None:
         text = repr(values)
         got = f"a {type(values).__name__} ({text[:60] + '...' if len(text) > 60 else text})"
     hint = ""
-    if isinstance(values, dict):
+    if inspect.iscoroutine(values):
+        values.close()  # never awaited: close it, or Python warns at exit
+        hint = "; an `async def` reward function is not supported: make it a plain function"
+    elif isinstance(values, dict):
         hint = "; a dict is not read by its keys or values: return them in completion order"
     elif values is not None and hasattr(values, "__next__"):
         hint = "; build a list from it, e.g. list(...)"
@@ -322,8 +332,9 @@ def _reward_value(value: Any, name: str, index: int) -> float | None:
 
     Python, numpy and torch numbers are accepted, as TRL accepts them (it builds a tensor
     from the list): a numpy scalar, a 0-d numpy array or a 0-d torch tensor is read with
-    ``.item()``. A bool, a string, a tensor of several elements or +-inf is an error
-    naming the function and the completion. NaN counts as None (TRL's nansum). An
+    ``.item()``; a bool (Python, numpy or torch) counts 1.0 or 0.0, as in TRL's float
+    tensor. A string, a tensor of several elements or +-inf is an error naming the
+    function and the completion. NaN counts as None (TRL's nansum). An
     infinite reward would make every member's fitness infinite or NaN, which the ES
     update cannot rank; it is refused here, where the function can still be named.
     """
@@ -337,7 +348,9 @@ def _reward_value(value: Any, name: str, index: int) -> float | None:
                              f"shape {tuple(shape)} for completion {index}; each reward must "
                              "be one number (a 0-d tensor or array is fine) or None")
         value = value.item()
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if isinstance(value, bool):  # `[c == answer for c in completions]`, TRL-style
+        return float(value)
+    if not isinstance(value, numbers.Real):
         raise ValueError(f"reward function {name!r} returned {value!r} for completion "
                          f"{index}; rewards must be numbers or None")
     value = float(value)
@@ -364,6 +377,13 @@ def guard_reward(func: RewardFunc) -> RewardFunc:
         except Exception as error:
             name = reward_name(func)
             missing = _missing_arguments(func, kwargs) if isinstance(error, TypeError) else []
+            trl_only = [k for k in missing if k in TRL_TRAINER_KEYWORDS]
+            if trl_only:
+                raise RewardFunctionError(
+                    f"reward function {name!r} needs {trl_only}, keyword(s) that only TRL's "
+                    "trainer passes (lowmem-es has no TRL trainer state or metric logger); "
+                    f"give the parameter(s) a default (e.g. {trl_only[0]}=None) and let the "
+                    "function work without them") from error
             if missing:
                 have = sorted(k for k in kwargs if k not in RESERVED_COLUMNS)
                 raise RewardFunctionError(
@@ -389,6 +409,10 @@ def guard_reward(func: RewardFunc) -> RewardFunc:
                                       "--resume: the last checkpoint and the journal are "
                                       "intact") from error
 
+    # functools.wraps copies no name from a callable object or a partial: name it as
+    # reward_name does, or every such function would report (and be recorded) as "guarded".
+    guarded.__name__ = reward_name(func)
+    guarded.__qualname__ = getattr(func, "__qualname__", guarded.__name__)
     return guarded
 
 
@@ -422,6 +446,14 @@ class RewardScorer:
         if not reward_funcs:
             raise ValueError("`reward_funcs` is empty; pass at least one reward function")
         self.reward_funcs = [guard_reward(load_reward(f)) for f in reward_funcs]
+        # Each function's values are reported under its name: two of one name (two
+        # make_regex_reward's, one function twice) get _2, _3 ... instead of colliding.
+        seen: dict[str, int] = {}
+        for func in self.reward_funcs:
+            name = reward_name(func)
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1:
+                func.__name__ = f"{name}_{seen[name]}"
         if weights is not None and len(weights) != len(self.reward_funcs):
             raise ValueError(f"`reward_weights` has {len(weights)} entries for "
                              f"{len(self.reward_funcs)} reward functions; give one per function")

@@ -10,6 +10,7 @@ kernels; it hands seeds and fitnesses to ``lowmem_es.es``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -32,7 +33,12 @@ from lowmem_es.errors import KernelError
 from lowmem_es.generate import Completion, generate_population, render_prompt
 from lowmem_es.kernel_check import check_kernels
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
-from lowmem_es.model import load_model, offload_input_embedding, resolve_device
+from lowmem_es.model import (
+    load_model,
+    offload_input_embedding,
+    prepare_tokenizer,
+    resolve_device,
+)
 from lowmem_es.profiles import Profile, load_profile
 from lowmem_es.rewards import RewardFunc, RewardScorer, member_fitness, reward_name
 
@@ -97,7 +103,15 @@ def run_identity(model: str | os.PathLike | ESLoraModel, train_dataset: Sequence
 
 
 def reward_path(func: RewardFunc) -> str:
-    """``module:qualified_name`` of a reward function (or of a callable object's class)."""
+    """``module:qualified_name`` of a reward function: of the function a guard or a
+    ``functools.partial`` wraps, or of a callable object's class."""
+    while True:
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif hasattr(func, "__wrapped__"):
+            func = func.__wrapped__
+        else:
+            break
     named = func if hasattr(func, "__qualname__") else type(func)
     return f"{getattr(named, '__module__', '?')}:{named.__qualname__}"
 
@@ -205,6 +219,24 @@ def _compare_identity(out: Path, saved: dict[str, Any], current: dict[str, Any])
                          "(the same applies if the model directory only moved)")
 
 
+def _own_settings(method: Callable) -> Callable:
+    """Run an ESTrainer method under its own process-wide settings (the noise backend and
+    the NF4 kernel switch), restoring the previous ones after: two trainers in one process
+    must not change each other's noise or kernels (the last one built used to win)."""
+    @functools.wraps(method)
+    def wrapper(self: ESTrainer, *args: Any, **kwargs: Any) -> Any:
+        previous = noise.get_backend(), lora.NF4_MATMUL_FORCE
+        noise.set_backend(self.args.noise_backend)
+        lora.NF4_MATMUL_FORCE = None if self.args.nf4_kernel else "torch"
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            noise.set_backend(previous[0])
+            lora.NF4_MATMUL_FORCE = previous[1]
+
+    return wrapper
+
+
 class ESTrainer:
     """Fine-tune LoRA adapters of a frozen (NF4) causal LM with Evolution Strategies.
 
@@ -259,7 +291,8 @@ class ESTrainer:
         if isinstance(model, ESLoraModel):
             if tokenizer is None:
                 raise ValueError("`tokenizer` is required when `model` is an ESLoraModel")
-            self.es_model, self.tokenizer = model, tokenizer
+            self.es_model, self.tokenizer = model, prepare_tokenizer(tokenizer)
+            self._check_lora_settings(model)
             self.device = next(model.model.parameters()).device
             if self.device.type == "cuda" and embedding_on_cpu:
                 offload_input_embedding(model.model, self.device)  # as the plan assumed
@@ -269,6 +302,8 @@ class ESTrainer:
                 compute_dtype=self.args.compute_dtype, device=self.args.device,
                 trust_remote_code=trust_remote_code,
                 embedding_on_cpu=embedding_on_cpu)
+            if tokenizer is not None:  # the caller's (e.g. with its chat template)
+                self.tokenizer = prepare_tokenizer(tokenizer)
             self.es_model = attach_es_lora(base, self.args.lora_target_modules,
                                            self.args.lora_rank, self.args.lora_alpha,
                                            seed=self.args.seed,
@@ -291,6 +326,22 @@ class ESTrainer:
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self._orders: dict[int, list[int]] = {}
+
+    def _check_lora_settings(self, model: ESLoraModel) -> None:
+        """A ready ESLoraModel must be what ``args`` says (rank, alpha, target modules):
+        run.toml records ``args``, and a resume by path rebuilds the model from them."""
+        given = {"lora_rank": model.rank, "lora_alpha": float(model.alpha),
+                 "lora_target_modules": sorted(model.target_modules)}
+        wanted = {"lora_rank": self.args.lora_rank, "lora_alpha": float(self.args.lora_alpha),
+                  "lora_target_modules": sorted(self.args.lora_target_modules)}
+        differing = [f"{k}: args {wanted[k]!r}, model {given[k]!r}" for k in given
+                     if given[k] != wanted[k]]
+        if differing:
+            raise ValueError("the ESLoraModel passed as `model` does not match `args` ("
+                             f"{'; '.join(differing)}); build the model with the settings in "
+                             "args (attach_es_lora(base, args.lora_target_modules, "
+                             "args.lora_rank, args.lora_alpha, seed=args.seed)) or set args "
+                             "to the model's")
 
     def _check_prompt_lengths(self) -> None:
         """Warn once, up front, about prompts that will be left-truncated (never a crash)."""
@@ -341,6 +392,7 @@ class ESTrainer:
         return self.scorer.score(rows, prompt_index, completions)
 
     # --- one iteration ---
+    @_own_settings
     def step(self, iteration: int) -> dict[str, Any]:
         """Run ES iteration ``iteration`` (evaluate the population, update the masters)."""
         args = self.args
@@ -418,6 +470,7 @@ class ESTrainer:
         return record
 
     # --- evaluation ---
+    @_own_settings
     def evaluate(self, dataset: Sequence[dict] | None = None) -> dict[str, float]:
         """Mean reward of the unperturbed adapter (greedy) on ``dataset`` or the eval split.
 
@@ -454,6 +507,7 @@ class ESTrainer:
         return result
 
     # --- the loop ---
+    @_own_settings
     def train(self, callback: Callable[[dict[str, Any]], None] | None = None
               ) -> list[dict[str, Any]]:
         """Run up to ``args.iterations`` iterations, resumable and interruptible.
@@ -588,6 +642,9 @@ class ESTrainer:
             if self.plan is not None:
                 atomic_write_text(out / "plan.json", json.dumps(self.plan.to_dict(), indent=2))
         distributed.barrier()  # ranks start together; rank 0's files exist
+        # output_dir now holds this instance's run: a later train() (more iterations, or
+        # after a stop) continues it, never overwrites it from the trained weights.
+        self.resume, self.overwrite = True, False
 
     def _restore(self, out: Path) -> None:
         """Newest valid checkpoint + replay of the journal lines after it (the configuration

@@ -230,6 +230,16 @@ def test_full_disk_while_journaling_says_what_failed_and_resumes(tiny_llama_dir,
     assert _iterations(out) == [0, 1, 2, 3]
 
 
+def test_replay_onto_a_damaged_checkpoint_says_so(reference, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    weights = checkpoint.step_dir(run, 6) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.warns(UserWarning, match="fails its sha256"):
+        assert main(["replay", str(run), "--step", "6", "--out", str(tmp_path / "r")]) == 0
+    assert "checkpoint at step 6 is damaged" in capsys.readouterr().out
+
+
 def test_replay_matches_checkpoints(reference, tmp_path, capsys):
     for step in (3, 9):
         result = checkpoint.replay_journal(reference, step)

@@ -490,3 +490,22 @@ def test_tiny_example_base_model_is_built_once_and_write_errors_are_clear(tmp_pa
     with pytest.raises(OSError, match=r"other.*No space left.*free some space"):
         cli._ensure_tiny_model(other)
     assert not other.exists()
+
+
+def test_yes_no_flags_stand_alone_or_take_a_value():
+    """`--pass-at-k` alone used to fail ("expected one argument"), as the README wrote it."""
+    parser = build_parser()
+    ns = parser.parse_args(["train", "--pass-at-k", "--antithetic", "false",
+                            "--nf4-kernel", "yes"])
+    assert ns.pass_at_k is True and ns.antithetic is False and ns.nf4_kernel is True
+    assert parser.parse_args(["train"]).pass_at_k is None  # not given: the config's
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--antithetic", "maybe"])
+
+
+def test_a_closed_stdout_is_no_error(tmp_path):
+    """`lowmem-es profiles --json | head`: the reader leaving is not a lowmem-es error."""
+    result = subprocess.run(f"{shlex.quote(sys.executable)} -m lowmem_es.cli profiles --json "
+                            "| true; echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.stdout.strip() == "141" and "error" not in result.stderr

@@ -413,3 +413,28 @@ def test_every_result_field_changes_the_hash():
     for name, value in changed.items():
         other = dataclasses.replace(base, **{name: value})
         assert other.result_hash() != base.result_hash(), name
+
+
+def test_numpy_and_torch_scalars_are_plain_numbers(tmp_path):
+    """np.logspace(...)[1] is an np.float64: it used to be written to run.toml as
+    `np.float64(0.03)` (unreadable, so the run could not resume); np.int64 was refused
+    as "not a positive integer"; a tuple of reward weights never equalled its run.toml."""
+    import numpy as np
+    import torch
+
+    from lowmem_es.config import to_toml
+
+    config = ESConfig(learning_rate=np.logspace(-2, -1, 3)[1], population_size=np.int64(8),
+                      sigma=np.float32(0.5), seed=torch.tensor(3), antithetic=np.bool_(True),
+                      reward_weights=(np.float64(1.0), 0.5))
+    assert type(config.learning_rate) is float and type(config.population_size) is int
+    assert type(config.sigma) is float and config.seed == 3 and type(config.seed) is int
+    assert config.antithetic is True and config.reward_weights == [1.0, 0.5]
+    path = tmp_path / "run.toml"
+    path.write_text(to_toml(config.to_dict()))
+    assert "np." not in path.read_text()
+    assert ESConfig.from_toml(path) == config
+    with pytest.raises(ValueError, match="population_size` should be a positive integer"):
+        ESConfig(population_size=np.array([8, 9]))
+    with pytest.raises(ValueError, match="population_size` should be a positive integer"):
+        ESConfig(population_size=np.bool_(True))

@@ -11,13 +11,16 @@ from __future__ import annotations
 import re
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
 import torch
 
+from lowmem_es.errors import RewardFunctionError
 from lowmem_es.rewards import (
     BUILTIN_REWARDS,
+    RewardScorer,
     compute_rewards,
     exact_match,
     last_number,
@@ -26,6 +29,7 @@ from lowmem_es.rewards import (
     make_length_penalty,
     make_regex_reward,
     member_fitness,
+    reward_name,
     target_fraction,
     think_answer_format,
 )
@@ -245,13 +249,11 @@ def test_multi_element_tensor_names_function_and_completion():
         _call([array_of_one])
 
 
-def test_bool_rewards_are_rejected_in_any_form():
+def test_bool_rewards_in_any_form_count_one_or_zero():
     def flags(completions, **kwargs):
-        return [1.0, 0.0, torch.tensor(True)]
+        return [True, np.False_, torch.tensor(True)]
 
-    with pytest.raises(ValueError, match=r"'flags' returned True for completion 2; rewards must "
-                                         r"be numbers or None"):
-        _call([flags])
+    assert _call([flags])[0] == [1.0, 0.0, 1.0]
 
 
 # --- load_reward ---
@@ -581,3 +583,65 @@ def test_reward_needing_a_missing_column_names_the_column():
 
     with pytest.raises(RewardFunctionError, match=r"'typo' raised TypeError.*Fix the function"):
         RewardScorer(typo).score([{"prompt": "x", "answer": "4"}], [0], done)
+
+
+def test_trl_style_bool_rewards_count_one_or_zero():
+    """TRL turns `[c == answer for c in completions]` into 1.0 / 0.0; so does lowmem-es
+    (bools were refused as "not numbers")."""
+    import numpy as np
+    import torch
+
+    def exact(completions, answer, **kwargs):
+        return [c == a for c, a in zip(completions, answer, strict=True)]
+
+    for convert in (list, np.array, torch.tensor):
+        def func(completions, answer, convert=convert, **kwargs):
+            return convert(exact(completions, answer))
+
+        totals, _ = compute_rewards([func], prompts=["p", "p"], completions=["1", "2"],
+                                    completion_ids=[[1], [2]], columns={"answer": ["1", "1"]})
+        assert totals == [1.0, 0.0]
+
+
+def test_callable_objects_and_partials_keep_their_names_and_never_collide():
+    """A callable object or a partial used to report (and be recorded in the run identity)
+    as "guarded"; two functions of one name overwrote each other's values."""
+    import functools
+
+    from lowmem_es.trainer import reward_path
+
+    class LenReward:
+        def __call__(self, completions, **kwargs):
+            return [float(len(c)) for c in completions]
+
+    def scaled(completions, factor=1.0, **kwargs):
+        return [factor * len(c) for c in completions]
+
+    scorer = RewardScorer([LenReward(), functools.partial(scaled, factor=2.0),
+                           make_regex_reward("a"), make_regex_reward("z")])
+    names = [reward_name(f) for f in scorer.reward_funcs]
+    assert names == ["LenReward", "scaled", "regex_reward", "regex_reward_2"]
+    assert reward_path(scorer.reward_funcs[0]).endswith(":test_callable_objects_and_partials"
+                                                        "_keep_their_names_and_never_collide"
+                                                        ".<locals>.LenReward")
+    assert reward_path(scorer.reward_funcs[1]).endswith(".<locals>.scaled")
+    rows = [{"prompt": "p"}]
+    _, per_func = scorer.score(rows, [0], [types.SimpleNamespace(text="ab", ids=[1, 2])])
+    assert per_func == {"LenReward": [2.0], "scaled": [4.0], "regex_reward": [1.0],
+                        "regex_reward_2": [0.0]}
+
+
+def test_trl_trainer_keywords_and_async_functions_are_explained():
+    def needs_state(completions, trainer_state, **kwargs):
+        return [0.0 for _ in completions]
+
+    async def asynchronous(completions, **kwargs):
+        return [0.0 for _ in completions]
+
+    scorer = RewardScorer([needs_state])
+    done = types.SimpleNamespace(text="x", ids=[1])
+    with pytest.raises(RewardFunctionError, match=r"needs \['trainer_state'\].*only TRL's "
+                       r"trainer passes.*trainer_state=None"):
+        scorer.score([{"prompt": "p"}], [0], [done])
+    with pytest.raises(ValueError, match=r"async def.*plain function"):
+        RewardScorer([asynchronous]).score([{"prompt": "p"}], [0], [done])

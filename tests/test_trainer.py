@@ -277,3 +277,74 @@ def test_evaluation_is_sharded_over_the_ranks(tiny_llama_dir, tmp_path, monkeypa
     [(indices, columns, count)] = gathered
     assert indices == [1, 3, 5] and count == 7
     assert columns[0] == [totals[i] for i in indices]  # this rank's rows, as one process
+
+
+def _same_masters(first, second) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(first.es_model.parameters().values(),
+                                                 second.es_model.parameters().values(),
+                                                 strict=True))
+
+
+def test_a_trainer_continues_its_own_run(tiny_llama_dir, tmp_path):
+    """train() again on the same object continues the run it wrote (more iterations):
+    it used to refuse ("pass --resume"), and with overwrite=True it wiped the directory
+    and started "iteration 0" from the trained weights."""
+    reference = _short_run(tiny_llama_dir, tmp_path / "ref", iterations=4)
+    for overwrite in (False, True):
+        out = tmp_path / f"run{overwrite}"
+        if overwrite:  # a run there already, which overwrite=True replaces
+            _short_run(tiny_llama_dir, out, seed=7)
+        args = example_config(str(out), iterations=2, population_size=4, batch_size=2,
+                              max_completion_length=4, lora_rank=2, lora_alpha=4.0,
+                              sigma=0.05, learning_rate=0.1)
+        trainer = ESTrainer(str(tiny_llama_dir), [target_fraction],
+                            train_dataset=tiny_dataset(8), args=args, overwrite=overwrite)
+        trainer.train()
+        trainer.args.iterations = 4
+        trainer.train()
+        assert trainer.iteration == 4 and [h["iteration"] for h in trainer.history] == [
+            0, 1, 2, 3]
+        assert _same_masters(trainer, reference)
+        journal = (tmp_path / f"run{overwrite}" / "journal.jsonl").read_text().splitlines()
+        assert [json.loads(line)["iteration"] for line in journal] == [0, 1, 2, 3]
+
+
+def test_two_trainers_keep_their_own_noise_backend_and_kernel_switch(tiny_llama_dir,
+                                                                     tmp_path):
+    """Process-wide switches are applied per call: building trainer B no longer changes
+    the noise backend or NF4 kernel switch trainer A runs with."""
+    from lowmem_es import lora, noise
+
+    seen = []
+    first = _short_run(tiny_llama_dir, tmp_path / "a", iterations=1, nf4_kernel=True)
+    second = _short_run(tiny_llama_dir, tmp_path / "b", iterations=1, nf4_kernel=False,
+                        noise_backend="eager")
+    before = noise.get_backend(), lora.NF4_MATMUL_FORCE
+    first.args.iterations = 2
+    first.train(callback=lambda entry: seen.append((noise.get_backend(),
+                                                    lora.NF4_MATMUL_FORCE)))
+    second.args.iterations = 2
+    second.train(callback=lambda entry: seen.append((noise.get_backend(),
+                                                     lora.NF4_MATMUL_FORCE)))
+    assert seen == [(first.args.noise_backend, None), ("eager", "torch")]
+    assert (noise.get_backend(), lora.NF4_MATMUL_FORCE) == before  # restored after
+
+
+def test_given_tokenizer_is_used_and_a_mismatched_model_is_refused(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.model import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    args = example_config(str(tmp_path / "run"), iterations=1, population_size=4,
+                          batch_size=2, max_completion_length=2, lora_rank=2, lora_alpha=4.0)
+    trainer = ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(4),
+                        args=args, tokenizer=tokenizer)
+    assert trainer.tokenizer is tokenizer and tokenizer.padding_side == "left"
+    base, tokenizer, _ = load_model(tiny_llama_dir)
+    model = attach_es_lora(base, ["q_proj"], 2, 4.0)
+    with pytest.raises(ValueError, match=r"does not match `args` \(lora_rank: args 8, model 2"):
+        ESTrainer(model, [target_fraction], train_dataset=tiny_dataset(4), tokenizer=tokenizer,
+                  args=example_config(str(tmp_path / "other"), lora_rank=8))
