@@ -40,7 +40,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         "one, transfer)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (use the run's)")
     parser.add_argument("--limit", type=int, default=None, help="at most N rows per split")
-    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--max-prompt-length", type=int, default=256,
+                        help="prompt tokens kept (longer prompts lose their start, with a "
+                        "warning; as for train)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model repository's own Python code (only for a model "
+                        "you trust; as for train)")
     parser.add_argument("--max-completion-length", type=int, default=None,
                         help="new tokens per completion (default: 32 for the embedded "
                         "default, else 64)")
@@ -135,7 +140,7 @@ def run_eval(ns: argparse.Namespace) -> int:
             "max_completion_length", 64),
         rows_per_chunk=ns.rows_per_chunk, limit=ns.limit, samples=ns.samples,
         device=ns.device, profile=ns.profile, kv_cache_dtype=ns.kv_cache_dtype,
-        sharded=sharded)
+        sharded=sharded, trust_remote_code=ns.trust_remote_code)
     from lowmem_es import distributed
 
     main = distributed.is_main()  # under torchrun, rank 0 reports

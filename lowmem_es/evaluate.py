@@ -236,7 +236,8 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
              max_prompt_length: int = 256, max_completion_length: int = 64,
              rows_per_chunk: int = 0, limit: int | None = None, samples: int = 0,
              device: str = "auto", profile: str | None = None,
-             kv_cache_dtype: str | None = None, sharded: bool = False) -> dict[str, Any]:
+             kv_cache_dtype: str | None = None, sharded: bool = False,
+             trust_remote_code: bool = False) -> dict[str, Any]:
     """Base model and adapter side by side on the task's held-out splits.
 
     ``profile`` (a VRAM profile name or path) loads and generates as a training run under
@@ -245,7 +246,8 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     memory planner fits (``PlanError`` before loading if not even one row fits).
     ``kv_cache_dtype`` ("auto" or "int8") overrides the profile's. ``sharded`` (under
     torchrun, called on every rank): each rank generates every world-th row of each split
-    and every rank returns the whole report (see ``evaluate_rows``).
+    and every rank returns the whole report (see ``evaluate_rows``). ``trust_remote_code``
+    lets transformers run the model repository's own code (off unless asked).
 
     ``task`` is a Task or a registered name (``splits`` may give rows directly instead);
     its reward functions, well-formed test and threshold apply unless overridden.
@@ -307,6 +309,7 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
         # The plan's rows assume its prefill chunking: evaluation must prefill the same way.
         rows_per_chunk, prefill_chunk = planned.rows_per_chunk, planned.prefill_chunk
     base, tokenizer, _ = load_model(model, device=device, compute_dtype=compute_dtype,
+                                    trust_remote_code=trust_remote_code,
                                     embedding_on_cpu=bool(card and card.embedding_on_cpu))
     if settings is None:  # base only: a rank-1 adapter with B = 0 adds exactly zero
         settings = {"rank": 1, "alpha": 1.0, "target_modules": [_first_linear_name(base)]}

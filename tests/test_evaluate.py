@@ -517,3 +517,11 @@ def test_long_evaluation_logs_its_progress(tiny_llama_dir, monkeypatch, caplog):
     assert "evaluating the base model on eval (6 rows)" in messages
     progress = [m for m in messages if m.startswith("base on eval: ")]
     assert [m.split(" rows")[0] for m in progress] == ["base on eval: 2/6", "base on eval: 4/6"]
+
+
+def test_cli_eval_trusts_remote_code_only_when_asked(tiny_llama_dir, monkeypatch):
+    calls = _capture_evaluate(monkeypatch)
+    base = ["--model", str(tiny_llama_dir), "--task", "arithmetic"]
+    assert run_eval(_parse(base)) == 0
+    assert run_eval(_parse([*base, "--trust-remote-code"])) == 0
+    assert [call["trust_remote_code"] for call in calls] == [False, True]
