@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -168,40 +169,47 @@ LOCK_FILE = ".lowmem-es.lock"  # in output_dir: held (flock) by the process trai
 _HELD_LOCKS: dict[Path, IO[str]] = {}
 
 
-def lock_run(output_dir: Path) -> None:
+def lock_run(output_dir: Path) -> bool:
     """Hold an exclusive lock on ``output_dir`` until ``unlock_run`` (or this process
     ends: the kernel drops the lock of a killed process, so none goes stale).
 
     Two processes training in one directory (a requeued job while the old one still
     runs) would interleave their journals and delete each other's checkpoint
     temporaries, leaving a run that cannot be resumed; the second one is refused. On a
-    filesystem without locks (some network mounts) it warns and goes on.
+    filesystem without locks (some network mounts) it warns and goes on. Returns whether
+    this call took the lock (False: this process held it already, or no lock exists here).
     """
     path = Path(output_dir).resolve()
     if path in _HELD_LOCKS:
-        return
+        return False
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock, as before
-        return
+        return False
     path.mkdir(parents=True, exist_ok=True)
     handle = open(path / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip()
-        handle.close()
-        raise ValueError(_locked_message(output_dir, owner)) from None
-    except OSError as error:
-        handle.close()
-        logger.warning("could not lock %s (%s); make sure no other process trains there",
-                       output_dir, error)
-        return
+    for attempt in range(20):  # another process's check_unlocked probe holds it a moment
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt < 19:
+                time.sleep(0.05)
+                continue
+            handle.seek(0)
+            owner = handle.read().strip()
+            handle.close()
+            raise ValueError(_locked_message(output_dir, owner)) from None
+        except OSError as error:
+            handle.close()
+            logger.warning("could not lock %s (%s); make sure no other process trains there",
+                           output_dir, error)
+            return False
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     _HELD_LOCKS[path] = handle
+    return True
 
 
 def unlock_run(output_dir: Path) -> None:
@@ -212,10 +220,14 @@ def unlock_run(output_dir: Path) -> None:
 
 
 def check_unlocked(output_dir: Path) -> None:
-    """Refuse, as ``lock_run`` would, when another process holds ``output_dir``'s lock;
-    takes nothing (a cheap probe for checks that run before any model work)."""
+    """Refuse, as ``lock_run`` would, when another process holds ``output_dir``'s lock (a
+    cheap probe for checks that run before any model work). It takes a shared lock for a
+    moment: probes never refuse each other (the ranks of one job probe at once), only an
+    exclusive holder refuses them. Ranks other than 0 of a launcher's job do not probe:
+    their rank 0 locks for them."""
     path = Path(output_dir).resolve()
-    if path in _HELD_LOCKS or not (path / LOCK_FILE).is_file():
+    if path in _HELD_LOCKS or not (path / LOCK_FILE).is_file() \
+            or os.environ.get("RANK", "0") != "0":
         return
     try:
         import fcntl
@@ -224,7 +236,7 @@ def check_unlocked(output_dir: Path) -> None:
     try:
         with open(path / LOCK_FILE) as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise ValueError(_locked_message(output_dir, handle.read().strip())) from None
     except OSError:  # unreadable or no locks here: lock_run decides

@@ -199,10 +199,17 @@ def _check_sizes(values: dict[str, Any], aliases: dict[str, str]) -> None:
             value = values.get(key)
             if key not in values or (value is None and name in _OPTIONAL_SIZE_KEYS):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if name == "intermediate_size" and isinstance(value, list) and value and all(
+                    _positive_int(v) for v in value):
+                continue  # per-layer sizes (Gemma 3n): legal in transformers
+            if not _positive_int(value):
                 raise ValueError(f"`{key}` should be a positive integer (a JSON number, no "
                                  f"quotes), but the value is {json.dumps(value)}; copy the "
                                  "value from the model's published config.json")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _unbuildable(model_type: str, error: Exception) -> ValueError:
@@ -512,7 +519,10 @@ class _Estimator:
                              f"linear layer of {shape.architecture}; valid names are {known}")
         for name, value in (("lora_rank", lora_rank), ("population_size", population_size),
                             ("batch_size", batch_size), ("num_generations", num_generations)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if name == "intermediate_size" and isinstance(value, list) and value and all(
+                    _positive_int(v) for v in value):
+                continue  # per-layer sizes (Gemma 3n): legal in transformers
+            if not _positive_int(value):
                 raise ValueError(f"`{name}` should be a positive integer, but the value "
                                  f"passed is {value!r}")
         self.config, self.shape, self.profile = config, shape, profile

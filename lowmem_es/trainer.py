@@ -227,7 +227,7 @@ def _own_settings(method: Callable) -> Callable:
     def wrapper(self: ESTrainer, *args: Any, **kwargs: Any) -> Any:
         previous = noise.get_backend(), lora.NF4_MATMUL_FORCE
         noise.set_backend(self.args.noise_backend)
-        lora.NF4_MATMUL_FORCE = None if self.args.nf4_kernel else "torch"
+        lora.NF4_MATMUL_FORCE = self._nf4_force
         try:
             return method(self, *args, **kwargs)
         finally:
@@ -326,6 +326,11 @@ class ESTrainer:
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self._orders: dict[int, list[int]] = {}
+        self._written_dir: Path | None = None  # the output_dir whose run this instance wrote
+        self._start_masters: dict[str, torch.Tensor] | None = None  # at the first train()
+        # The NF4 kernel switch as the start-up check left it (it may have switched a
+        # broken kernel off): what every later call runs with (see _own_settings).
+        self._nf4_force = lora.NF4_MATMUL_FORCE
 
     def _check_lora_settings(self, model: ESLoraModel) -> None:
         """A ready ESLoraModel must be what ``args`` says (rank, alpha, target modules):
@@ -521,13 +526,21 @@ class ESTrainer:
         refused (``checkpoint.lock_run``).
         """
         out = Path(self.args.output_dir)
-        if not distributed.is_main():  # under torchrun rank 0 holds the lock
-            return self._train(out, callback)
-        checkpoint.lock_run(out)
+        acquired, refused = False, None
+        if distributed.is_main():  # under torchrun rank 0 holds the lock for all
+            try:
+                acquired = checkpoint.lock_run(out)
+            except ValueError as error:
+                refused = error
+        # Every rank learns the outcome: none waits in a barrier for a rank 0 that left.
+        if distributed.any_rank(refused is not None):
+            raise refused or ValueError(f"rank 0 could not lock {str(out)!r}: another "
+                                        "lowmem-es process is training there (see rank 0)")
         try:
             return self._train(out, callback)
         finally:
-            checkpoint.unlock_run(out)
+            if acquired:  # not a lock this process already held (a nested train())
+                checkpoint.unlock_run(out)
 
     def _train(self, out: Path, callback: Callable[[dict[str, Any]], None] | None
                ) -> list[dict[str, Any]]:
@@ -609,32 +622,47 @@ class ESTrainer:
             "config_hash": self.args.result_hash(), "run_seed": self.args.seed,
             "lowmem_es_version": __version__, IDENTITY_KEY: self.identity}, self.adam_state)
         checkpoint.rotate_checkpoints(out, self.args.save_total_limit)
-        plot_rewards(out)
+        try:
+            plot_rewards(out)
+        except Exception as error:  # a picture is never worth stopping a run
+            logger.warning("reward.png not drawn (%s: %s)", type(error).__name__, error)
 
     def _prepare_output_dir(self, out: Path) -> None:
         """Start fresh, refuse to clobber another run, or restore for --resume."""
+        # A run this instance wrote is continued by a later train() (more iterations, or
+        # after a stop), never overwritten from its trained weights nor refused.
+        own = self._written_dir is not None and self._written_dir == out.resolve()
+        resume, overwrite = self.resume or own, self.overwrite and not own
         # Again, as in the constructor: output_dir may have changed since.
-        has_run = check_output_dir(self.args, self.resume, self.overwrite, self.force,
-                                   self.identity)
+        has_run = check_output_dir(self.args, resume, overwrite, self.force, self.identity)
         main = distributed.is_main()
         if main:
             checkpoint.remove_partial_checkpoints(out)
-        if has_run and self.overwrite and main:
+        if has_run and overwrite and main:
             for name in ("journal.jsonl", "metrics.jsonl", "run.toml", "reward.png"):
                 (out / name).unlink(missing_ok=True)
             for name in ("checkpoints", "adapter"):
                 shutil.rmtree(out / name, ignore_errors=True)
-        if self.overwrite:
+        if overwrite:
             has_run = False
-        elif self.resume and not has_run and main:
+        elif resume and not has_run and main:
             logger.warning("--resume: %s holds no run to continue (check the path); starting "
                            "a new run there", out)
         if main:
             out.mkdir(parents=True, exist_ok=True)
         distributed.barrier()  # nobody reads while rank 0 clears
+        masters = self.es_model.parameters()
+        if self._start_masters is None:  # as the caller set them up (maybe an adapter loaded)
+            self._start_masters = {n: t.detach().to("cpu", copy=True) for n, t in masters.items()}
         if has_run:
             self._restore(out)
         else:
+            # A new run starts from the starting adapter, also after this instance trained
+            # one elsewhere (or overwrote its own): never from trained weights.
+            for name, tensor in masters.items():
+                tensor.data.copy_(self._start_masters[name])
+            self.adam_state = es.AdamState(0, {}, {}) if self.args.optimizer == "adam" else None
+            self.history = []
             self.iteration = 0
             self._checkpoint(out, 0)  # the initial adapter: the origin of journal replay
         if main:
@@ -642,9 +670,7 @@ class ESTrainer:
             if self.plan is not None:
                 atomic_write_text(out / "plan.json", json.dumps(self.plan.to_dict(), indent=2))
         distributed.barrier()  # ranks start together; rank 0's files exist
-        # output_dir now holds this instance's run: a later train() (more iterations, or
-        # after a stop) continues it, never overwrites it from the trained weights.
-        self.resume, self.overwrite = True, False
+        self._written_dir = out.resolve()
 
     def _restore(self, out: Path) -> None:
         """Newest valid checkpoint + replay of the journal lines after it (the configuration
@@ -796,11 +822,7 @@ def plot_rewards(out: Path) -> Path | None:
                         "(pip install 'lowmem-es[plot]')")
             _plot_warned = True
         return None
-    try:
-        metrics = checkpoint.read_journal(out / "metrics.jsonl", what="metrics")
-    except checkpoint.CheckpointError as error:  # a picture is not worth stopping a run
-        logger.warning("reward.png not drawn: %s", error)
-        return None
+    metrics = read_metrics(out)  # damage is skipped: a picture never stops a run
     if not metrics:
         return None
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -831,23 +853,36 @@ def read_metrics(out: Path, repair: bool = False) -> list[dict[str, Any]]:
     in metrics.jsonl, with a warning; without, the readable records are returned."""
     path = out / "metrics.jsonl"
     try:
-        return checkpoint.read_journal(path, repair=repair, what="metrics")
-    except checkpoint.CheckpointError as error:
-        records = []
-        for line in path.read_bytes().splitlines():
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        if repair:
-            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.copy2(path, aside)
-            checkpoint.rewrite_jsonl(path, records)
-            logger.warning("%s; kept the damaged file as %s and its %d readable records",
-                           error, aside, len(records))
-        return records
+        records = checkpoint.read_journal(path, repair=repair, what="metrics")
+        broken = [r for r in records if not _has_iteration(r)]
+        if not broken:
+            return records
+        error = checkpoint.CheckpointError(
+            f"{path} has {len(broken)} record(s) without an integer iteration (edited?)")
+    except checkpoint.CheckpointError as damage:
+        error = damage
+    # Salvage every readable record that names its iteration.
+    records = []
+    for line in path.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if _has_iteration(record):
+            records.append(record)
+    if repair:
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.copy2(path, aside)
+        checkpoint.rewrite_jsonl(path, records)
+        logger.warning("%s; kept the damaged file as %s and its %d readable records",
+                       error, aside, len(records))
+    return records
+
+
+def _has_iteration(record: object) -> bool:
+    """Whether a metrics record is an object naming its (integer) iteration."""
+    return isinstance(record, dict) and isinstance(record.get("iteration"), int) \
+        and not isinstance(record.get("iteration"), bool)
 
 
 def peak_memory_mb(device: torch.device) -> float:

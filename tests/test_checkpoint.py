@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -190,6 +191,14 @@ def test_damaged_metrics_do_not_stop_a_resume(tiny_llama_dir, tmp_path, caplog):
     [aside] = out.glob("metrics.jsonl.damaged-*")
     assert aside.read_text() == damaged
     assert _iterations(out, "metrics.jsonl") == [0, 1, 2, 3]
+    # A record without an integer iteration is damage too (it raised a TypeError).
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["iteration"] = None
+    lines[1] = json.dumps(record)
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    _trainer(tiny_llama_dir, out, resume=True, iterations=5).train()
+    assert _iterations(out, "metrics.jsonl") == [0, 1, 2, 3, 4]  # 1 rebuilt from the journal
 
 
 def test_metrics_line_lost_by_a_kill_is_rebuilt_from_the_journal(tiny_llama_dir, tmp_path):
@@ -612,8 +621,33 @@ def test_a_second_process_in_the_same_output_dir_is_refused(tiny_llama_dir, tmp_
         holder.wait()
     _trainer(tiny_llama_dir, out, resume=True, iterations=2).train()
     assert _iterations(out) == [0, 1]
-    checkpoint.lock_run(out)  # released at the end of train()
+    assert checkpoint.lock_run(out) is True  # released at the end of train()
+    assert checkpoint.lock_run(out) is False  # held already: a nested train() leaves it
     checkpoint.unlock_run(out)
+
+
+def test_lock_probes_never_refuse_each_other(tmp_path, monkeypatch):
+    """The ranks of one job probe the lock at once: a probe (a shared lock for a moment)
+    must not refuse another probe, only a holder of the run lock; ranks other than 0 do
+    not probe at all."""
+    import fcntl
+
+    out = tmp_path / "run"
+    assert checkpoint.lock_run(out)
+    checkpoint.unlock_run(out)
+    with open(out / checkpoint.LOCK_FILE) as probe:  # another rank's probe, mid-way
+        fcntl.flock(probe, fcntl.LOCK_SH)
+        checkpoint.check_unlocked(out)
+        # lock_run waits a probe out (here released after 0.2 s) instead of refusing.
+        threading.Timer(0.2, probe.close).start()
+        assert checkpoint.lock_run(out) is True
+    checkpoint.unlock_run(out)
+    with open(out / checkpoint.LOCK_FILE) as holder:  # another process's run
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another lowmem-es process"):
+            checkpoint.check_unlocked(out)
+        monkeypatch.setenv("RANK", "1")
+        checkpoint.check_unlocked(out)  # rank 1 of a job: its rank 0 locks and decides
 
 
 def test_resume_of_a_missing_run_warns_and_starts_one(tiny_llama_dir, tmp_path, caplog):

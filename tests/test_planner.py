@@ -683,3 +683,20 @@ def test_plan_command_with_lengths_lowered_says_training_would_stop(tmp_path, ca
                          "--json")) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is False and data["configured_lengths"] == [32768, 8192]
+
+
+def test_per_layer_intermediate_sizes_are_accepted():
+    """Gemma 3n gives intermediate_size per layer (a list, legal in transformers); the size
+    checks refused it as "not a positive integer", so no plan could be made."""
+    from transformers import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING["gemma3n_text"](
+        hidden_size=64, num_hidden_layers=2, intermediate_size=[128, 96],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
+        vocab_size_per_layer_input=300, hidden_size_per_layer_input=8, laurel_rank=4,
+        altup_num_inputs=4, num_kv_shared_layers=0,
+        layer_types=["sliding_attention", "full_attention"],
+        activation_sparsity_pattern=[0.0, 0.0]).to_dict()
+    assert model_shape(config).num_layers == 2
+    with pytest.raises(ValueError, match=r"`intermediate_size` should be a positive integer"):
+        model_shape({**config, "intermediate_size": [128, 0]})

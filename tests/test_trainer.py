@@ -285,7 +285,7 @@ def _same_masters(first, second) -> bool:
                                                  strict=True))
 
 
-def test_a_trainer_continues_its_own_run(tiny_llama_dir, tmp_path):
+def test_a_trainer_continues_its_own_run(tiny_llama_dir, tmp_path, caplog):
     """train() again on the same object continues the run it wrote (more iterations):
     it used to refuse ("pass --resume"), and with overwrite=True it wiped the directory
     and started "iteration 0" from the trained weights."""
@@ -307,6 +307,15 @@ def test_a_trainer_continues_its_own_run(tiny_llama_dir, tmp_path):
         assert _same_masters(trainer, reference)
         journal = (tmp_path / f"run{overwrite}" / "journal.jsonl").read_text().splitlines()
         assert [json.loads(line)["iteration"] for line in journal] == [0, 1, 2, 3]
+    # Pointed at a new directory, it starts a run there (no "--resume: no run" warning).
+    trainer.args.output_dir = str(tmp_path / "elsewhere")
+    trainer.args.iterations = 1
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        trainer.train()
+    assert not any("no run to continue" in r.getMessage() for r in caplog.records)
+    assert trainer.iteration == 1 and len(trainer.history) == 1
+    # ... from the starting adapter, not from the weights it trained before.
+    assert _same_masters(trainer, _short_run(tiny_llama_dir, tmp_path / "one", iterations=1))
 
 
 def test_two_trainers_keep_their_own_noise_backend_and_kernel_switch(tiny_llama_dir,
@@ -348,3 +357,26 @@ def test_given_tokenizer_is_used_and_a_mismatched_model_is_refused(tiny_llama_di
     with pytest.raises(ValueError, match=r"does not match `args` \(lora_rank: args 8, model 2"):
         ESTrainer(model, [target_fraction], train_dataset=tiny_dataset(4), tokenizer=tokenizer,
                   args=example_config(str(tmp_path / "other"), lora_rank=8))
+
+
+def test_a_kernel_the_start_up_check_switched_off_stays_off(tiny_llama_dir, tmp_path,
+                                                            monkeypatch):
+    """check_kernels may switch the NF4 kernel off (it failed on this GPU); the per-call
+    settings used to switch it back on for every iteration and evaluation."""
+    from lowmem_es import lora
+    from lowmem_es import trainer as trainer_module
+
+    def broken_nf4(es_model, device, sampling=False):
+        lora.NF4_MATMUL_FORCE = "torch"
+        return {"nf4_matmul": "disabled: kernel disagrees with its twin"}
+
+    monkeypatch.setattr(lora, "NF4_MATMUL_FORCE", None)
+    monkeypatch.setattr(trainer_module, "check_kernels", broken_nf4)
+    seen = []
+    args = example_config(str(tmp_path / "run"), iterations=2, population_size=4,
+                          batch_size=2, max_completion_length=2, lora_rank=2, lora_alpha=4.0)
+    trainer = ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(4),
+                        args=args)
+    lora.NF4_MATMUL_FORCE = None  # another trainer built since, with the kernel on
+    trainer.train(callback=lambda entry: seen.append(lora.NF4_MATMUL_FORCE))
+    assert seen == ["torch", "torch"]
