@@ -191,6 +191,17 @@ def torchrun_launcher() -> list[str]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    """``lowmem-es train``; the output_dir lock it takes is released when it returns."""
+    try:
+        return _cmd_train(ns)
+    finally:
+        if _CLI_LOCKS:
+            from lowmem_es import checkpoint
+
+            checkpoint.unlock_run(_CLI_LOCKS.pop())
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
     from lowmem_es import distributed
     from lowmem_es.model import resolve_device
     from lowmem_es.trainer import ESTrainer, check_output_dir
@@ -203,6 +214,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
                                                   output_dir="runs/smollm2-default"))
         logger.info("no --model given: the embedded default (%s on arithmetic) in %s",
                     default_model.MODEL_NAME, config.output_dir)
+        check_output_dir(config, **_run_flags(ns))
+        _lock_output_dir(config)
         report = default_model.run_default(config, **_run_flags(ns))
         if report["stopped_early"]:
             _log_resume_command(ns, report["iterations_done"])
@@ -217,6 +230,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         logger.info("no --model given: running the tiny built-in example (random tiny Llama "
                     "learns to emit %r) in %s", example.TARGET, config.output_dir)
         check_output_dir(config, **_run_flags(ns))  # before writing base-model/ into it
+        _lock_output_dir(config)
         base = Path(config.output_dir) / "base-model"
         distributed.setup(config.distributed_timeout, resolve_device(config.device))
         if distributed.is_main():  # under torchrun one rank writes, the others wait
@@ -233,6 +247,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
             raise ValueError("--model needs exactly one of --task NAME (arithmetic, countdown) "
                              "or --dataset FILE.jsonl (rows with a prompt field)")
         config = resolve_config(ns)
+        check_output_dir(config, **_run_flags(ns))
+        _lock_output_dir(config)
         if ns.task:
             task = get_task(ns.task)
         else:
@@ -296,6 +312,20 @@ def check_dataset_splits(splits: dict[str, list[dict]], dataset: str,
         logger.warning("the held-out split of %r is empty (%d rows in all; %s): evaluations "
                        "will score the training rows; add rows or pass --eval-dataset FILE",
                        dataset, total, hint)
+
+
+def _lock_output_dir(config: ESConfig) -> None:
+    """Take the output_dir lock before any model work (on rank 0 of a launcher's job, by
+    its RANK: before the process group exists), so that a second start is refused at
+    once, not after its model load and first evaluation; held until ``cmd_train``
+    returns (``train()`` finds it held)."""
+    from lowmem_es import checkpoint
+
+    if os.environ.get("RANK", "0") == "0" and checkpoint.lock_run(Path(config.output_dir)):
+        _CLI_LOCKS.append(Path(config.output_dir))
+
+
+_CLI_LOCKS: list[Path] = []  # the output_dir lock cmd_train took (released on return)
 
 
 TINY_MODEL_MARKER = ".lowmem-es-complete"  # written last inside the atomic build
@@ -418,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # bitsandbytes logs a failed probe for an optional CPU kernel package on every start.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports (from the start)
+        logging.getLogger("lowmem_es").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
