@@ -31,3 +31,27 @@ def tiny_qwen2_dir(tmp_path_factory):
     from lowmem_es.example import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    """``lock_holder(out)``: another process holding ``out``'s run lock (as a run training
+    there does) until the test ends; returns that process (its ``pid`` is in the refusal)."""
+    import subprocess
+    import sys
+
+    holders = []
+
+    def hold(out):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import time; from lowmem_es import checkpoint; "
+             f"checkpoint.lock_run({str(out)!r}); print('locked', flush=True); "
+             "time.sleep(120)"], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+        holders.append(holder)
+        assert holder.stdout.readline().strip() == "locked"
+        return holder
+
+    yield hold
+    for holder in holders:
+        holder.kill()
+        holder.wait()

@@ -597,28 +597,23 @@ def test_resume_without_run_toml_still_checks_the_configuration(tiny_llama_dir, 
     assert _iterations(out) == [0, 1, 2, 3]
 
 
-def test_a_second_process_in_the_same_output_dir_is_refused(tiny_llama_dir, tmp_path):
+def test_a_second_process_in_the_same_output_dir_is_refused(tiny_llama_dir, tmp_path,
+                                                           lock_holder):
     """While one process trains in output_dir (it holds the lock), another one is refused
     before it loads the model or touches a file there; a killed holder leaves no stale
     lock."""
     out = tmp_path / "run"
     _trainer(tiny_llama_dir, out, iterations=1).train()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lowmem_es import checkpoint; "
-         f"checkpoint.lock_run({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-        with pytest.raises(ValueError, match=rf"another lowmem-es process \(pid {holder.pid} "
-                           r"on .*\) is training in .*--output-dir"):
-            _trainer(tiny_llama_dir, out, resume=True, iterations=2)
-        with pytest.raises(ValueError, match="another lowmem-es process"):
-            checkpoint.lock_run(out)
-        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = lock_holder(out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ValueError, match=rf"another lowmem-es process \(pid {holder.pid} "
+                       r"on .*\) is training in .*--output-dir"):
+        _trainer(tiny_llama_dir, out, resume=True, iterations=2)
+    with pytest.raises(ValueError, match="another lowmem-es process"):
+        checkpoint.lock_run(out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    holder.kill()
+    holder.wait()
     _trainer(tiny_llama_dir, out, resume=True, iterations=2).train()
     assert _iterations(out) == [0, 1]
     assert checkpoint.lock_run(out) is True  # released at the end of train()

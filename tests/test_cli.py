@@ -512,7 +512,7 @@ def test_a_closed_stdout_is_no_error(tmp_path):
 
 
 def test_a_second_start_is_refused_before_any_model_work(tiny_llama_dir, tmp_path,
-                                                         monkeypatch, capsys):
+                                                         monkeypatch, capsys, lock_holder):
     """While a run holds output_dir, another start is refused before it builds, loads or
     evaluates anything (it was refused only in train(), after all that), for each kind
     of run; the lock is released when the command returns."""
@@ -525,18 +525,12 @@ def test_a_second_start_is_refused_before_any_model_work(tiny_llama_dir, tmp_pat
     monkeypatch.setattr(example, "build_tiny_model", fail)
     monkeypatch.setattr(default_model, "ensure_default_model", fail)
     out = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from lowmem_es import checkpoint; "
-         f"checkpoint.lock_run({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        for argv in (["--example", "tiny"], [], ["--model", str(tiny_llama_dir), "--task",
-                                                 "arithmetic"]):
-            err = _error(capsys, ["train", "--output-dir", str(out), *argv])
-            assert f"another lowmem-es process (pid {holder.pid}" in err
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = lock_holder(out)
+    for argv in (["--example", "tiny"], [], ["--model", str(tiny_llama_dir), "--task",
+                                             "arithmetic"]):
+        err = _error(capsys, ["train", "--output-dir", str(out), *argv])
+        assert f"another lowmem-es process (pid {holder.pid}" in err
+    holder.kill()
+    holder.wait()
     assert checkpoint.lock_run(out) is True  # no lock left behind by the refused starts
     checkpoint.unlock_run(out)
