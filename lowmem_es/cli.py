@@ -14,7 +14,9 @@ import dataclasses
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Sequence
@@ -457,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+    # SIGTERM (a scheduler, torchrun) before the trainer installs its own handlers (model
+    # loading, the first evaluation) ends the command like Ctrl-C: a message and the
+    # cleanups (the output_dir lock) instead of a silent kill. The trainer restores it.
+    installed, previous = threading.current_thread() is threading.main_thread(), None
+    if installed:
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         if ns.command == "train":
             return cmd_train(ns)
@@ -480,8 +488,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowmem-es: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if installed:  # None: a handler not set from Python, i.e. the default
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     parser.error(f"unknown command {ns.command!r}")
     return 2
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -534,3 +534,28 @@ def test_a_second_start_is_refused_before_any_model_work(tiny_llama_dir, tmp_pat
     holder.wait()
     assert checkpoint.lock_run(out) is True  # no lock left behind by the refused starts
     checkpoint.unlock_run(out)
+
+
+def test_sigterm_before_training_ends_like_ctrl_c(tiny_llama_dir, tmp_path, monkeypatch,
+                                                  capsys):
+    """A SIGTERM while the model loads (before the trainer's own handlers) used to kill
+    the process silently; now it is reported, the lock is released and the previous
+    handler comes back."""
+    import os
+    import signal
+
+    from lowmem_es import checkpoint, trainer
+
+    def load_and_get_terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(trainer, "load_model", load_and_get_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_llama_dir), "--task", "arithmetic",
+                 "--output-dir", str(out)]) == 130
+    assert "lowmem-es: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert checkpoint.lock_run(out) is True  # released
+    checkpoint.unlock_run(out)
