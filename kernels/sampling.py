@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from lowmem_es import noise as _noise
+from lowmem_es.config import MIN_TEMPERATURE
 from lowmem_es.kernels.noise import HAS_TRITON, INTERPRETED, check_kernel_usable, use_kernel
 
 if HAS_TRITON:
@@ -53,8 +54,6 @@ BLOCK_INTERPRETER = 1 << 14
 # vocabulary); even so ~10 passes, ~1,700 launches, per step there.
 TWIN_ELEMENTS = 1 << 18
 TWIN_ELEMENTS_CUDA = 1 << 21
-# The smallest temperature: 1 / T must be a finite float32 (the kernel multiplies by it).
-MIN_TEMPERATURE = 1e-30
 _UNIFORM_STEP = 1.0 / (1 << 23)
 
 if HAS_TRITON:

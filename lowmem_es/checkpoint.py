@@ -313,12 +313,19 @@ def write_adapter_tensors(params: dict[str, torch.Tensor], config_source: Path,
 
 # --- journal ---
 
+def is_record(record: object) -> bool:
+    """Whether a parsed journal or metrics line is a record: an object with its integer
+    iteration."""
+    iteration = record.get("iteration") if isinstance(record, dict) else None
+    return isinstance(iteration, int) and not isinstance(iteration, bool)
+
+
 def read_journal(path: Path, repair: bool = False, what: str = "journal"
                  ) -> list[dict[str, Any]]:
     """Records of a JSON-lines file in order (the journal, or ``what`` names another, such
     as the metrics). A torn last line (a kill mid-write) is dropped, and with ``repair``
-    cut from the file; a bad line elsewhere, or one that is not a JSON object, is an error
-    naming the line.
+    cut from the file; a bad line elsewhere, or one that is no record (``is_record``), is
+    an error naming the line.
 
     A complete last record without its newline (a kill between the record and its
     newline, or an editor that strips it) is kept; with ``repair`` the newline is
@@ -350,12 +357,10 @@ def read_journal(path: Path, repair: bool = False, what: str = "journal"
                                   "is damaged in the middle, not just at its end: restore the "
                                   "line from a backup (one JSON object per iteration) or start "
                                   "over with --overwrite") from error
-        if not isinstance(record, dict) or (what == "journal" and (
-                not isinstance(record.get("iteration"), int)
-                or isinstance(record.get("iteration"), bool))):
-            raise CheckpointError(f"{path}:{number} is not a {what} record (a JSON object"
-                                  f"{' with an integer iteration' if what == 'journal' else ''}"
-                                  f"; got {line[:60].decode(errors='replace')!r}): the {what} "
+        if not is_record(record):
+            raise CheckpointError(f"{path}:{number} is not a {what} record (a JSON object "
+                                  "with an integer iteration; got "
+                                  f"{line[:60].decode(errors='replace')!r}): the {what} "
                                   "was edited or damaged; restore the line from a backup or "
                                   "start over with --overwrite")
         records.append(record)

@@ -206,7 +206,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def _cmd_train(ns: argparse.Namespace) -> int:
     from lowmem_es import distributed
     from lowmem_es.model import resolve_device
-    from lowmem_es.trainer import ESTrainer, check_output_dir
+    from lowmem_es.trainer import ESTrainer
 
     check_train_flags(ns)
     if ns.model is None and ns.example is None:
@@ -216,8 +216,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
                                                   output_dir="runs/smollm2-default"))
         logger.info("no --model given: the embedded default (%s on arithmetic) in %s",
                     default_model.MODEL_NAME, config.output_dir)
-        check_output_dir(config, **_run_flags(ns))
-        _lock_output_dir(config)
+        _claim_output_dir(config, ns)
         report = default_model.run_default(config, **_run_flags(ns))
         if report["stopped_early"]:
             _log_resume_command(ns, report["iterations_done"])
@@ -231,8 +230,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
                                                   output_dir="runs/tiny-example"))
         logger.info("no --model given: running the tiny built-in example (random tiny Llama "
                     "learns to emit %r) in %s", example.TARGET, config.output_dir)
-        check_output_dir(config, **_run_flags(ns))  # before writing base-model/ into it
-        _lock_output_dir(config)
+        _claim_output_dir(config, ns)  # before writing base-model/ into it
         base = Path(config.output_dir) / "base-model"
         distributed.setup(config.distributed_timeout, resolve_device(config.device))
         if distributed.is_main():  # under torchrun one rank writes, the others wait
@@ -249,8 +247,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
             raise ValueError("--model needs exactly one of --task NAME (arithmetic, countdown) "
                              "or --dataset FILE.jsonl (rows with a prompt field)")
         config = resolve_config(ns)
-        check_output_dir(config, **_run_flags(ns))
-        _lock_output_dir(config)
+        _claim_output_dir(config, ns)
         if ns.task:
             task = get_task(ns.task)
         else:
@@ -316,13 +313,16 @@ def check_dataset_splits(splits: dict[str, list[dict]], dataset: str,
                        dataset, total, hint)
 
 
-def _lock_output_dir(config: ESConfig) -> None:
-    """Take the output_dir lock before any model work (on rank 0 of a launcher's job, by
-    its RANK: before the process group exists), so that a second start is refused at
-    once, not after its model load and first evaluation; held until ``cmd_train``
-    returns (``train()`` finds it held)."""
+def _claim_output_dir(config: ESConfig, ns: argparse.Namespace) -> None:
+    """Before any model work: refuse what training into output_dir would refuse
+    (``check_output_dir``), then take its lock (on rank 0 of a launcher's job, by its
+    RANK: before the process group exists), so that a second start is refused at once,
+    not after its model load and first evaluation; held until ``cmd_train`` returns
+    (``train()`` finds it held)."""
     from lowmem_es import checkpoint
+    from lowmem_es.trainer import check_output_dir
 
+    check_output_dir(config, **_run_flags(ns))
     if os.environ.get("RANK", "0") == "0" and checkpoint.lock_run(Path(config.output_dir)):
         _CLI_LOCKS.append(Path(config.output_dir))
 

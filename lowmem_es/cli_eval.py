@@ -172,5 +172,5 @@ def _join_ranks(ns: argparse.Namespace) -> bool:
         from lowmem_es.profiles import load_profile
 
         device = load_profile(ns.profile).device
-    distributed.setup(ESConfig().distributed_timeout, resolve_device(device))
+    distributed.setup(ESConfig.distributed_timeout, resolve_device(device))
     return True

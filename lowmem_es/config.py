@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import numbers
 import os
 import re
 import tomllib
@@ -32,6 +31,9 @@ FLOAT_FIELDS = ("sigma", "learning_rate", "weight_decay", "lr_min_ratio", "tempe
 # Largest seed: run.toml stores it as a TOML integer, which is a signed 64-bit number
 # (noise.member_key and torch.manual_seed would take up to 2**64 - 1).
 MAX_SEED = 2**63 - 1
+
+# The smallest sampling temperature: 1 / T must stay finite in float32 (kernels/sampling.py).
+MIN_TEMPERATURE = 1e-30
 
 # Device names a run accepts: torch.device would take more ('mps', 'meta', 'cpu:0' ...) that
 # loading and the kernels do not support, and raises RuntimeError on a typo such as 'cuda:x'.
@@ -181,8 +183,8 @@ class ESConfig:
             raise bad("correct_threshold", "should be a number")
         if not _is_number(self.temperature) or self.temperature < 0:
             raise bad("temperature", "should be >= 0 (0 means greedy)")
-        if 0 < self.temperature < 1e-30:  # sampling divides by it in float32
-            raise bad("temperature", "should be 0 (greedy) or at least 1e-30")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # sampling divides by it in float32
+            raise bad("temperature", f"should be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
         for name in FLOAT_FIELDS:  # the checks above let inf through
             if not math.isfinite(getattr(self, name)):
                 default = next(f.default for f in dataclasses.fields(self) if f.name == name)
@@ -280,31 +282,19 @@ def _is_number(value: Any) -> bool:
 
 
 def _plain_number(value: Any) -> Any:
-    """A numpy or torch scalar (``np.float64`` from ``np.logspace``, ``np.int64`` ...) as
-    the Python int or float it stands for, so that it validates, compares and is written
-    to run.toml as a number (repr would write ``np.float64(0.03)``, which no TOML reader
-    reads back), a numpy / torch bool as a bool; anything else unchanged."""
-    if isinstance(value, bool) or type(value) in (int, float):
+    """A numpy or torch scalar (``np.float64`` from ``np.logspace``, ``np.int64``, a 0-d
+    tensor, ``np.bool_`` ...) as the Python int, float or bool it stands for (its
+    ``.item()``), so that it validates, compares and is written to run.toml as a number
+    (repr would write ``np.float64(0.03)``, which no TOML reader reads back); anything
+    else unchanged."""
+    if type(value) in (bool, int, float):
         return value
-    if hasattr(value, "shape") and tuple(getattr(value, "shape", ())) != ():
-        return value  # an array of several values is no scalar: validation says so
-    if _is_bool_like(value) and hasattr(value, "dtype"):
-        return bool(value)  # numpy / torch bool: a bool (an int field still refuses it)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    item = getattr(value, "item", None)  # a 0-d torch tensor is not a numbers.Real
-    if callable(item) and hasattr(value, "dtype"):
+    item = getattr(value, "item", None)
+    if callable(item) and tuple(getattr(value, "shape", (None,))) == ():
         plain = item()
-        if type(plain) in (int, float):
+        if type(plain) in (bool, int, float):
             return plain
     return value
-
-
-def _is_bool_like(value: Any) -> bool:
-    """Whether a scalar is a numpy / torch boolean (kept a bool, never made 0 or 1)."""
-    return "bool" in str(getattr(value, "dtype", type(value).__name__))
 
 
 def is_device_name(name: Any) -> bool:

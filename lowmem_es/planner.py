@@ -519,9 +519,6 @@ class _Estimator:
                              f"linear layer of {shape.architecture}; valid names are {known}")
         for name, value in (("lora_rank", lora_rank), ("population_size", population_size),
                             ("batch_size", batch_size), ("num_generations", num_generations)):
-            if name == "intermediate_size" and isinstance(value, list) and value and all(
-                    _positive_int(v) for v in value):
-                continue  # per-layer sizes (Gemma 3n): legal in transformers
             if not _positive_int(value):
                 raise ValueError(f"`{name}` should be a positive integer, but the value "
                                  f"passed is {value!r}")

@@ -246,9 +246,25 @@ def _task_rewards() -> dict[str, RewardFunc]:
 def reward_name(func: RewardFunc) -> str:
     """The name a reward's values are reported under: its ``__name__``, that of the
     function a ``functools.partial`` wraps, or a callable object's class name."""
+    func = _unpartial(func)
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def reward_path(func: RewardFunc) -> str:
+    """``module:qualified_name`` of a reward function (what a run's identity records): of
+    the function a guard or a ``functools.partial`` wraps, or of a callable object's
+    class."""
+    func = _unpartial(func)
+    while hasattr(func, "__wrapped__"):
+        func = _unpartial(func.__wrapped__)
+    named = func if hasattr(func, "__qualname__") else type(func)
+    return f"{getattr(named, '__module__', '?')}:{named.__qualname__}"
+
+
+def _unpartial(func: RewardFunc) -> RewardFunc:
     while isinstance(func, functools.partial):
         func = func.func
-    return getattr(func, "__name__", type(func).__name__)
+    return func
 
 
 def compute_rewards(reward_funcs: Sequence[RewardFunc], *, prompts: list, completions: list,
@@ -410,9 +426,8 @@ def guard_reward(func: RewardFunc) -> RewardFunc:
                                       "intact") from error
 
     # functools.wraps copies no name from a callable object or a partial: name it as
-    # reward_name does, or every such function would report (and be recorded) as "guarded".
+    # reward_name does, or every such function would report as "guarded".
     guarded.__name__ = reward_name(func)
-    guarded.__qualname__ = getattr(func, "__qualname__", guarded.__name__)
     return guarded
 
 

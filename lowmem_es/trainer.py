@@ -40,7 +40,14 @@ from lowmem_es.model import (
     resolve_device,
 )
 from lowmem_es.profiles import Profile, load_profile
-from lowmem_es.rewards import RewardFunc, RewardScorer, member_fitness, reward_name
+from lowmem_es.rewards import (
+    RewardFunc,
+    RewardScorer,
+    member_fitness,
+    reward_name,
+    reward_path,
+)
+from lowmem_es.tasks.jsonl import message_problem
 
 logger = logging.getLogger("lowmem_es")
 
@@ -58,9 +65,7 @@ def validate_rows(rows: Sequence[dict], name: str) -> list[dict]:
                              f"{row if not isinstance(row, dict) else sorted(row)}); every row "
                              "needs a 'prompt' plus the columns the reward functions read")
         prompt = row["prompt"]
-        chat = isinstance(prompt, list) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in prompt)
+        chat = isinstance(prompt, list) and all(message_problem(m) is None for m in prompt)
         if not (isinstance(prompt, str) and prompt) and not (chat and prompt):
             raise ValueError(f"`{name}` row {index}: field 'prompt' must be a non-empty string "
                              "or a list of chat messages {'role': str, 'content': str}, got "
@@ -102,20 +107,6 @@ def run_identity(model: str | os.PathLike | ESLoraModel, train_dataset: Sequence
             "reward_functions": [reward_path(func) for func in reward_funcs or ()]}
 
 
-def reward_path(func: RewardFunc) -> str:
-    """``module:qualified_name`` of a reward function: of the function a guard or a
-    ``functools.partial`` wraps, or of a callable object's class."""
-    while True:
-        if isinstance(func, functools.partial):
-            func = func.func
-        elif hasattr(func, "__wrapped__"):
-            func = func.__wrapped__
-        else:
-            break
-    named = func if hasattr(func, "__qualname__") else type(func)
-    return f"{getattr(named, '__module__', '?')}:{named.__qualname__}"
-
-
 def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = False,
                      force: bool = False, identity: dict[str, Any] | None = None) -> bool:
     """Refuse, reading files only, what training into ``args.output_dir`` would refuse.
@@ -135,23 +126,24 @@ def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = Fal
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {str(out)!r} is a file, not a directory; pass "
                          "--output-dir (output_dir=) a directory to write the run into")
-    if distributed.is_main():  # rank 0 holds the lock under torchrun
-        checkpoint.check_unlocked(out)
+    checkpoint.check_unlocked(out)
     journal = out / "journal.jsonl"
     # A run exists once it has a complete checkpoint or a journaled iteration; a kill
     # while the very first checkpoint was being written leaves neither (only a temp
     # dir), and such a run simply starts again.
-    has_run = bool(checkpoint.list_checkpoints(out)) or (
-        journal.is_file() and journal.stat().st_size > 0)
+    steps = [step for step, _ in checkpoint.list_checkpoints(out)]
+    has_run = bool(steps) or (journal.is_file() and journal.stat().st_size > 0)
     if not has_run or overwrite:
         return has_run
     if not resume:
         raise ValueError(f"output_dir {str(out)!r} already holds a run; pass --resume "
                          "(resume=True) to continue it or --overwrite (overwrite=True) to "
                          "start over")
-    # Done: the newest checkpoint, or further the journal (resume replays its lines).
-    done = max([step for step, _ in checkpoint.list_checkpoints(out)]
-               + [len(checkpoint.read_journal(journal))])
+    # Done: the newest checkpoint, or further the journal (resume replays its lines). Its
+    # line count bounds its records, so it is parsed only when that bound matters.
+    done = max(steps, default=0)
+    if journal.is_file() and journal.read_bytes().count(b"\n") + 1 > args.iterations:
+        done = max(done, len(checkpoint.read_journal(journal)))
     if args.iterations < done:
         raise ValueError(f"cannot resume {str(out)!r} with iterations={args.iterations}: the "
                          f"run has already done {done} iterations. "
@@ -499,7 +491,7 @@ class ESTrainer:
                 backend=self.args.generation_backend, kv_cache_dtype=self.args.kv_cache_dtype,
                 prefill_chunk=self.plan.prefill_chunk if self.plan is not None else 0)
             totals, per_func = self.score(rows, mine, completions)
-        names = list(dict.fromkeys(reward_name(f) for f in self.scorer.reward_funcs))
+        names = [reward_name(f) for f in self.scorer.reward_funcs]  # unique (RewardScorer)
         empty = [None] * len(mine)  # a rank without rows has no per-function values
         merged = distributed.gather_rows(
             mine, [totals] + [per_func.get(name, empty) for name in names], len(rows))
@@ -566,7 +558,7 @@ class ESTrainer:
                     metrics = files.enter_context(open(out / "metrics.jsonl", "a"))
                 for iteration in range(self.iteration, args.iterations):
                     record = self.step(iteration)
-                    entry = {k: record[k] for k in _METRIC_KEYS if k in record}
+                    entry = _metrics_entry(record)
                     if iteration == first:  # what this process ran on, once per start
                         entry["kernels"] = self.kernel_status
                     if main:
@@ -701,15 +693,15 @@ class ESTrainer:
                                             self.args.noise_backend)
         self.iteration = len(records)
         metrics = [m for m in read_metrics(out, repair=distributed.is_main())
-                   if m.get("iteration", -1) < self.iteration]
+                   if m["iteration"] < self.iteration]
         # A kill between an iteration's journal line and its metrics line loses the
         # latter: rebuild it from the journal (which holds every training metric; a
         # periodic evaluation of that iteration is lost, and the line says so).
-        logged = {m.get("iteration") for m in metrics}
-        rebuilt = [dict({k: r[k] for k in _METRIC_KEYS if k in r}, rebuilt_from_journal=True)
+        logged = {m["iteration"] for m in metrics}
+        rebuilt = [dict(_metrics_entry(r), rebuilt_from_journal=True)
                    for r in records if r["iteration"] not in logged]
         if rebuilt:
-            metrics = sorted(metrics + rebuilt, key=lambda m: m.get("iteration", -1))
+            metrics = sorted(metrics + rebuilt, key=lambda m: m["iteration"])
             logger.info("metrics.jsonl lacked iteration(s) %s (a kill before they were "
                         "written): rebuilt from the journal",
                         ", ".join(str(m["iteration"] + 1) for m in rebuilt))
@@ -762,6 +754,11 @@ def _write_failure(path: Path, iteration: int) -> Iterator[None]:
                       f"({error.strerror or error}); the checkpoints and the journal up to "
                       f"iteration {iteration} are intact: free space there (or fix the "
                       "directory) and continue with --resume") from error
+
+
+def _metrics_entry(record: dict[str, Any]) -> dict[str, Any]:
+    """An iteration's metrics line from its journal record (which holds every one)."""
+    return {k: record[k] for k in _METRIC_KEYS if k in record}
 
 
 _METRIC_KEYS = ("iteration", "reward_mean", "reward_max", "update_norm", "param_norm",
@@ -853,12 +850,7 @@ def read_metrics(out: Path, repair: bool = False) -> list[dict[str, Any]]:
     in metrics.jsonl, with a warning; without, the readable records are returned."""
     path = out / "metrics.jsonl"
     try:
-        records = checkpoint.read_journal(path, repair=repair, what="metrics")
-        broken = [r for r in records if not _has_iteration(r)]
-        if not broken:
-            return records
-        error = checkpoint.CheckpointError(
-            f"{path} has {len(broken)} record(s) without an integer iteration (edited?)")
+        return checkpoint.read_journal(path, repair=repair, what="metrics")
     except checkpoint.CheckpointError as damage:
         error = damage
     # Salvage every readable record that names its iteration.
@@ -868,7 +860,7 @@ def read_metrics(out: Path, repair: bool = False) -> list[dict[str, Any]]:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if _has_iteration(record):
+        if checkpoint.is_record(record):
             records.append(record)
     if repair:
         aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -877,12 +869,6 @@ def read_metrics(out: Path, repair: bool = False) -> list[dict[str, Any]]:
         logger.warning("%s; kept the damaged file as %s and its %d readable records",
                        error, aside, len(records))
     return records
-
-
-def _has_iteration(record: object) -> bool:
-    """Whether a metrics record is an object naming its (integer) iteration."""
-    return isinstance(record, dict) and isinstance(record.get("iteration"), int) \
-        and not isinstance(record.get("iteration"), bool)
 
 
 def peak_memory_mb(device: torch.device) -> float:

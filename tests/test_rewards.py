@@ -608,7 +608,7 @@ def test_callable_objects_and_partials_keep_their_names_and_never_collide():
     as "guarded"; two functions of one name overwrote each other's values."""
     import functools
 
-    from lowmem_es.trainer import reward_path
+    from lowmem_es.rewards import reward_path
 
     class LenReward:
         def __call__(self, completions, **kwargs):

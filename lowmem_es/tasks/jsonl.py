@@ -187,19 +187,26 @@ def _check_messages(messages: list, path: str | os.PathLike, line: int, field: s
     chat template or the trainer) could only be named by its row in a split.
     """
     for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            problem = f"is a JSON {type(message).__name__}, not an object"
-        else:
-            problem = next((f"has {key!r} = {json.dumps(message.get(key))}, not a string"
-                            for key in ("role", "content")
-                            if not isinstance(message.get(key), str)), None)
-            if problem is None:
-                continue
-            if any(key not in message for key in ("role", "content")):
-                problem = f"has no {'role' if 'role' not in message else 'content'!r}"
-        raise ValueError(f"{path}:{line}: field {field!r} message {index} {problem}; each "
-                         "chat message must be an object with a string 'role' and a string "
-                         "'content', like {\"role\": \"user\", \"content\": \"...\"}")
+        problem = message_problem(message)
+        if problem is not None:
+            raise ValueError(f"{path}:{line}: field {field!r} message {index} {problem}; "
+                             "each chat message must be an object with a string 'role' and a "
+                             "string 'content', like {\"role\": \"user\", \"content\": "
+                             "\"...\"}")
+
+
+def message_problem(message: object) -> str | None:
+    """What is wrong with a chat message (None: an object with a string ``role`` and a
+    string ``content``); shared by the JSONL reader and ``trainer.validate_rows``."""
+    if not isinstance(message, dict):
+        return f"is a JSON {type(message).__name__}, not an object"
+    for key in ("role", "content"):
+        if key not in message:
+            return f"has no {key!r}"
+    for key in ("role", "content"):
+        if not isinstance(message[key], str):
+            return f"has {key!r} = {json.dumps(message[key], default=repr)}, not a string"
+    return None
 
 
 EVAL_FRACTION = 0.2  # of a --dataset file's rows held out for evaluation (without --eval-dataset)
