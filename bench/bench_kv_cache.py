@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
 
     from lowmem_es import decode as decode_module
+    from lowmem_es.data import render_prompt
     from lowmem_es.default_model import (
         DEFAULT_TASK,
         EVAL_COMPLETION_LENGTH,
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         ensure_default_model,
     )
     from lowmem_es.evaluate import summarize
-    from lowmem_es.generate import generate_population, render_prompt
+    from lowmem_es.generate import generate_population
     from lowmem_es.lora import attach_es_lora
     from lowmem_es.model import load_model
     from lowmem_es.rewards import RewardScorer

@@ -1,17 +1,18 @@
 """lowmem-es: fine-tune LLMs with Evolution Strategies on LoRA adapters of a frozen NF4 model.
 
-Public API: ``ESConfig``, ``ESTrainer`` (imported lazily: the trainer pulls in
-transformers and bitsandbytes, which take seconds to import).
+Public API: ``ESConfig``, ``load_profile``, ``ESTrainer`` (imported lazily: the trainer
+pulls in transformers and bitsandbytes, which take seconds to import).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lowmem_es._version import __version__
 from lowmem_es.config import ESConfig
+from lowmem_es.profiles import load_profile
 
-__version__ = "0.1.0"
-__all__ = ["ESConfig", "ESTrainer", "__version__"]
+__all__ = ["ESConfig", "ESTrainer", "__version__", "load_profile"]
 
 if TYPE_CHECKING:
     from lowmem_es.trainer import ESTrainer

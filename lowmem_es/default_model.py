@@ -24,11 +24,11 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lowmem_es.atomic import atomic_directory, remove_stale_temporaries
 from lowmem_es.config import ESConfig
 
 logger = logging.getLogger("lowmem_es")
@@ -152,7 +152,6 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) ->
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowmem_es.lora import atomic_directory
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -224,19 +223,6 @@ def ensure_default_model(root: str | os.PathLike | None = None) -> Path:
         logger.info("converting %s once into %s (about half a minute)", gguf_path.name, target)
         convert_gguf(gguf_path, target)
     return target
-
-
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Delete the ``.NAME.tmp-*`` directories a killed conversion of ``target`` left
-    (each ~260 MB); call it only under ``_conversion_lock``, when none can be in use."""
-    removed = []
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-            removed.append(stale)
-    if removed:
-        logger.info("removed %d unfinished conversion(s) next to %s", len(removed), target)
-    return removed
 
 
 # --- the default run ----------------------------------------------------------------------
@@ -335,9 +321,11 @@ def run_default(config: ESConfig | None = None, seed: int | None = None, *,
     import time
 
     from lowmem_es import distributed
+    from lowmem_es.atomic import atomic_write_text
     from lowmem_es.evaluate import format_report
+    from lowmem_es.run_dir import check_output_dir
     from lowmem_es.tasks import get_task
-    from lowmem_es.trainer import ESTrainer, atomic_write_text, check_output_dir
+    from lowmem_es.trainer import ESTrainer
 
     config = config or default_run_config()
     # Before the conversion and the base evaluation: a clash with output_dir (a run there

@@ -95,14 +95,8 @@ def shard_members(schedule: Sequence[tuple[int, int]], world: int, this_rank: in
     return [m for m, (pair, _) in enumerate(schedule) if pair in mine]
 
 
-def gather_fitness(local: dict[int, float], population_size: int,
-                   device: torch.device | None = None) -> list[float]:
-    """All ranks' member fitnesses in member order (float64, exact: no reduction math).
-
-    ``device`` is accepted for compatibility and not used: the tensors live where the
-    process group's backend reduces them (``collective_device``).
-    """
-    del device
+def gather_fitness(local: dict[int, float], population_size: int) -> list[float]:
+    """All ranks' member fitnesses in member order (float64, exact: no reduction math)."""
     members = list(local)
     return gather_rows(members, [[local[m] for m in members]], population_size,
                        what="member fitnesses")[0]

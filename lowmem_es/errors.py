@@ -14,4 +14,9 @@ class KernelError(RuntimeError):
     the GPU in this process any more; the message says how to restart without kernels."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint, adapter file or journal line is missing, truncated, edited or fails
+    its checksums; the message names the file (and line) and how to recover."""
+
+
 USER_ERRORS = (ValueError, OSError, DistributedError, RewardFunctionError, KernelError)

@@ -322,3 +322,37 @@ def _moment(moments: dict[str, torch.Tensor], name: str, theta: torch.Tensor) ->
     elif value.device != theta.device or value.dtype != torch.float32:
         value = moments[name] = value.to(device=theta.device, dtype=torch.float32)
     return value
+
+
+def member_fitness(totals: Sequence[float], num_prompts: int, num_generations: int, *,
+                   pass_at_k: bool = False, pass_at_k_fraction: float = 0.0,
+                   correct_threshold: float = 1.0) -> float:
+    """One member's fitness from the total rewards of its completions.
+
+    ``totals`` is prompt-major: the ``num_generations`` completions of prompt 0, then of
+    prompt 1, ... Without ``pass_at_k`` the fitness is the mean total reward. With it
+    (k = ``num_generations``), a prompt scores 1.0 when at least
+    ``max(1, ceil(pass_at_k_fraction * k))`` of its k completions reach
+    ``correct_threshold`` (fraction 0 = any one), else 0.0; the fitness is the mean over
+    prompts. pass@k rewards a member for solving a prompt sometimes, which keeps a
+    signal on prompts the model rarely solves (greedy scoring would say 0 for all).
+    """
+    if num_prompts < 1 or num_generations < 1:
+        raise ValueError(f"member_fitness needs num_prompts >= 1 and num_generations >= 1, "
+                         f"got {num_prompts} and {num_generations}")
+    expected = num_prompts * num_generations
+    if len(totals) != expected:
+        raise ValueError(f"member_fitness got {len(totals)} rewards for {num_prompts} prompts "
+                         f"x {num_generations} generations = {expected}; totals must hold "
+                         "every completion of the member, prompt-major")
+    if not pass_at_k:
+        return float(sum(totals)) / expected
+    if not 0 <= pass_at_k_fraction <= 1:
+        raise ValueError(f"`pass_at_k_fraction` should be in [0, 1], got {pass_at_k_fraction!r}")
+    # 1e-9 absorbs float error: 0.3 * 10 is 3.0000000000000004 and must need 3, not 4.
+    needed = max(1, math.ceil(pass_at_k_fraction * num_generations - 1e-9))
+    solved = 0
+    for start in range(0, expected, num_generations):
+        group = totals[start:start + num_generations]
+        solved += sum(t >= correct_threshold for t in group) >= needed
+    return solved / num_prompts

@@ -14,7 +14,6 @@ Three numbers per split, because a probe on SmolLM2 saw ES learn answer *format*
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,7 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lowmem_es.rewards import RewardFunc, RewardScorer, load_reward
+from lowmem_es.adapter_io import adapter_settings
+from lowmem_es.data import fit_prompts, render_prompt, validate_rows, warn_long_rows
+from lowmem_es.rewards.functions import RewardFunc
+from lowmem_es.rewards.scoring import RewardScorer, load_reward
 
 logger = logging.getLogger("lowmem_es")
 
@@ -94,8 +96,6 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     (``label``: N/M rows) every ``PROGRESS_SECONDS``.
     """
     from lowmem_es import distributed
-    from lowmem_es.generate import generate_population, render_prompt
-    from lowmem_es.trainer import validate_rows
 
     rows = validate_rows(rows, "dataset")
     if scorer is None:
@@ -104,20 +104,13 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
         scorer = make_scorer(tokenizer, rows, reward_funcs,
                              max_prompt_length=max_prompt_length, reward_weights=reward_weights)
     prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
-    device = next(es_model.model.parameters()).device
     started = time.perf_counter()
-    mine = distributed.shard_rows(len(rows)) if sharded else list(range(len(rows)))
-    totals: list[float] = []
-    texts: list[str] = []
-    if mine:  # all prompts go in: the same left padding, so the same tokens, as alone
-        completions = generate_population(
-            es_model, tokenizer, prompts, [(None, i) for i in mine],
-            max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
-            temperature=0.0, rows_per_chunk=rows_per_chunk, device=device,
-            kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk,
-            progress=_ProgressLog(label))
-        totals, _ = scorer.score(rows, mine, completions)
-        texts = [c.text for c in completions]
+    mine, completions, totals, _ = score_centre(
+        es_model, tokenizer, rows, prompts, scorer, sharded=sharded,
+        max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
+        rows_per_chunk=rows_per_chunk, kv_cache_dtype=kv_cache_dtype,
+        prefill_chunk=prefill_chunk, progress=_ProgressLog(label))
+    texts = [c.text for c in completions]
     columns = [totals]
     if well_formed is not None:
         columns.append([float(bool(well_formed(text))) for text in texts])
@@ -136,6 +129,32 @@ def evaluate_rows(es_model: Any, tokenizer: Any, rows: Sequence[dict],
     return result
 
 
+def score_centre(es_model: Any, tokenizer: Any, rows: Sequence[dict], prompts: Sequence[str],
+                 scorer: Any, *, sharded: bool, device: Any = None, **generation: Any
+                 ) -> tuple[list[int], list[Any], list[float], dict[str, list]]:
+    """Greedy completions of the unperturbed adapter (the centre) on this rank's rows,
+    scored: the core of every evaluation (``evaluate_rows`` and ``ESTrainer.evaluate``).
+
+    ``sharded``: rank r takes rows r, r + world, ... (else every row). All prompts go
+    into ``generate_population``, so a row gets the same left padding, and so the same
+    tokens, as in one process. ``generation`` passes on (lengths, rows per chunk, KV
+    cache, prefill chunk, backend, progress). Returns this rank's row indices, their
+    completions, total rewards and per-function rewards (``scorer.score``'s).
+    """
+    from lowmem_es import distributed
+    from lowmem_es.generate import generate_population
+
+    mine = distributed.shard_rows(len(rows)) if sharded else list(range(len(rows)))
+    if not mine:
+        return mine, [], [], {}
+    if device is None:
+        device = next(es_model.model.parameters()).device
+    completions = generate_population(es_model, tokenizer, prompts, [(None, i) for i in mine],
+                                      temperature=0.0, device=device, **generation)
+    totals, per_func = scorer.score(rows, mine, completions)
+    return mine, completions, totals, per_func
+
+
 PROGRESS_SECONDS = 30.0  # how often a long evaluation says how far it is
 
 
@@ -152,69 +171,6 @@ class _ProgressLog:
         if done < total and now - self.last >= PROGRESS_SECONDS:
             self.last = now
             logger.info("%s: %d/%d rows (%.0f s)", self.label, done, total, now - self.started)
-
-
-def warn_long_rows(rows: Sequence[dict], tokenizer: Any, max_prompt_length: int) -> int:
-    """``warn_long_prompts`` for dataset rows, their prompts rendered as generation does.
-
-    Rows whose chat prompts cannot be rendered (no chat template) are skipped here: that
-    error is reported, naming the row, when the rows are used.
-    """
-    from lowmem_es.generate import render_prompt
-
-    try:
-        prompts = [render_prompt(row["prompt"], tokenizer, i) for i, row in enumerate(rows)]
-    except ValueError:
-        return 0
-    return warn_long_prompts(prompts, tokenizer, max_prompt_length)
-
-
-def warn_long_prompts(prompts: Sequence[str], tokenizer: Any, max_prompt_length: int) -> int:
-    """Log a warning when prompts exceed ``max_prompt_length`` tokens (they get left-truncated)."""
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    too_long = sum(length > max_prompt_length for length in lengths)
-    if too_long:
-        logger.warning("%d of %d prompts are longer than max_prompt_length=%d tokens (longest "
-                       "%d) and are truncated on the left; raise --max-prompt-length to keep "
-                       "them whole", too_long, len(prompts), max_prompt_length, max(lengths))
-    return too_long
-
-
-def adapter_settings(adapter: str | os.PathLike) -> dict[str, Any]:
-    """(rank, alpha, target modules, base model) of a PEFT adapter directory."""
-    path = Path(adapter)
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"adapter directory {str(path)!r} has no adapter_config.json; "
-                                "pass the directory written by save_adapter (e.g. "
-                                "runs/NAME/adapter)")
-    where = f"adapter config {str(config_file)!r}"
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{where} is not valid JSON ({error}); pass the directory written "
-                         "by save_adapter or PEFT, or re-save the adapter") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{where} is a JSON {type(config).__name__}, not an object")
-    targets = config.get("target_modules")
-    if isinstance(targets, str):  # PEFT also allows a regex string; we need names
-        raise ValueError(f"adapter {str(path)!r} gives target_modules as the pattern "
-                         f"{targets!r}; only lists of module names are supported")
-    if not (isinstance(targets, list) and targets
-            and all(isinstance(t, str) and t for t in targets)):
-        raise ValueError(f"{where} has target_modules={targets!r}; it must be a non-empty "
-                         "list of module names such as [\"q_proj\", \"v_proj\"]")
-    numbers = {}
-    for key, kind in (("r", int), ("lora_alpha", float)):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{where} has {key}={value!r}; it must be a positive number "
-                             "(the LoRA rank r and scale lora_alpha / r)")
-        numbers[key] = kind(value)
-    if numbers["r"] != config["r"]:
-        raise ValueError(f"{where} has r={config['r']!r}; the rank must be a whole number")
-    return {"rank": numbers["r"], "alpha": numbers["lora_alpha"], "target_modules": targets,
-            "base_model": config.get("base_model_name_or_path")}
 
 
 def _same_model(trained_on: str, model: str | os.PathLike) -> bool:
@@ -256,7 +212,7 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     """
     from lowmem_es.lora import attach_es_lora
     from lowmem_es.model import load_model
-    from lowmem_es.tasks import fit_prompts, get_task
+    from lowmem_es.tasks import get_task
 
     if isinstance(task, str):
         task = get_task(task)
@@ -293,7 +249,7 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     kv_cache_dtype = kv_cache_dtype or "auto"
     prefill_chunk = 0
     if card is not None and not rows_per_chunk:  # plan before loading any weights
-        from lowmem_es.cli_plan import read_model_config
+        from lowmem_es.cli.plan import read_model_config
         from lowmem_es.planner import plan
 
         config = read_model_config(str(model))

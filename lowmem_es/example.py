@@ -94,21 +94,27 @@ def example_config(output_dir: str, **overrides: object) -> ESConfig:
     return ESConfig(**values)
 
 
-def run_example(output_dir: str | os.PathLike = "runs/tiny-example", **overrides: object
-                ) -> dict[str, float]:
-    """Build the tiny model, train it with ES, and report reward before and after."""
-    from lowmem_es.rewards import target_fraction
-    from lowmem_es.trainer import ESTrainer
+TINY_MODEL_MARKER = ".lowmem-es-complete"  # written last inside the atomic build
 
-    output_dir = Path(output_dir)
-    base = build_tiny_model(output_dir / "base-model")
-    args = example_config(str(output_dir), **overrides)
-    data = tiny_dataset()
-    trainer = ESTrainer(str(base), [target_fraction], train_dataset=data, eval_dataset=data,
-                        args=args)
-    before = trainer.evaluate()["eval_reward"]
-    history = trainer.train()
-    after = trainer.evaluate()["eval_reward"]
-    return {"eval_reward_before": before, "eval_reward_after": after,
-            "train_reward_first": history[0]["reward_mean"],
-            "train_reward_last": history[-1]["reward_mean"]}
+
+def ensure_tiny_model(base: Path) -> None:
+    """The tiny example's base model in ``base``: built once, atomically (a directory
+    that exists is complete), and kept across restarts and resumes. It is deterministic,
+    so a run resumed from it sees the model it started with."""
+    from safetensors import SafetensorError
+
+    from lowmem_es.atomic import atomic_directory, remove_stale_temporaries
+
+    if (base / TINY_MODEL_MARKER).is_file():
+        return
+    # A build killed before its rename leaves a temporary; one made before the marker
+    # existed may be torn (written in place): both are replaced.
+    remove_stale_temporaries(base)
+    try:
+        with atomic_directory(base) as tmp:
+            build_tiny_model(tmp)
+            (tmp / TINY_MODEL_MARKER).write_text("complete\n")
+    except (OSError, SafetensorError) as error:  # a full disk is a SafetensorError
+        raise OSError(f"could not write the tiny example's base model to {str(base)!r} "
+                      f"({error}); free some space there or pass another --output-dir"
+                      ) from error

@@ -34,19 +34,6 @@ class Completion:
     ids: list[int]
 
 
-def render_prompt(prompt: object, tokenizer: object, row_index: int) -> str:
-    """A prompt string: plain strings as they are, chat messages through the chat template."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"row {row_index}: `prompt` is a list of chat messages but the "
-                             "tokenizer has no chat template; give plain-string prompts")
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"row {row_index}: `prompt` must be a string or a list of chat messages "
-                     f"({{'role': ..., 'content': ...}}), got {type(prompt).__name__}")
-
-
 def _segments(row_members: Sequence[int]) -> list[tuple[int, int]]:
     """Run-length encode member ids: [(member, rows), ...] in row order."""
     segments: list[tuple[int, int]] = []

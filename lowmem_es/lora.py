@@ -26,11 +26,8 @@ computed in fp32 and cast back, as PEFT does for fp32 adapters.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,18 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowmem_es import noise
+from lowmem_es import adapter_io, noise
+from lowmem_es.adapter_io import PEFT_PREFIX
 
 if TYPE_CHECKING:  # the kernels module imports triton: only at run time, when needed
     from lowmem_es.kernels.noisy_lora import RowPlan
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
 
 # Which path ESLoraLinear takes for perturbed rows: None = the fused kernel for CUDA tensors
 # and the cached torch path elsewhere; "kernel" forces the kernel (on CPU it then needs
@@ -319,11 +311,7 @@ class ESLoraModel:
 
     def tensor_ids(self) -> dict[str, int]:
         """Noise-contract tensor id of every master tensor (same keys as ``parameters``)."""
-        ids = {}
-        for name, layer in self.layers.items():
-            ids[f"{name}.lora_A"] = layer.tensor_id_A
-            ids[f"{name}.lora_B"] = layer.tensor_id_B
-        return ids
+        return adapter_io.param_tensor_ids(self.parameters())
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.parameters().values())
@@ -356,116 +344,16 @@ class ESLoraModel:
         return {k: v.contiguous() for k, v in tensors.items()}
 
     def save_adapter(self, path: str | os.PathLike) -> Path:
-        """Write a standard PEFT adapter directory atomically; returns its path.
-
-        The directory is replaced as a whole, so an existing ``path`` must be empty or an
-        adapter directory (only adapter files): anything else is refused, not deleted.
-        """
-        path = Path(path)
-        check_adapter_destination(path)
-        with atomic_directory(path) as tmp:
-            self.write_adapter(tmp)
-        return path
+        """Write a standard PEFT adapter directory atomically (``adapter_io.save_adapter``)."""
+        return adapter_io.save_adapter(self, path)
 
     def write_adapter(self, directory: Path) -> None:
-        """Write the PEFT adapter files (weights + adapter_config.json) into ``directory``."""
-        from peft import LoraConfig
-
-        config = LoraConfig(r=self.rank, lora_alpha=self.alpha,
-                            target_modules=sorted(self.target_modules), lora_dropout=0.0,
-                            bias="none", task_type="CAUSAL_LM",
-                            base_model_name_or_path=self.base_model_name_or_path)
-        save_file(self.state_dict_peft(), str(Path(directory) / ADAPTER_WEIGHTS),
-                  metadata={"format": "pt", "producer": "lowmem-es"})
-        config.save_pretrained(str(directory))
+        """Write the PEFT adapter files into ``directory`` (``adapter_io.write_adapter``)."""
+        adapter_io.write_adapter(self, directory)
 
     def load_adapter(self, path: str | os.PathLike) -> None:
-        """Load master weights from a PEFT adapter directory (safetensors only, no pickle)."""
-        path = Path(path)
-        weights = path / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in adapter directory {str(path)!r}; "
-                                    "pass a directory written by save_adapter or PEFT")
-        config = json.loads((path / ADAPTER_CONFIG).read_text()) if (
-            path / ADAPTER_CONFIG).is_file() else {}
-        if config.get("r", self.rank) != self.rank:
-            raise ValueError(f"adapter {str(path)!r} has rank r={config['r']} but this run uses "
-                             f"lora_rank={self.rank}; set lora_rank={config['r']}")
-        _check_adapter_scaling(path, config, self.alpha)
-        try:
-            tensors = load_file(str(weights))
-        except (SafetensorError, OSError) as error:  # truncated, not safetensors, unreadable
-            raise ValueError(f"{str(weights)!r} is not a readable safetensors file ({error}); "
-                             "the adapter is damaged or was not written completely: write it "
-                             "again (a run's checkpoints/step_* hold earlier copies, and "
-                             "`lowmem-es replay` rebuilds any step from the journal)") from None
-        values = []
-        used = set()
-        for layer in self.layers.values():
-            for matrix, target in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                key = f"{PEFT_PREFIX}{layer.qualified_name}.{matrix}.weight"
-                alt = key.replace(".weight", ".default.weight")
-                found = key if key in tensors else alt
-                value = tensors.get(found)
-                if value is None:
-                    raise ValueError(f"adapter {str(path)!r} has no tensor {key!r}; was it "
-                                     "trained for the same model and target modules?")
-                if value.shape != target.shape:
-                    raise ValueError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, "
-                                     f"expected {tuple(target.shape)}")
-                used.add(found)
-                values.append((target, value))
-        extra = sorted(set(tensors) - used)
-        if extra:  # e.g. layers this model does not have: the adapter is for another model
-            raise ValueError(f"adapter {str(path)!r} has {len(extra)} tensor(s) this model has "
-                             f"no LoRA layer for, e.g. {extra[0]!r}; it was trained for "
-                             "another model or other target modules")
-        for target, value in values:  # only once all of it fits: no half-loaded adapter
-            target.data.copy_(value.to(torch.float32))
-
-
-def check_adapter_destination(path: Path) -> None:
-    """Refuse to write an adapter where ``atomic_directory`` would destroy something: the
-    directory is replaced as a whole, so it must be new, empty, or an adapter directory
-    (only adapter files). Everything that writes an adapter directory calls this."""
-    path = Path(path)
-    if not path.exists():
-        return
-    held = ([p.name for p in path.iterdir() if p.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
-            if path.is_dir() else [path.name])
-    if held:
-        raise ValueError(f"cannot write an adapter to {str(path)!r}: it holds "
-                         f"{sorted(held)[:5]}, and writing replaces the whole directory; "
-                         "choose a new or empty directory")
-
-
-def _check_adapter_scaling(path: Path, config: dict, alpha: float) -> None:
-    """Refuse a PEFT adapter whose output this layer would compute differently.
-
-    ES-LoRA layers compute ``scale * (x A^T) B^T`` with ``scale = alpha / r`` for every
-    layer and no LoRA bias. An adapter saved with another ``lora_alpha``, rsLoRA scaling
-    (alpha / sqrt(r)), per-layer ``rank_pattern``/``alpha_pattern`` or trained biases
-    would load without complaint and then give other outputs than PEFT: an evaluation
-    would silently score a different model.
-    """
-    where = f"adapter {str(path)!r}"
-    saved = config.get("lora_alpha", alpha)
-    if saved is not None and float(saved) != float(alpha):
-        raise ValueError(f"{where} has lora_alpha={saved} but this run uses lora_alpha="
-                         f"{alpha}; set lora_alpha={saved} (the LoRA scale is alpha / r)")
-    if config.get("use_rslora"):
-        raise ValueError(f"{where} uses rsLoRA scaling (use_rslora=true: alpha / sqrt(r)), "
-                         "which ES-LoRA layers do not compute; merge or re-save it without "
-                         "rsLoRA")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise ValueError(f"{where} sets per-layer `{key}` {config[key]}, which "
-                             "ES-LoRA layers do not follow (one rank and alpha for every "
-                             "layer)")
-    if config.get("bias", "none") not in (None, "none"):
-        raise ValueError(f"{where} trains LoRA biases (bias={config['bias']!r}), which "
-                         "ES-LoRA layers do not have; use an adapter saved with "
-                         "bias='none'")
+        """Load master weights from a PEFT adapter directory (``adapter_io.load_adapter``)."""
+        adapter_io.load_adapter(self, path)
 
 
 @dataclass
@@ -529,70 +417,3 @@ def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> Non
     if missing:
         raise ValueError(f"`lora_target_modules` contains {missing}, which match no linear layer "
                          f"of this model; valid names are {sorted(linear_names)}")
-
-
-@contextlib.contextmanager
-def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success fsync its files and rename it to path.
-
-    A crash leaves the old directory or the new one, never a half-written one. Files and
-    folders get the modes the umask gives (not the owner-only ones of ``mkdtemp`` and
-    safetensors). Replacing
-    an existing directory takes two renames (old aside to ``.NAME.old-PID``, new in); a
-    crash between them leaves ``path`` missing and the old copy aside, and the next
-    write to ``path`` (or ``restore_set_aside``) puts it back first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    restore_set_aside(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a directory gets umask's
-    try:
-        yield tmp
-        for child in sorted(tmp.rglob("*"), reverse=True):  # files, then their folders
-            if child.is_file() and not child.is_symlink():
-                # safetensors writes its files owner-only (0600) whatever the umask; give
-                # every file the mode an ordinary write would, so a shared group can read
-                # the adapter and the checkpoints.
-                os.chmod(child, 0o666 & ~umask)
-                with open(child, "rb") as handle:
-                    os.fsync(handle.fileno())
-            elif child.is_dir():
-                _fsync_directory(child)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_directory(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def restore_set_aside(path: Path) -> bool:
-    """Put back the copy of ``path`` that ``atomic_directory`` set aside when a crash hit
-    between its two renames (``path`` missing, ``.NAME.old-PID`` present); True if it did.
-    The newest such copy wins; none of them is deleted otherwise."""
-    path = Path(path)
-    if path.exists():
-        return False
-    aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not aside:
-        return False
-    os.replace(aside[-1], path)
-    _fsync_directory(path.parent)
-    return True
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make a directory's entries durable (names created or renamed in it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,26 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
-from lowmem_es import __version__, checkpoint, distributed, es, lora, noise
-from lowmem_es.config import NON_RESULT_FIELDS, ESConfig, to_toml
-from lowmem_es.errors import KernelError
-from lowmem_es.generate import Completion, generate_population, render_prompt
+from lowmem_es import checkpoint, distributed, es, journal, lora, noise, run_dir
+from lowmem_es._version import __version__
+from lowmem_es.atomic import atomic_write_text, rewrite_jsonl
+from lowmem_es.config import ESConfig, to_toml
+from lowmem_es.data import epoch_order, render_prompt, validate_rows, warn_long_rows
+from lowmem_es.errors import CheckpointError, KernelError
+from lowmem_es.evaluate import score_centre
+from lowmem_es.generate import Completion, generate_population
 from lowmem_es.kernel_check import check_kernels
 from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
 from lowmem_es.model import (
@@ -40,175 +40,21 @@ from lowmem_es.model import (
     resolve_device,
 )
 from lowmem_es.profiles import Profile, load_profile
-from lowmem_es.rewards import (
-    RewardFunc,
-    RewardScorer,
-    member_fitness,
-    reward_name,
-    reward_path,
+from lowmem_es.progress import Progress, peak_memory_mb, plot_rewards
+from lowmem_es.rewards.functions import RewardFunc
+from lowmem_es.rewards.scoring import RewardScorer, reward_name
+from lowmem_es.run_dir import (
+    IDENTITY_KEY,
+    JOURNAL,
+    METRICS,
+    check_output_dir,
+    metrics_entry,
+    read_metrics,
+    run_identity,
+    write_failure,
 )
-from lowmem_es.tasks.jsonl import message_problem
 
 logger = logging.getLogger("lowmem_es")
-
-
-def validate_rows(rows: Sequence[dict], name: str) -> list[dict]:
-    """Check a dataset is a non-empty list of dicts with a ``prompt``; errors name the row."""
-    if rows is None or isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__"):
-        raise ValueError(f"`{name}` must be a list of dicts with a 'prompt' key")
-    rows = list(rows)
-    if not rows:
-        raise ValueError(f"`{name}` is empty; give at least one row with a 'prompt'")
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict) or "prompt" not in row:
-            raise ValueError(f"`{name}` row {index} has no 'prompt' key (got "
-                             f"{row if not isinstance(row, dict) else sorted(row)}); every row "
-                             "needs a 'prompt' plus the columns the reward functions read")
-        prompt = row["prompt"]
-        chat = isinstance(prompt, list) and all(message_problem(m) is None for m in prompt)
-        if not (isinstance(prompt, str) and prompt) and not (chat and prompt):
-            raise ValueError(f"`{name}` row {index}: field 'prompt' must be a non-empty string "
-                             "or a list of chat messages {'role': str, 'content': str}, got "
-                             f"{type(prompt).__name__} {str(prompt)[:60]!r}")
-    return rows
-
-
-def run_identity(model: str | os.PathLike | ESLoraModel, train_dataset: Sequence[dict],
-                 reward_funcs: Sequence[RewardFunc] | None = None) -> dict[str, Any]:
-    """What a run trains on, recorded in its checkpoints and compared on resume.
-
-    ``base_model``: the model directory (absolute, when it is a local directory) or hub id;
-    ``base_model_config_sha256``: sha256 of its config.json (of the loaded config for an
-    ``ESLoraModel`` without a local directory; None when neither exists); ``train_rows``
-    and ``train_data_sha256``: the number of training rows and the sha256 of their JSON;
-    ``reward_functions``: each reward function as ``module:qualified_name`` (the objective;
-    its weights are in the configuration). The weights and the functions' code are not
-    hashed; the path, config and names stand for them.
-    """
-    config_text: bytes | None = None
-    if isinstance(model, ESLoraModel):
-        name = model.base_model_name_or_path
-        config = getattr(model.model, "config", None)
-        if config is not None and hasattr(config, "to_json_string"):
-            config_text = config.to_json_string(use_diff=False).encode()
-    else:
-        name = str(model)
-    if name is not None and Path(name).is_dir():
-        config_file = Path(name) / "config.json"
-        if config_file.is_file():
-            config_text = config_file.read_bytes()
-        name = str(Path(name).resolve())
-    rows = json.dumps(list(train_dataset), sort_keys=True, default=str).encode()
-    return {"base_model": name,
-            "base_model_config_sha256": (hashlib.sha256(config_text).hexdigest()
-                                         if config_text is not None else None),
-            "train_rows": len(train_dataset),
-            "train_data_sha256": hashlib.sha256(rows).hexdigest(),
-            "reward_functions": [reward_path(func) for func in reward_funcs or ()]}
-
-
-def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = False,
-                     force: bool = False, identity: dict[str, Any] | None = None) -> bool:
-    """Refuse, reading files only, what training into ``args.output_dir`` would refuse.
-
-    Cheap, so callers run it before any model loading or evaluation (ESTrainer's
-    constructor does; the CLI and ``run_default`` also before their own model work): a
-    mistake then costs seconds, not a base-model evaluation. Refused: an output_dir that
-    holds a run without ``resume`` or ``overwrite``; with ``resume``, a configuration whose
-    result-changing fields differ from the run's run.toml, or (``identity``, see
-    ``run_identity``) another base model or other training rows than the run's newest
-    checkpoint records, unless ``force``. Returns whether output_dir holds a run.
-    """
-    if resume and overwrite:
-        raise ValueError("`resume` and `overwrite` exclude each other: resume continues "
-                         "the run in output_dir, overwrite deletes it")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir {str(out)!r} is a file, not a directory; pass "
-                         "--output-dir (output_dir=) a directory to write the run into")
-    checkpoint.check_unlocked(out)
-    journal = out / "journal.jsonl"
-    # A run exists once it has a complete checkpoint or a journaled iteration; a kill
-    # while the very first checkpoint was being written leaves neither (only a temp
-    # dir), and such a run simply starts again.
-    steps = [step for step, _ in checkpoint.list_checkpoints(out)]
-    has_run = bool(steps) or (journal.is_file() and journal.stat().st_size > 0)
-    if not has_run or overwrite:
-        return has_run
-    if not resume:
-        raise ValueError(f"output_dir {str(out)!r} already holds a run; pass --resume "
-                         "(resume=True) to continue it or --overwrite (overwrite=True) to "
-                         "start over")
-    # Done: the newest checkpoint, or further the journal (resume replays its lines). Its
-    # line count bounds its records, so it is parsed only when that bound matters.
-    done = max(steps, default=0)
-    if journal.is_file() and journal.read_bytes().count(b"\n") + 1 > args.iterations:
-        done = max(done, len(checkpoint.read_journal(journal)))
-    if args.iterations < done:
-        raise ValueError(f"cannot resume {str(out)!r} with iterations={args.iterations}: the "
-                         f"run has already done {done} iterations. "
-                         "`iterations` is the run's total, not how many more to do: pass "
-                         f"at least {done}")
-    if force:
-        return has_run
-    saved_config = out / "run.toml"
-    if not saved_config.is_file():
-        # run.toml is written after the first checkpoint (or was deleted): compare the
-        # result hash every checkpoint records instead.
-        saved_hash = (checkpoint.newest_state(out) or {}).get("config_hash")
-        if saved_hash is not None and saved_hash != args.result_hash():
-            raise ValueError(f"cannot resume {str(out)!r}: it has no run.toml and the "
-                             "configuration's fields that change results differ from the "
-                             "ones its checkpoints record (config_hash "
-                             f"{saved_hash} -> {args.result_hash()}). Restore them, or pass "
-                             "--force (force=True) to resume anyway")
-    if saved_config.is_file():
-        saved = ESConfig.from_toml(saved_config).to_dict()
-        current = args.to_dict()
-        differing = sorted(k for k in current if k not in NON_RESULT_FIELDS
-                           and saved.get(k) != current[k])
-        if differing:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}"
-                                for k in differing)
-            raise ValueError(f"cannot resume {str(out)!r}: the configuration changed in "
-                             f"fields that change results ({details}). Restore them, or "
-                             "pass --force (force=True) to resume anyway")
-    state = checkpoint.newest_state(out) or {}
-    saved_identity = state.get(IDENTITY_KEY)
-    if identity is not None and isinstance(saved_identity, dict):
-        _compare_identity(out, saved_identity, identity)
-    return has_run
-
-
-IDENTITY_KEY = "run_identity"  # the trainer_state.json key run_identity() is saved under
-
-
-def _compare_identity(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise when ``current`` names another base model or other training rows than ``saved``."""
-    problems = []
-    saved_hash = saved.get("base_model_config_sha256")
-    current_hash = current.get("base_model_config_sha256")
-    if saved.get("base_model") != current.get("base_model") or (
-            saved_hash and current_hash and saved_hash != current_hash):
-        problems.append(f"base model {saved.get('base_model')!r} (config.json sha256 "
-                        f"{str(saved_hash)[:12]}) -> {current.get('base_model')!r} "
-                        f"(config.json sha256 {str(current_hash)[:12]})")
-    if saved.get("train_data_sha256") != current.get("train_data_sha256"):
-        problems.append(f"training data {saved.get('train_rows')} rows (sha256 "
-                        f"{str(saved.get('train_data_sha256'))[:12]}) -> "
-                        f"{current.get('train_rows')} rows (sha256 "
-                        f"{str(current.get('train_data_sha256'))[:12]})")
-    saved_rewards = saved.get("reward_functions")  # absent: an older lowmem-es
-    if saved_rewards is not None and saved_rewards != current.get("reward_functions"):
-        problems.append(f"reward functions {', '.join(saved_rewards)} -> "
-                        f"{', '.join(current.get('reward_functions') or [])}")
-    if problems:
-        raise ValueError(f"cannot resume {str(out)!r}: it was trained on something else "
-                         f"({'; '.join(problems)}). Resume with the run's own --model, "
-                         "data and --reward, pass another --output-dir to start a new run, "
-                         "or pass --force (force=True) to continue this run on the new ones "
-                         "anyway "
-                         "(the same applies if the model directory only moved)")
 
 
 def _own_settings(method: Callable) -> Callable:
@@ -234,7 +80,7 @@ class ESTrainer:
 
     ``model`` is a path / hub id (loaded in NF4 with LoRA on ``args.lora_target_modules``)
     or a ready ``ESLoraModel`` (then pass ``tokenizer``). ``reward_funcs`` are TRL-style
-    reward functions or names accepted by ``lowmem_es.rewards.load_reward``.
+    reward functions or names accepted by ``lowmem_es.rewards.scoring.load_reward``.
     """
 
     def __init__(self, model: str | os.PathLike | ESLoraModel,
@@ -342,14 +188,12 @@ class ESTrainer:
 
     def _check_prompt_lengths(self) -> None:
         """Warn once, up front, about prompts that will be left-truncated (never a crash)."""
-        from lowmem_es.evaluate import warn_long_rows
-
         rows = list(self.train_dataset) + list(self.eval_dataset or [])
         warn_long_rows(rows, self.tokenizer, self.args.max_prompt_length)
 
     def _make_plan(self, model: object, profile: Profile) -> object:
         """The memory plan of this rank's share of the population under ``profile``."""
-        from lowmem_es.cli_plan import read_model_config
+        from lowmem_es.cli.plan import read_model_config
         from lowmem_es.planner import plan
 
         args = self.args
@@ -372,10 +216,8 @@ class ESTrainer:
         indices = []
         for position in range(iteration * size, iteration * size + size):
             epoch, offset = divmod(position, n)
-            if epoch not in self._orders:
-                generator = torch.Generator().manual_seed(
-                    noise.member_key(self.args.seed, epoch, 0, 0xDA7A))
-                self._orders = {epoch: torch.randperm(n, generator=generator).tolist()}
+            if epoch not in self._orders:  # the current epoch only: one order cached
+                self._orders = {epoch: epoch_order(self.args.seed, epoch, n)}
             indices.append(self._orders[epoch][offset])
         return indices
 
@@ -418,12 +260,12 @@ class ESTrainer:
                             if completions else ([], {}))
         per_member = len(rows) * args.num_generations
         local_fitness = {
-            m: member_fitness(totals[i * per_member:(i + 1) * per_member], len(rows),
+            m: es.member_fitness(totals[i * per_member:(i + 1) * per_member], len(rows),
                               args.num_generations, pass_at_k=args.pass_at_k,
                               pass_at_k_fraction=args.pass_at_k_fraction,
                               correct_threshold=args.correct_threshold)
             for i, m in enumerate(self.local_members)}
-        fitness = distributed.gather_fitness(local_fitness, len(self.members), self.device)
+        fitness = distributed.gather_fitness(local_fitness, len(self.members))
         all_missing = all(v is None for values in per_func.values() for v in values)
         all_missing = not distributed.any_rank(not all_missing)
         learning_rate = es.scheduled_learning_rate(args.learning_rate, args.lr_schedule,
@@ -442,14 +284,11 @@ class ESTrainer:
                            "completion; skipping the update", iteration + 1)
             record.update(skipped=True, reward_mean=None, reward_max=None, reward_min=None)
         else:
-            shaped = es.shape_fitness(fitness, args.fitness_shaping)
-            stats = es.es_update(self.es_model.parameters(), self.es_model.tensor_ids(),
-                                 run_seed=args.seed, iteration=iteration, shaped_fitness=shaped,
-                                 schedule=self.schedule, learning_rate=learning_rate,
-                                 optimizer=args.optimizer, adam_state=self.adam_state,
-                                 weight_decay=args.weight_decay,
-                                 noise_backend=args.noise_backend)
-            record.update(shaped_fitness=[float(f) for f in shaped],
+            # The update is applied from the record itself, as resume and replay apply it.
+            shaped, stats = journal.apply_record(
+                self.es_model.parameters(), self.es_model.tensor_ids(), record,
+                self.adam_state, args.noise_backend)
+            record.update(shaped_fitness=shaped,
                           reward_mean=sum(fitness) / len(fitness), reward_max=max(fitness),
                           reward_min=min(fitness), **stats)
         finished = time.perf_counter()
@@ -478,19 +317,14 @@ class ESTrainer:
         """
         rows = validate_rows(dataset, "dataset") if dataset is not None else (
             self.eval_dataset or self.train_dataset)
-        prompts = self._prompts(rows)
-        mine = distributed.shard_rows(len(rows))
-        totals: list[float] = []
-        per_func: dict[str, list] = {}
-        if mine:  # all prompts go in: the same left padding, so the same tokens, as alone
-            completions = generate_population(
-                self.es_model, self.tokenizer, prompts, [(None, p) for p in mine],
-                max_prompt_length=self.args.max_prompt_length,
-                max_completion_length=self.args.max_completion_length, temperature=0.0,
-                rows_per_chunk=self.rows_per_chunk, device=self.device,
-                backend=self.args.generation_backend, kv_cache_dtype=self.args.kv_cache_dtype,
-                prefill_chunk=self.plan.prefill_chunk if self.plan is not None else 0)
-            totals, per_func = self.score(rows, mine, completions)
+        mine, _, totals, per_func = score_centre(
+            self.es_model, self.tokenizer, rows, self._prompts(rows), self.scorer,
+            sharded=True, device=self.device,
+            max_prompt_length=self.args.max_prompt_length,
+            max_completion_length=self.args.max_completion_length,
+            rows_per_chunk=self.rows_per_chunk, backend=self.args.generation_backend,
+            kv_cache_dtype=self.args.kv_cache_dtype,
+            prefill_chunk=self.plan.prefill_chunk if self.plan is not None else 0)
         names = [reward_name(f) for f in self.scorer.reward_funcs]  # unique (RewardScorer)
         empty = [None] * len(mine)  # a rank without rows has no per-function values
         merged = distributed.gather_rows(
@@ -521,7 +355,7 @@ class ESTrainer:
         acquired, refused = False, None
         if distributed.is_main():  # under torchrun rank 0 holds the lock for all
             try:
-                acquired = checkpoint.lock_run(out)
+                acquired = run_dir.lock_run(out)
             except ValueError as error:
                 refused = error
         # Every rank learns the outcome: none waits in a barrier for a rank 0 that left.
@@ -532,7 +366,7 @@ class ESTrainer:
             return self._train(out, callback)
         finally:
             if acquired:  # not a lock this process already held (a nested train())
-                checkpoint.unlock_run(out)
+                run_dir.unlock_run(out)
 
     def _train(self, out: Path, callback: Callable[[dict[str, Any]], None] | None
                ) -> list[dict[str, Any]]:
@@ -549,29 +383,29 @@ class ESTrainer:
         self._signal = None
         started = time.perf_counter()
         first = self.iteration
-        progress = _Progress(args.iterations, first, args.logging_steps) if main else None
+        progress = Progress(args.iterations, first, args.logging_steps) if main else None
         previous_handlers = self._install_signal_handlers()
         try:
             with contextlib.ExitStack() as files:
                 if main:
-                    journal = files.enter_context(open(out / "journal.jsonl", "a"))
-                    metrics = files.enter_context(open(out / "metrics.jsonl", "a"))
+                    journal_file = files.enter_context(open(out / JOURNAL, "a"))
+                    metrics_file = files.enter_context(open(out / METRICS, "a"))
                 for iteration in range(self.iteration, args.iterations):
                     record = self.step(iteration)
-                    entry = _metrics_entry(record)
+                    entry = metrics_entry(record)
                     if iteration == first:  # what this process ran on, once per start
                         entry["kernels"] = self.kernel_status
                     if main:
-                        with _write_failure(out / "journal.jsonl", iteration):
-                            journal.write(json.dumps(record) + "\n")
-                            journal.flush()
-                            os.fsync(journal.fileno())  # the update is durable from here
+                        with write_failure(out / JOURNAL, iteration):
+                            journal_file.write(json.dumps(record) + "\n")
+                            journal_file.flush()
+                            os.fsync(journal_file.fileno())  # the update is durable from here
                     if args.eval_steps and (iteration + 1) % args.eval_steps == 0:
                         entry.update(self.evaluate())  # every rank: a sharded collective
                     if main:
-                        with _write_failure(out / "metrics.jsonl", iteration):
-                            metrics.write(json.dumps(entry) + "\n")
-                            metrics.flush()
+                        with write_failure(out / METRICS, iteration):
+                            metrics_file.write(json.dumps(entry) + "\n")
+                            metrics_file.flush()
                         progress.update(entry, record)
                     self.history.append(entry)
                     if callback is not None:
@@ -629,12 +463,9 @@ class ESTrainer:
         has_run = check_output_dir(self.args, resume, overwrite, self.force, self.identity)
         main = distributed.is_main()
         if main:
-            checkpoint.remove_partial_checkpoints(out)
+            run_dir.remove_partial_checkpoints(out)
         if has_run and overwrite and main:
-            for name in ("journal.jsonl", "metrics.jsonl", "run.toml", "reward.png"):
-                (out / name).unlink(missing_ok=True)
-            for name in ("checkpoints", "adapter"):
-                shutil.rmtree(out / name, ignore_errors=True)
+            run_dir.clear_run(out)
         if overwrite:
             has_run = False
         elif resume and not has_run and main:
@@ -667,15 +498,15 @@ class ESTrainer:
     def _restore(self, out: Path) -> None:
         """Newest valid checkpoint + replay of the journal lines after it (the configuration
         and the run's identity were checked by ``check_output_dir``)."""
-        records = checkpoint.read_journal(out / "journal.jsonl", repair=distributed.is_main())
+        records = journal.read_journal(out / "journal.jsonl", repair=distributed.is_main())
         expected = list(range(len(records)))
         if [r["iteration"] for r in records] != expected:
-            raise checkpoint.CheckpointError(
+            raise CheckpointError(
                 f"journal {out / 'journal.jsonl'} does not hold iterations 0..{len(records) - 1}"
                 " in order; it was edited or mixes two runs")
         found = checkpoint.newest_valid_checkpoint(out)
         if found is None:
-            raise checkpoint.CheckpointError(f"{str(out)!r} has no valid checkpoint to resume "
+            raise CheckpointError(f"{str(out)!r} has no valid checkpoint to resume "
                                              "from; start over with --overwrite")
         step, path, state = found
         if IDENTITY_KEY not in state:
@@ -683,14 +514,14 @@ class ESTrainer:
                            "model and training data: resuming without checking that they are "
                            "the same as this run's", out)
         if step > len(records):
-            raise checkpoint.CheckpointError(f"checkpoint {path} is at step {step} but the "
+            raise CheckpointError(f"checkpoint {path} is at step {step} but the "
                                              f"journal has only {len(records)} iterations")
         self.es_model.load_adapter(path)
         self.adam_state = checkpoint.load_adam(path) or self.adam_state
         params, ids = self.es_model.parameters(), self.es_model.tensor_ids()
         for record in records[step:]:
-            checkpoint.apply_journal_record(params, ids, record, self.adam_state,
-                                            self.args.noise_backend)
+            journal.apply_record(params, ids, record, self.adam_state,
+                                 self.args.noise_backend)
         self.iteration = len(records)
         metrics = [m for m in read_metrics(out, repair=distributed.is_main())
                    if m["iteration"] < self.iteration]
@@ -698,7 +529,7 @@ class ESTrainer:
         # latter: rebuild it from the journal (which holds every training metric; a
         # periodic evaluation of that iteration is lost, and the line says so).
         logged = {m["iteration"] for m in metrics}
-        rebuilt = [dict(_metrics_entry(r), rebuilt_from_journal=True)
+        rebuilt = [dict(metrics_entry(r), rebuilt_from_journal=True)
                    for r in records if r["iteration"] not in logged]
         if rebuilt:
             metrics = sorted(metrics + rebuilt, key=lambda m: m["iteration"])
@@ -706,7 +537,7 @@ class ESTrainer:
                         "written): rebuilt from the journal",
                         ", ".join(str(m["iteration"] + 1) for m in rebuilt))
         if distributed.is_main():
-            checkpoint.rewrite_jsonl(out / "metrics.jsonl", metrics)
+            rewrite_jsonl(out / "metrics.jsonl", metrics)
         self.history = metrics
         logger.info("resuming %s at iteration %d (checkpoint step %d + %d journal lines "
                     "replayed)", out, self.iteration + 1, step, len(records) - step)
@@ -741,160 +572,3 @@ class ESTrainer:
     def save_adapter(self, path: str | os.PathLike) -> Path:
         """Write the current (centre) adapter as a PEFT adapter directory."""
         return self.es_model.save_adapter(path)
-
-
-@contextlib.contextmanager
-def _write_failure(path: Path, iteration: int) -> Iterator[None]:
-    """Turn a failed append (a full disk, a lost mount) into an error that says what
-    failed and that the run can go on: a torn last line is dropped on resume."""
-    try:
-        yield
-    except OSError as error:
-        raise OSError(f"could not append iteration {iteration + 1} to {str(path)!r} "
-                      f"({error.strerror or error}); the checkpoints and the journal up to "
-                      f"iteration {iteration} are intact: free space there (or fix the "
-                      "directory) and continue with --resume") from error
-
-
-def _metrics_entry(record: dict[str, Any]) -> dict[str, Any]:
-    """An iteration's metrics line from its journal record (which holds every one)."""
-    return {k: record[k] for k in _METRIC_KEYS if k in record}
-
-
-_METRIC_KEYS = ("iteration", "reward_mean", "reward_max", "update_norm", "param_norm",
-                "iteration_s", "tokens_per_s", "peak_memory_mb", "predicted_peak_mb",
-                "oom_events", "skipped")
-
-
-class _Progress:
-    """A tqdm bar on a terminal; one concise log line per ``every`` iterations otherwise."""
-
-    def __init__(self, total: int, initial: int, every: int) -> None:
-        self.total, self.every, self.started = total, max(every, 1), time.perf_counter()
-        self.initial = initial
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True)
-
-    def update(self, entry: dict[str, Any], record: dict[str, Any]) -> None:
-        stats = ("skipped (no rewards)" if entry.get("skipped") else
-                 f"reward {entry['reward_mean']:.3f}/{entry['reward_max']:.3f}")
-        if "eval_reward" in entry:
-            stats += f" eval {entry['eval_reward']:.3f}"
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{stats} | {record['tokens_per_s']:.0f} tok/s | "
-                                     f"{record['peak_memory_mb']:.0f} MiB")
-            self.bar.update(1)
-            return
-        done = entry["iteration"] + 1
-        if done % self.every == 0 or done == self.total:
-            elapsed = time.perf_counter() - self.started
-            eta = elapsed / (done - self.initial) * (self.total - done)
-            logger.info("iter %d/%d | %s (mean/max) | %.1f s/it | %.0f tok/s | %.0f MiB | "
-                        "ETA %s", done, self.total, stats, record["iteration_s"],
-                        record["tokens_per_s"], record["peak_memory_mb"],
-                        _format_seconds(eta))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-_plot_warned = False
-
-
-def plot_rewards(out: Path) -> Path | None:
-    """reward.png: train mean/max reward and eval reward against iteration (matplotlib)."""
-    global _plot_warned
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if not _plot_warned:
-            logger.info("matplotlib is not installed: reward.png is off "
-                        "(pip install 'lowmem-es[plot]')")
-            _plot_warned = True
-        return None
-    metrics = read_metrics(out)  # damage is skipped: a picture never stops a run
-    if not metrics:
-        return None
-    figure, axis = plt.subplots(figsize=(7, 4))
-    its = [m["iteration"] + 1 for m in metrics if m.get("reward_mean") is not None]
-    axis.plot(its, [m["reward_mean"] for m in metrics if m.get("reward_mean") is not None],
-              label="train mean")
-    axis.plot(its, [m["reward_max"] for m in metrics if m.get("reward_max") is not None],
-              label="train max", alpha=0.4)
-    evals = [(m["iteration"] + 1, m["eval_reward"]) for m in metrics if "eval_reward" in m]
-    if evals:
-        axis.plot(*zip(*evals, strict=True), "o-", label="eval (centre)")
-    axis.set_xlabel("iteration")
-    axis.set_ylabel("reward")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    tmp = out / f".reward.png.tmp-{os.getpid()}.png"
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, out / "reward.png")
-    return out / "reward.png"
-
-
-def read_metrics(out: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """The records of ``out/metrics.jsonl``. The metrics are a log that resume does not
-    need, so damage (a bad line in the middle) does not stop a run: with ``repair`` the
-    damaged file is kept as ``metrics.jsonl.damaged-<time>`` and its readable records go on
-    in metrics.jsonl, with a warning; without, the readable records are returned."""
-    path = out / "metrics.jsonl"
-    try:
-        return checkpoint.read_journal(path, repair=repair, what="metrics")
-    except checkpoint.CheckpointError as damage:
-        error = damage
-    # Salvage every readable record that names its iteration.
-    records = []
-    for line in path.read_bytes().splitlines():
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if checkpoint.is_record(record):
-            records.append(record)
-    if repair:
-        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.copy2(path, aside)
-        checkpoint.rewrite_jsonl(path, records)
-        logger.warning("%s; kept the damaged file as %s and its %d readable records",
-                       error, aside, len(records))
-    return records
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated, or this process's peak resident memory on CPU (MiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    except ImportError:  # not on Linux/macOS: current RSS is the best we have
-        return psutil.Process().memory_info().rss / 2**20
-
-
-def _format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a fsynced sibling and a rename: a crash leaves
-    the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

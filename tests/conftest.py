@@ -44,8 +44,8 @@ def lock_holder(tmp_path):
 
     def hold(out):
         holder = subprocess.Popen(
-            [sys.executable, "-c", "import time; from lowmem_es import checkpoint; "
-             f"checkpoint.lock_run({str(out)!r}); print('locked', flush=True); "
+            [sys.executable, "-c", "import time; from lowmem_es import run_dir; "
+             f"run_dir.lock_run({str(out)!r}); print('locked', flush=True); "
              "time.sleep(120)"], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
         holders.append(holder)
         assert holder.stdout.readline().strip() == "locked"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowmem_es import ESTrainer, checkpoint
+from lowmem_es import ESTrainer, checkpoint, journal, run_dir
 from lowmem_es.cli import main
 from lowmem_es.example import example_config, tiny_dataset
 from lowmem_es.rewards import target_fraction
@@ -133,8 +133,8 @@ def test_corrupt_checkpoint_falls_back(tiny_llama_dir, reference, tmp_path):
 def test_torn_journal_line_is_repaired(tiny_llama_dir, reference, tmp_path):
     out = tmp_path / "run"
     _trainer(tiny_llama_dir, out, optimizer="adam", iterations=5).train()
-    with open(out / "journal.jsonl", "a") as journal:
-        journal.write('{"iteration": 5, "run_se')  # killed mid-write
+    with open(out / "journal.jsonl", "a") as handle:
+        handle.write('{"iteration": 5, "run_se')  # killed mid-write
     _trainer(tiny_llama_dir, out, optimizer="adam", resume=True).train()
     assert _iterations(out) == list(range(9))
     _assert_same_adapter(out / "adapter", reference / "adapter")
@@ -144,7 +144,7 @@ def test_damaged_journal_middle_is_an_error(tmp_path):
     path = tmp_path / "journal.jsonl"
     path.write_text('{"iteration": 0}\nnot json\n{"iteration": 2}\n')
     with pytest.raises(checkpoint.CheckpointError, match=r"journal\.jsonl:2"):
-        checkpoint.read_journal(path)
+        journal.read_journal(path)
 
 
 @pytest.mark.parametrize("line", ['5', '[1, 2]', '{"fitness": [1.0]}', '{"iteration": "1"}'])
@@ -153,10 +153,10 @@ def test_journal_line_that_is_no_record_is_an_error(tmp_path, line):
     path.write_text(f'{{"iteration": 0}}\n{line}\n{{"iteration": 2}}\n')
     with pytest.raises(checkpoint.CheckpointError, match=r"journal\.jsonl:2 is not a journal "
                        r"record.*integer iteration.*--overwrite"):
-        checkpoint.read_journal(path)
+        journal.read_journal(path)
     path.write_text(f'{{"iteration": 0}}\n{line}\n')  # last and complete: no torn line
     with pytest.raises(checkpoint.CheckpointError, match=r"journal\.jsonl:2"):
-        checkpoint.read_journal(path)
+        journal.read_journal(path)
 
 
 def test_damaged_run_files_give_checkpoint_errors(reference, tmp_path):
@@ -170,7 +170,7 @@ def test_damaged_run_files_give_checkpoint_errors(reference, tmp_path):
     lines[1] = json.dumps(record)
     (run / "journal.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(checkpoint.CheckpointError, match=r"iteration 1 lacks fitness.*edited"):
-        checkpoint.replay_journal(run, 3)
+        journal.replay_journal(run, 3)
     state = checkpoint.step_dir(run, 3) / checkpoint.STATE_FILE
     state.write_text("[1]")
     with pytest.raises(checkpoint.CheckpointError, match=r"not a checkpoint state"):
@@ -251,16 +251,16 @@ def test_replay_onto_a_damaged_checkpoint_says_so(reference, tmp_path, capsys):
 
 def test_replay_matches_checkpoints(reference, tmp_path, capsys):
     for step in (3, 9):
-        result = checkpoint.replay_journal(reference, step)
+        result = journal.replay_journal(reference, step)
         assert result.start_step == 0
         assert result.max_abs_diff == 0.0
-    nearest = checkpoint.replay_journal(reference, 8, start="nearest")
+    nearest = journal.replay_journal(reference, 8, start="nearest")
     assert nearest.start_step == 6 and nearest.verified_against is None
     assert main(["replay", str(reference), "--out", str(tmp_path / "r")]) == 0
     assert "bit-identical" in capsys.readouterr().out
     _assert_same_adapter(tmp_path / "r", reference / "adapter")
     with pytest.raises(ValueError, match="beyond the journal"):
-        checkpoint.replay_journal(reference, 99)
+        journal.replay_journal(reference, 99)
 
 
 def test_changed_config_is_refused_unless_forced(tiny_llama_dir, tmp_path):
@@ -346,7 +346,7 @@ def test_all_none_rewards_skip_the_update(tiny_llama_dir, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "journal.jsonl").read_text().split("\n")
              if x]
     assert all(line["skipped"] for line in lines)
-    assert checkpoint.replay_journal(tmp_path / "run").max_abs_diff == 0.0
+    assert journal.replay_journal(tmp_path / "run").max_abs_diff == 0.0
 
 
 def test_reward_plot_is_written(reference):
@@ -431,25 +431,25 @@ def test_journal_without_final_newline_resumes_twice(tiny_llama_dir, reference, 
     so the next resume (and replay) still reads one record per line."""
     out = tmp_path / "run"
     _trainer(tiny_llama_dir, out, optimizer="adam", iterations=5).train()
-    journal = out / "journal.jsonl"
-    journal.write_bytes(journal.read_bytes().rstrip(b"\n"))
+    journal_file = out / "journal.jsonl"
+    journal_file.write_bytes(journal_file.read_bytes().rstrip(b"\n"))
     _trainer(tiny_llama_dir, out, optimizer="adam", resume=True, iterations=7).train()
     assert _iterations(out) == list(range(7))
     _trainer(tiny_llama_dir, out, optimizer="adam", resume=True).train()
     assert _iterations(out) == list(range(9))
-    assert journal.read_bytes().endswith(b"}\n")
-    assert checkpoint.replay_journal(out).max_abs_diff == 0.0
+    assert journal_file.read_bytes().endswith(b"}\n")
+    assert journal.replay_journal(out).max_abs_diff == 0.0
     _assert_same_adapter(out / "adapter", reference / "adapter")
 
 
 def test_read_journal_repair_adds_only_the_missing_newline(tmp_path):
     path = tmp_path / "journal.jsonl"
     path.write_bytes(b'{"iteration": 0}\n{"iteration": 1}')
-    assert checkpoint.read_journal(path) == [{"iteration": 0}, {"iteration": 1}]
+    assert journal.read_journal(path) == [{"iteration": 0}, {"iteration": 1}]
     assert path.read_bytes() == b'{"iteration": 0}\n{"iteration": 1}'  # read-only: untouched
-    assert checkpoint.read_journal(path, repair=True) == [{"iteration": 0}, {"iteration": 1}]
+    assert journal.read_journal(path, repair=True) == [{"iteration": 0}, {"iteration": 1}]
     assert path.read_bytes() == b'{"iteration": 0}\n{"iteration": 1}\n'
-    assert checkpoint.read_journal(path, repair=True) == [{"iteration": 0}, {"iteration": 1}]
+    assert journal.read_journal(path, repair=True) == [{"iteration": 0}, {"iteration": 1}]
     assert path.read_bytes() == b'{"iteration": 0}\n{"iteration": 1}\n'  # idempotent
 
 
@@ -475,7 +475,7 @@ def test_a_stop_after_the_last_iteration_still_finishes_the_run(tiny_llama_dir, 
 
 def _strip_identity(out: Path) -> None:
     """Make ``out`` look like a run of a lowmem-es that did not record what it trained on."""
-    from lowmem_es.trainer import IDENTITY_KEY
+    from lowmem_es.run_dir import IDENTITY_KEY
 
     for _, path in checkpoint.list_checkpoints(out):
         state_file = path / checkpoint.STATE_FILE
@@ -576,13 +576,13 @@ def test_replay_uses_the_runs_noise_backend(reference, tmp_path, monkeypatch):
     (run / "run.toml").write_text(toml.replace('noise_backend = "eager"',
                                                'noise_backend = "compiled"'))
     seen = []
-    real = checkpoint.replay_journal
+    real = journal.replay_journal
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("noise_backend"))
         return real(*args, **{**kwargs, "noise_backend": "eager"})
 
-    monkeypatch.setattr(checkpoint, "replay_journal", spy)
+    monkeypatch.setattr(journal, "replay_journal", spy)
     assert main(["replay", str(run)]) == 0
     assert seen == ["compiled"]
 
@@ -610,15 +610,15 @@ def test_a_second_process_in_the_same_output_dir_is_refused(tiny_llama_dir, tmp_
                        r"on .*\) is training in .*--output-dir"):
         _trainer(tiny_llama_dir, out, resume=True, iterations=2)
     with pytest.raises(ValueError, match="another lowmem-es process"):
-        checkpoint.lock_run(out)
+        run_dir.lock_run(out)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     holder.kill()
     holder.wait()
     _trainer(tiny_llama_dir, out, resume=True, iterations=2).train()
     assert _iterations(out) == [0, 1]
-    assert checkpoint.lock_run(out) is True  # released at the end of train()
-    assert checkpoint.lock_run(out) is False  # held already: a nested train() leaves it
-    checkpoint.unlock_run(out)
+    assert run_dir.lock_run(out) is True  # released at the end of train()
+    assert run_dir.lock_run(out) is False  # held already: a nested train() leaves it
+    run_dir.unlock_run(out)
 
 
 def test_lock_probes_never_refuse_each_other(tmp_path, monkeypatch):
@@ -628,21 +628,21 @@ def test_lock_probes_never_refuse_each_other(tmp_path, monkeypatch):
     import fcntl
 
     out = tmp_path / "run"
-    assert checkpoint.lock_run(out)
-    checkpoint.unlock_run(out)
-    with open(out / checkpoint.LOCK_FILE) as probe:  # another rank's probe, mid-way
+    assert run_dir.lock_run(out)
+    run_dir.unlock_run(out)
+    with open(out / run_dir.LOCK_FILE) as probe:  # another rank's probe, mid-way
         fcntl.flock(probe, fcntl.LOCK_SH)
-        checkpoint.check_unlocked(out)
+        run_dir.check_unlocked(out)
         # lock_run waits a probe out (here released after 0.2 s) instead of refusing.
         threading.Timer(0.2, probe.close).start()
-        assert checkpoint.lock_run(out) is True
-    checkpoint.unlock_run(out)
-    with open(out / checkpoint.LOCK_FILE) as holder:  # another process's run
+        assert run_dir.lock_run(out) is True
+    run_dir.unlock_run(out)
+    with open(out / run_dir.LOCK_FILE) as holder:  # another process's run
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(ValueError, match="another lowmem-es process"):
-            checkpoint.check_unlocked(out)
+            run_dir.check_unlocked(out)
         monkeypatch.setenv("RANK", "1")
-        checkpoint.check_unlocked(out)  # rank 1 of a job: its rank 0 locks and decides
+        run_dir.check_unlocked(out)  # rank 1 of a job: its rank 0 locks and decides
 
 
 def test_resume_of_a_missing_run_warns_and_starts_one(tiny_llama_dir, tmp_path, caplog):

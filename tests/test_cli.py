@@ -1,4 +1,4 @@
-"""Tests of the ``lowmem-es`` command line (lowmem_es/cli.py).
+"""Tests of the ``lowmem-es`` command line (lowmem_es/cli/).
 
 Flags come from ESConfig fields; precedence is defaults < config file < flags; user errors
 exit with code 2 and one message on stderr. One end-to-end smoke runs the tiny built-in
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_es.cli import build_parser, main, resolve_config
+from lowmem_es.cli import build_parser, main
+from lowmem_es.cli.common import resolve_config
 from lowmem_es.config import ESConfig
 from lowmem_es.tasks.jsonl import read_jsonl as read_jsonl_lines
 
@@ -229,7 +230,8 @@ def test_module_help_subprocess(tmp_path):
 
 
 def test_profile_sits_between_defaults_and_config_file(tmp_path):
-    from lowmem_es.cli import build_parser, resolve_config
+    from lowmem_es.cli import build_parser
+    from lowmem_es.cli.common import resolve_config
 
     config_file = tmp_path / "run.toml"
     config_file.write_text("max_completion_length = 20\n")
@@ -299,7 +301,7 @@ def test_flags_that_would_be_ignored_are_errors(capsys, tmp_path, monkeypatch, a
 
 
 def test_resume_command_drops_overwrite_keeps_globals_and_quotes():
-    from lowmem_es.cli import resume_command
+    from lowmem_es.cli.train import resume_command
 
     argv = ["-v", "train", "--example", "tiny", "--overwrite", "--output-dir", "my runs/a b",
             "--iterations", "5"]
@@ -319,7 +321,7 @@ def test_resume_command_under_torchrun_names_the_launcher(monkeypatch, caplog):
     import argparse
 
     from lowmem_es import distributed
-    from lowmem_es.cli import _log_resume_command
+    from lowmem_es.cli.train import _log_resume_command
 
     monkeypatch.setattr(distributed, "world_size", lambda: 8)
     monkeypatch.setenv("WORLD_SIZE", "8")
@@ -455,43 +457,6 @@ def test_default_run_stopped_early_prints_the_resume_command(monkeypatch, caplog
                                        "--resume") for r in caplog.records)
 
 
-def test_tiny_example_base_model_is_built_once_and_write_errors_are_clear(tmp_path,
-                                                                          monkeypatch):
-    """The tiny example's base model is written atomically on the first start and reused
-    afterwards; a failed write (a full disk) names the directory and the fix."""
-    from safetensors import SafetensorError
-
-    from lowmem_es import cli, example
-
-    base = tmp_path / "run" / "base-model"
-    builds = []
-    real = example.build_tiny_model
-    monkeypatch.setattr(example, "build_tiny_model",
-                        lambda path: builds.append(path) or real(path))
-    cli._ensure_tiny_model(base)
-    cli._ensure_tiny_model(base)
-    assert len(builds) == 1 and (base / "model.safetensors").is_file()
-    assert sorted(p.name for p in base.parent.iterdir()) == ["base-model"]  # no temporaries
-    # A directory without the marker (torn by the earlier in-place writes, here: no
-    # tokenizer) is rebuilt whole, and a killed build's temporary is removed.
-    (base / cli.TINY_MODEL_MARKER).unlink()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (base / name).unlink(missing_ok=True)
-    (base.parent / ".base-model.tmp-dead").mkdir()
-    cli._ensure_tiny_model(base)
-    assert len(builds) == 2 and (base / "tokenizer_config.json").is_file()
-    assert sorted(p.name for p in base.parent.iterdir()) == ["base-model"]
-
-    def full_disk(path):
-        raise SafetensorError("No space left on device (os error 28)")
-
-    monkeypatch.setattr(example, "build_tiny_model", full_disk)
-    other = tmp_path / "other" / "base-model"
-    with pytest.raises(OSError, match=r"other.*No space left.*free some space"):
-        cli._ensure_tiny_model(other)
-    assert not other.exists()
-
-
 def test_yes_no_flags_stand_alone_or_take_a_value():
     """`--pass-at-k` alone used to fail ("expected one argument"), as the README wrote it."""
     parser = build_parser()
@@ -516,7 +481,7 @@ def test_a_second_start_is_refused_before_any_model_work(tiny_llama_dir, tmp_pat
     """While a run holds output_dir, another start is refused before it builds, loads or
     evaluates anything (it was refused only in train(), after all that), for each kind
     of run; the lock is released when the command returns."""
-    from lowmem_es import checkpoint, default_model, example, trainer
+    from lowmem_es import default_model, example, run_dir, trainer
 
     def fail(*args, **kwargs):
         raise AssertionError("model work ran before the lock was checked")
@@ -532,8 +497,8 @@ def test_a_second_start_is_refused_before_any_model_work(tiny_llama_dir, tmp_pat
         assert f"another lowmem-es process (pid {holder.pid}" in err
     holder.kill()
     holder.wait()
-    assert checkpoint.lock_run(out) is True  # no lock left behind by the refused starts
-    checkpoint.unlock_run(out)
+    assert run_dir.lock_run(out) is True  # no lock left behind by the refused starts
+    run_dir.unlock_run(out)
 
 
 def test_sigterm_before_training_ends_like_ctrl_c(tiny_llama_dir, tmp_path, monkeypatch,
@@ -544,7 +509,7 @@ def test_sigterm_before_training_ends_like_ctrl_c(tiny_llama_dir, tmp_path, monk
     import os
     import signal
 
-    from lowmem_es import checkpoint, trainer
+    from lowmem_es import run_dir, trainer
 
     def load_and_get_terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -557,5 +522,5 @@ def test_sigterm_before_training_ends_like_ctrl_c(tiny_llama_dir, tmp_path, monk
                  "--output-dir", str(out)]) == 130
     assert "lowmem-es: interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before
-    assert checkpoint.lock_run(out) is True  # released
-    checkpoint.unlock_run(out)
+    assert run_dir.lock_run(out) is True  # released
+    run_dir.unlock_run(out)

@@ -254,7 +254,8 @@ def test_smollm2_converts_loads_and_trains_one_iteration(monkeypatch, tmp_path):
                         eval_dataset=rows["eval"][:2], args=args)
     assert trainer.tokenizer.chat_template is not None  # instruct model: chat prompts work
     # The conversion kept the weights (not just the shapes): the NF4 base still answers.
-    from lowmem_es.generate import generate_population, render_prompt
+    from lowmem_es.data import render_prompt
+    from lowmem_es.generate import generate_population
 
     prompt = render_prompt([{"role": "user", "content": "What is 2 + 2?"}],
                            trainer.tokenizer, 0)

@@ -23,6 +23,7 @@ from lowmem_es.es import (
     AdamState,
     es_update,
     estimate_direction,
+    member_fitness,
     member_schedule,
     pair_coefficients,
     shape_fitness,
@@ -447,3 +448,51 @@ def test_scheduled_learning_rate_constant_and_errors():
     assert es.scheduled_learning_rate(0.01, "cosine", 0, 1) == 0.01  # one iteration: no decay
     with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
         es.scheduled_learning_rate(0.01, "step", 0, 5)
+
+
+# Two prompts x three generations, prompt-major.
+TOTALS = [0.0, 1.1, 0.1,    # prompt 0: one of three correct (1.1 >= 1.0)
+          0.1, 0.0, 0.1]    # prompt 1: none correct
+
+
+def test_member_fitness_plain_mean():
+    assert member_fitness(TOTALS, 2, 3) == pytest.approx(1.4 / 6)
+    assert member_fitness([0.5], 1, 1) == 0.5
+
+
+def test_member_fitness_pass_at_k_any():
+    assert member_fitness(TOTALS, 2, 3, pass_at_k=True) == 0.5
+    assert member_fitness([1.0, 1.0, 0.0, 1.0], 2, 2, pass_at_k=True) == 1.0
+    assert member_fitness([0.0] * 4, 2, 2, pass_at_k=True) == 0.0
+
+
+def test_member_fitness_threshold_is_inclusive_and_configurable():
+    assert member_fitness([0.1, 0.0], 1, 2, pass_at_k=True, correct_threshold=0.1) == 1.0
+    assert member_fitness([0.09, 0.0], 1, 2, pass_at_k=True, correct_threshold=0.1) == 0.0
+
+
+@pytest.mark.parametrize(("fraction", "expected"), [
+    (0.0, 1.0),   # any one of 4
+    (0.25, 1.0),  # ceil(1.0) = 1
+    (0.5, 1.0),   # 2 of 4 needed, 2 correct
+    (0.51, 0.0),  # ceil(2.04) = 3 needed
+    (1.0, 0.0),   # all 4 needed
+])
+def test_member_fitness_fraction(fraction, expected):
+    totals = [1.0, 0.0, 1.0, 0.0]  # one prompt, k = 4, two correct
+    assert member_fitness(totals, 1, 4, pass_at_k=True, pass_at_k_fraction=fraction) == expected
+
+
+def test_member_fitness_fraction_float_error():
+    # 0.3 * 10 = 3.0000000000000004 in floats: it must need 3 correct, not 4.
+    totals = [1.0] * 3 + [0.0] * 7
+    assert member_fitness(totals, 1, 10, pass_at_k=True, pass_at_k_fraction=0.3) == 1.0
+
+
+def test_member_fitness_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"got 5 rewards for 2 prompts x 3 generations = 6"):
+        member_fitness(TOTALS[:5], 2, 3)
+    with pytest.raises(ValueError, match=r"num_prompts >= 1"):
+        member_fitness([], 0, 3)
+    with pytest.raises(ValueError, match=r"`pass_at_k_fraction`.*1.5"):
+        member_fitness(TOTALS, 2, 3, pass_at_k=True, pass_at_k_fraction=1.5)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmem_es.cli_eval import add_eval_parser, run_eval
+from lowmem_es.adapter_io import adapter_settings
+from lowmem_es.cli.eval import add_eval_parser, run_eval
 from lowmem_es.evaluate import (
-    adapter_settings,
     evaluate,
     evaluate_rows,
     format_report,
@@ -156,7 +156,7 @@ def test_cli_eval_table_and_errors(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_long_prompts_warn_with_the_fix(caplog):
-    from lowmem_es.evaluate import warn_long_prompts
+    from lowmem_es.data import warn_long_prompts
     from lowmem_es.example import char_tokenizer
 
     tokenizer = char_tokenizer()  # one token per character
@@ -168,7 +168,7 @@ def test_long_prompts_warn_with_the_fix(caplog):
 
 
 def test_evaluate_under_a_profile_plans_rows_and_takes_its_kv_cache(tiny_llama_dir, tmp_path):
-    from lowmem_es.cli_plan import read_model_config
+    from lowmem_es.cli.plan import read_model_config
     from lowmem_es.planner import plan
     from lowmem_es.profiles import load_profile
 
@@ -261,7 +261,8 @@ def _jsonl(path, rows):
 
 def test_train_and_eval_hold_out_the_same_jsonl_rows(tiny_llama_dir, tmp_path, monkeypatch):
     import lowmem_es.trainer as trainer_module
-    from lowmem_es.cli import build_parser, cmd_train
+    from lowmem_es.cli import build_parser
+    from lowmem_es.cli.train import cmd_train
 
     data = _jsonl(tmp_path / "d.jsonl", [{"q": f"What is {i} + 1?", "answer": str(i + 1)}
                                          for i in range(40)])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowmem_es.generate import _cut, _segments, generate_population, render_prompt
+from lowmem_es.data import render_prompt
+from lowmem_es.generate import _cut, _segments, generate_population
 from lowmem_es.lora import Member, attach_es_lora
 from lowmem_es.model import load_model
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lowmem_es import noise
-from lowmem_es.lora import ADAPTER_WEIGHTS, ESLoraLinear, Member, PopulationSlot, attach_es_lora
+from lowmem_es.adapter_io import ADAPTER_WEIGHTS
+from lowmem_es.lora import ESLoraLinear, Member, PopulationSlot, attach_es_lora
 from lowmem_es.model import load_model
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -185,7 +186,7 @@ def test_atomic_directory_permissions_subfolders_and_crash_between_renames(tmp_p
 
     from safetensors.torch import save_file
 
-    from lowmem_es.lora import atomic_directory, restore_set_aside
+    from lowmem_es.atomic import atomic_directory, restore_set_aside
 
     umask = os.umask(0o022)
     try:
@@ -223,7 +224,7 @@ def test_save_is_atomic_on_failure(es_model, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lowmem_es.lora.save_file", boom)
+    monkeypatch.setattr("lowmem_es.adapter_io.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         model.save_adapter(path)
     assert (path / ADAPTER_WEIGHTS).read_bytes() == before

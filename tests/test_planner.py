@@ -355,7 +355,7 @@ def test_to_dict_and_format():
 # --- the `plan` command ---
 
 def _cli(*argv):
-    from lowmem_es.cli_plan import add_plan_parsers
+    from lowmem_es.cli.plan import add_plan_parsers
 
     parser = argparse.ArgumentParser(prog="lowmem-es")
     add_plan_parsers(parser.add_subparsers(dest="command", required=True))
@@ -369,7 +369,7 @@ def qwen_dir(tmp_path):
 
 
 def test_plan_command_json(qwen_dir, capsys):
-    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.cli.plan import run_plan
 
     assert run_plan(_cli("plan", "--model", str(qwen_dir), "--profile", "8gb", "--json")) == 0
     data = json.loads(capsys.readouterr().out)
@@ -377,7 +377,7 @@ def test_plan_command_json(qwen_dir, capsys):
 
 
 def test_plan_command_generation_backend(qwen_dir, capsys):
-    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.cli.plan import run_plan
 
     assert run_plan(_cli("plan", "--model", str(qwen_dir), "--profile", "8gb", "--json",
                          "--generation-backend", "generate")) == 0
@@ -389,7 +389,7 @@ def test_plan_command_generation_backend(qwen_dir, capsys):
 
 
 def test_plan_command_precedence_and_text(qwen_dir, tmp_path, capsys):
-    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.cli.plan import run_plan
 
     run_file = tmp_path / "run.toml"
     run_file.write_text('profile = "12gb"\npopulation_size = 8\nbatch_size = 4\n'
@@ -406,7 +406,7 @@ def test_plan_command_precedence_and_text(qwen_dir, tmp_path, capsys):
 
 
 def test_plan_command_no_fit_exits_1(qwen_dir, capsys):
-    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.cli.plan import run_plan
 
     ns = _cli("plan", "--model", str(qwen_dir), "--profile", "8gb", "--max-prompt-length",
               "65536", "--json")
@@ -416,7 +416,7 @@ def test_plan_command_no_fit_exits_1(qwen_dir, capsys):
 
 
 def test_plan_command_errors(tmp_path):
-    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.cli.plan import run_plan
 
     with pytest.raises(FileNotFoundError, match="neither a local model directory nor"):
         run_plan(_cli("plan", "--model", "Qwen/Qwen2.5-7B", "--profile", "8gb"))
@@ -433,7 +433,7 @@ def test_plan_command_errors(tmp_path):
     ({"vocab_size": -5}, r"`vocab_size` should be .* is -5"),
 ])
 def test_plan_command_bad_model_config_names_the_file(tmp_path, change, match):
-    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.cli.plan import run_plan
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**QWEN25_7B, **change}))
@@ -443,7 +443,7 @@ def test_plan_command_bad_model_config_names_the_file(tmp_path, change, match):
 
 
 def test_plan_command_non_utf8_model_config_names_the_file(tmp_path):
-    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.cli.plan import run_plan
 
     path = tmp_path / "config.json"
     path.write_bytes(json.dumps(QWEN25_7B).replace("qwen2", "qwén2").encode("latin-1"))
@@ -455,7 +455,7 @@ def test_plan_command_non_utf8_model_config_names_the_file(tmp_path):
 def test_plan_command_bad_config_file_value_names_the_file(qwen_dir, tmp_path):
     """`plan --config` merges the file with the profile and flags: the bad value is
     caught as the file is read, so the error still names it."""
-    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.cli.plan import run_plan
 
     run_file = tmp_path / "run.toml"
     run_file.write_text('sigma = "x"\n')
@@ -562,7 +562,7 @@ def test_int8_kv_cache_is_refused_where_the_cache_has_sliding_window_layers(conf
 
 
 def test_multimodal_config_is_refused_with_what_to_plan_instead(tmp_path):
-    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.cli.plan import run_plan
 
     message = r"counts a text decoder only.*`text_config`.*model_type 'gemma3_text'"
     with pytest.raises(ValueError, match=message):
@@ -658,7 +658,7 @@ def test_prefill_mask_counts_the_float_mask_sdpa_makes_of_it():
 def test_plan_command_with_lengths_lowered_says_training_would_stop(tmp_path, capsys):
     """When only shorter lengths than the profile's fit one row, `plan` shows that plan but
     exits 1 and names the flags: `train` keeps the configured lengths and would stop."""
-    from lowmem_es.cli_plan import run_plan
+    from lowmem_es.cli.plan import run_plan
     from lowmem_es.profiles import load_profile
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA31_8B))

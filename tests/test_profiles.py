@@ -194,7 +194,7 @@ def test_precedence_profile_then_config_file_then_flags():
 
 
 def _cli(*argv):
-    from lowmem_es.cli_plan import add_plan_parsers
+    from lowmem_es.cli.plan import add_plan_parsers
 
     parser = argparse.ArgumentParser(prog="lowmem-es")
     add_plan_parsers(parser.add_subparsers(dest="command", required=True))
@@ -202,7 +202,7 @@ def _cli(*argv):
 
 
 def test_profiles_command_lists_every_profile(capsys):
-    from lowmem_es.cli_plan import run_profiles
+    from lowmem_es.cli.plan import run_profiles
 
     assert run_profiles(_cli("profiles")) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Tests of the reward contract (lowmem_es/rewards.py) against TRL's documented GRPO API.
+"""Tests of the reward contract (lowmem_es/rewards/) against TRL's documented GRPO API.
 
 Reward functions here are written exactly as TRL's docs show them (keyword arguments
 ``prompts``, ``completions``, ``completion_ids``, dataset columns, ``**kwargs``; returns
@@ -28,7 +28,6 @@ from lowmem_es.rewards import (
     load_reward,
     make_length_penalty,
     make_regex_reward,
-    member_fitness,
     reward_name,
     target_fraction,
     think_answer_format,
@@ -464,54 +463,6 @@ def test_task_rewards_load_by_name():
 
 # --- member fitness (pass@k) ---
 
-# Two prompts x three generations, prompt-major.
-TOTALS = [0.0, 1.1, 0.1,    # prompt 0: one of three correct (1.1 >= 1.0)
-          0.1, 0.0, 0.1]    # prompt 1: none correct
-
-
-def test_member_fitness_plain_mean():
-    assert member_fitness(TOTALS, 2, 3) == pytest.approx(1.4 / 6)
-    assert member_fitness([0.5], 1, 1) == 0.5
-
-
-def test_member_fitness_pass_at_k_any():
-    assert member_fitness(TOTALS, 2, 3, pass_at_k=True) == 0.5
-    assert member_fitness([1.0, 1.0, 0.0, 1.0], 2, 2, pass_at_k=True) == 1.0
-    assert member_fitness([0.0] * 4, 2, 2, pass_at_k=True) == 0.0
-
-
-def test_member_fitness_threshold_is_inclusive_and_configurable():
-    assert member_fitness([0.1, 0.0], 1, 2, pass_at_k=True, correct_threshold=0.1) == 1.0
-    assert member_fitness([0.09, 0.0], 1, 2, pass_at_k=True, correct_threshold=0.1) == 0.0
-
-
-@pytest.mark.parametrize(("fraction", "expected"), [
-    (0.0, 1.0),   # any one of 4
-    (0.25, 1.0),  # ceil(1.0) = 1
-    (0.5, 1.0),   # 2 of 4 needed, 2 correct
-    (0.51, 0.0),  # ceil(2.04) = 3 needed
-    (1.0, 0.0),   # all 4 needed
-])
-def test_member_fitness_fraction(fraction, expected):
-    totals = [1.0, 0.0, 1.0, 0.0]  # one prompt, k = 4, two correct
-    assert member_fitness(totals, 1, 4, pass_at_k=True, pass_at_k_fraction=fraction) == expected
-
-
-def test_member_fitness_fraction_float_error():
-    # 0.3 * 10 = 3.0000000000000004 in floats: it must need 3 correct, not 4.
-    totals = [1.0] * 3 + [0.0] * 7
-    assert member_fitness(totals, 1, 10, pass_at_k=True, pass_at_k_fraction=0.3) == 1.0
-
-
-def test_member_fitness_errors_name_the_numbers():
-    with pytest.raises(ValueError, match=r"got 5 rewards for 2 prompts x 3 generations = 6"):
-        member_fitness(TOTALS[:5], 2, 3)
-    with pytest.raises(ValueError, match=r"num_prompts >= 1"):
-        member_fitness([], 0, 3)
-    with pytest.raises(ValueError, match=r"`pass_at_k_fraction`.*1.5"):
-        member_fitness(TOTALS, 2, 3, pass_at_k=True, pass_at_k_fraction=1.5)
-
-
 # --- RewardScorer: the scoring path shared by training and evaluation ---
 
 def test_reward_scorer_passes_columns_and_conversational_completions():
@@ -645,3 +596,21 @@ def test_trl_trainer_keywords_and_async_functions_are_explained():
         scorer.score([{"prompt": "p"}], [0], [done])
     with pytest.raises(ValueError, match=r"async def.*plain function"):
         RewardScorer([asynchronous]).score([{"prompt": "p"}], [0], [done])
+
+
+def test_reward_path_of_builtins_is_their_public_package():
+    """A run's identity records the built-ins as ``lowmem_es.rewards:NAME`` wherever inside
+    the package they are defined, so that a resume of a run written before a code move is
+    not refused as "reward functions changed"; a user's function keeps its own module."""
+    from lowmem_es.rewards import reward_path
+
+    assert exact_match.__module__ == "lowmem_es.rewards.functions"
+    assert reward_path(exact_match) == "lowmem_es.rewards:exact_match"
+    assert reward_path(load_reward("last_number")) == "lowmem_es.rewards:last_number"
+    assert reward_path(load_reward("countdown_answer")) == (
+        "lowmem_es.tasks.countdown:countdown_answer")
+
+    def mine(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    assert reward_path(mine) == f"{__name__}:{mine.__qualname__}"

@@ -13,12 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from lowmem_es.data import fit_prompts
 from lowmem_es.rewards import compute_rewards
 from lowmem_es.tasks import (
     TASKS,
     arithmetic,
     countdown,
-    fit_prompts,
     get_task,
     jsonl_task,
     read_jsonl,

@@ -72,7 +72,7 @@ def test_chunked_generation_gives_same_run(tiny_llama_dir, tmp_path):
 
 def test_lr_schedule_is_journaled_and_replayed(tiny_llama_dir, tmp_path):
     """A cosine schedule: the journal holds the decayed rate, and replay reproduces the run."""
-    from lowmem_es import checkpoint, es
+    from lowmem_es import es, journal
 
     def run(name, **overrides):
         args = example_config(str(tmp_path / name), iterations=4, **overrides)
@@ -82,13 +82,13 @@ def test_lr_schedule_is_journaled_and_replayed(tiny_llama_dir, tmp_path):
         lines = (tmp_path / name / "journal.jsonl").read_text().splitlines()
         return trainer, [json.loads(line) for line in lines]
 
-    cosine, journal = run("cos", lr_schedule="cosine", lr_min_ratio=0.25)
+    cosine, records = run("cos", lr_schedule="cosine", lr_min_ratio=0.25)
     lr = cosine.args.learning_rate
-    rates = [j["learning_rate"] for j in journal]
+    rates = [j["learning_rate"] for j in records]
     assert rates == [es.scheduled_learning_rate(lr, "cosine", i, 4, 0.25) for i in range(4)]
     assert rates[0] == pytest.approx(lr) and rates[-1] == pytest.approx(lr / 4)
-    assert all(j["update_norm"] > 0 for j in journal)  # the rewards gave a signal
-    assert checkpoint.replay_journal(tmp_path / "cos", 4).max_abs_diff == 0.0
+    assert all(j["update_norm"] > 0 for j in records)  # the rewards gave a signal
+    assert journal.replay_journal(tmp_path / "cos", 4).max_abs_diff == 0.0
     constant, plain = run("const")
     assert [j["learning_rate"] for j in plain] == [lr] * 4
     assert any(not torch.equal(a, b) for a, b in zip(
@@ -247,18 +247,18 @@ def test_evaluation_is_sharded_over_the_ranks(tiny_llama_dir, tmp_path, monkeypa
     gathered from all ranks give one process's result (tests/test_distributed.py runs
     the real collective)."""
     from lowmem_es import distributed
-    from lowmem_es import trainer as trainer_module
+    from lowmem_es import generate as generate_module
 
     trainer = _short_run(tiny_llama_dir, tmp_path / "shard", iterations=1)
     rows = tiny_dataset(7)
     alone = trainer.evaluate(rows)
-    completions = trainer_module.generate_population(
+    completions = generate_module.generate_population(
         trainer.es_model, trainer.tokenizer, trainer._prompts(rows),
         [(None, p) for p in range(7)], max_completion_length=trainer.args.max_completion_length,
         max_prompt_length=trainer.args.max_prompt_length)
     totals, per_func = trainer.score(rows, list(range(7)), completions)
     generated, gathered = [], []
-    real_generate = trainer_module.generate_population
+    real_generate = generate_module.generate_population
 
     def spy(model, tokenizer, prompts, spec, **kwargs):
         generated.append([p for _, p in spec])
@@ -268,7 +268,7 @@ def test_evaluation_is_sharded_over_the_ranks(tiny_llama_dir, tmp_path, monkeypa
         gathered.append((list(indices), [list(c) for c in columns], count))
         return [totals] + [per_func[name] for name in per_func]
 
-    monkeypatch.setattr(trainer_module, "generate_population", spy)
+    monkeypatch.setattr(generate_module, "generate_population", spy)  # evaluate.score_centre's
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     monkeypatch.setattr(distributed, "gather_rows", gather)

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from lowmem_es.rewards import completion_text, last_number
+from lowmem_es.rewards.functions import completion_text, last_number
 from lowmem_es.tasks._split import split_of, stable_int, stable_unit
 
 LEVELS = (1, 2, 3, 4)
@@ -124,7 +124,7 @@ def splits(seed: int = 0, levels: Sequence[int] = (1,), train_size: int | None =
 
 # Deliberately lenient, and unchanged since the embedded default was measured: a final
 # number may carry commas anywhere ("56," or "1,2" still end in a number here), unlike
-# rewards.NUMBER_PATTERN, which reads commas only as thousands separators. Changing it
+# rewards.functions.NUMBER_PATTERN, which reads commas only as thousands separators. Changing it
 # changes the default's format reward and its README figures.
 _FINAL_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?\s*\.?\s*$")
 

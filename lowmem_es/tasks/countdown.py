@@ -20,7 +20,7 @@ from collections import Counter
 from fractions import Fraction
 from typing import Any
 
-from lowmem_es.rewards import completion_text
+from lowmem_es.rewards.functions import completion_text
 from lowmem_es.tasks._split import stable_int, stable_unit
 
 MAX_NUMBER = 10**6  # a literal above this is not a Countdown number: reject, don't compute

