@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowmem_es import noise
+from lowmem_es import noise, noise_batch
 
 if TYPE_CHECKING:  # the kernels module imports triton: only at run time, when needed
     from lowmem_es.kernels.noisy_lora import RowPlan
@@ -217,7 +217,7 @@ class ESLoraLinear(nn.Module):
                         for m in population.members]
                 # master + s sigma eps per member, written by the generator pass itself
                 # (no noise tensor; the same bits as master + steps * noise_batch(...)).
-                rows = noise.perturbed_rows(keys, master, steps)  # (M, numel)
+                rows = noise_batch.perturbed_rows(keys, master, steps)  # (M, numel)
                 stacked.append(rows.view(len(keys), *master.shape).transpose(1, 2).contiguous())
             self._cache = (stacked[0], stacked[1])
             self._cache_version = population.version
