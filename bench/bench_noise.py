@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from lowmem_es import noise
+from lowmem_es import noise, noise_batch
 from lowmem_es.kernels import noise as knoise
 
 ENV_SHOWN = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "TRITON_INTERPRET", "LOWMEM_ES_NOISE_BACKEND")
@@ -85,7 +85,7 @@ def main() -> None:
 
     cpu_randn = median_seconds(lambda: torch.randn(numel), repeats, "cpu")
     rows.append(("torch.randn", "cpu", cpu_randn, cpu_randn))
-    eager = median_seconds(lambda: noise.noise(key, shape, chunk=chunk, backend="eager"),
+    eager = median_seconds(lambda: noise_batch.noise(key, shape, chunk=chunk, backend="eager"),
                            repeats, "cpu")
     rows.append((f"twin, eager (chunk {chunk})", "cpu", eager, cpu_randn))
 
@@ -93,8 +93,8 @@ def main() -> None:
     backend = noise.set_backend("compiled")
     compile_seconds = time.perf_counter() - start
     if backend == "compiled":
-        compiled = median_seconds(lambda: noise.noise(key, shape, backend="compiled"), repeats,
-                                  "cpu")
+        compiled = median_seconds(lambda: noise_batch.noise(key, shape, backend="compiled"),
+                                  repeats, "cpu")
         rows.append(("twin, torch.compile", "cpu", compiled, cpu_randn))
         notes.append(f"- torch.compile of the twin, first call (compile + probe): "
                      f"{compile_seconds:.1f} s (inductor caches it on disk; a cold cache is "
@@ -119,8 +119,8 @@ def main() -> None:
             rows.append(("Triton kernel (given int64 offsets)", "cuda", given, cuda_randn))
         else:
             notes.append("- Triton kernel not measured: triton absent or interpreted")
-        twin_cuda = median_seconds(lambda: noise.noise(key, shape, device="cuda",
-                                                       backend="eager"), repeats, "cuda")
+        twin_cuda = median_seconds(lambda: noise_batch.noise(key, shape, device="cuda",
+                                                             backend="eager"), repeats, "cuda")
         rows.append(("twin, eager", "cuda", twin_cuda, cuda_randn))
     else:
         notes.append("- no CUDA device: Triton kernel not measured")

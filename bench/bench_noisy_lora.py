@@ -13,7 +13,7 @@ with A_m = A + s sigma eps (r x d_in) and B_m likewise (d_out x r). Providers:
   stored-noise design can do.
 * ``fused``: on CUDA the Triton kernels (``lowmem_es.kernels.noisy_lora``, RowPlan
   prebuilt as the layer does); on CPU the torch twin, which regenerates the members'
-  perturbed A and B from Philox per call (``noise.perturbed_rows``: the contract's
+  perturbed A and B from Philox per call (``noise_batch.perturbed_rows``: the contract's
   generator with the perturbation fused in, each pair's noise drawn once for both
   members; eager backend, ~6x torch.randn per value).
 * ``fused_compiled`` (CPU only): the twin with ``noise_backend="compiled"`` (torch.compile'd
@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_noise import command_line, machine_info
 
-from lowmem_es import noise
+from lowmem_es import noise, noise_batch
 from lowmem_es.kernels import noisy_lora as knl
 
 GPU_DEFAULTS = dict(shapes="3584x3584,4096x4096,4096x14336,14336x4096", ranks="8,16,64",
@@ -142,7 +142,7 @@ class Case:
         if self.cached is None:  # built once per chunk in lora.py; not timed
             steps = self.steps[:, None, None]
             self.cached = tuple(
-                (w + steps * noise.noise_batch(keys.tolist(), w.shape, w.device))
+                (w + steps * noise_batch.noise_batch(keys.tolist(), w.shape, w.device))
                 .transpose(1, 2)
                 .contiguous() for w, keys in ((self.a, self.keys_a), (self.b, self.keys_b)))
         a_t, b_t = self.cached

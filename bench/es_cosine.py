@@ -34,7 +34,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its t
 import torch
 
 from lowmem_es.es import es_update, member_schedule, shape_fitness
-from lowmem_es.noise import member_key, noise, tensor_id
+from lowmem_es.noise import member_key, tensor_id
+from lowmem_es.noise_batch import noise
 
 RUN_SEED = 1234
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from lowmem_es import noise as _noise
+from lowmem_es import noise_batch as _noise_batch
 from lowmem_es.kernels.noise import FORCE_CHOICES, FORCE_TORCH_ENV, HAS_TRITON, INTERPRETED
 from lowmem_es.kernels.noise import use_kernel as _use_kernel
 
@@ -152,8 +153,8 @@ def es_direction_torch(keys: torch.Tensor, coefficients: torch.Tensor, out: torc
     for key, coef in zip(keys.tolist(), coefficients.tolist(), strict=True):
         if coef == 0.0:
             continue
-        direction.add_(_noise.noise(key & _noise.MASK63, out.shape, device=out.device,
-                                    backend=noise_backend), alpha=coef)
+        direction.add_(_noise_batch.noise(key & _noise.MASK63, out.shape, device=out.device,
+                                          backend=noise_backend), alpha=coef)
     if alpha != 1.0:
         direction.mul_(alpha)
     if accumulate:

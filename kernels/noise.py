@@ -24,6 +24,7 @@ import os
 import torch
 
 from lowmem_es import noise as _twin
+from lowmem_es import noise_batch as _noise_batch
 
 try:
     import triton
@@ -185,8 +186,8 @@ def noise(key: int, shape: tuple[int, ...] | torch.Size, device: torch.device | 
           force: str | None = None) -> torch.Tensor:
     """The whole noise tensor of ``key``: element ``i`` (row-major) is ``tl.randn(key, i)``.
 
-    Dispatches like ``randn``: the kernel on CUDA, the twin ``lowmem_es.noise.noise`` on CPU.
+    Dispatches like ``randn``: the kernel on CUDA, the twin ``lowmem_es.noise_batch.noise`` on CPU.
     """
     if use_kernel(device, force):
         return noise_triton(key, shape, device)
-    return _twin.noise(key, shape, device=device)
+    return _noise_batch.noise(key, shape, device=device)

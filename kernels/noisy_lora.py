@@ -63,6 +63,7 @@ from collections.abc import Sequence
 import torch
 
 from lowmem_es import noise as _noise
+from lowmem_es import noise_batch as _noise_batch
 from lowmem_es.kernels.noise import (
     FORCE_CHOICES,
     FORCE_TORCH_ENV,
@@ -715,7 +716,7 @@ def noisy_lora_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     on the host (a device sync on CUDA): this is the reference, not the GPU path.
 
     Speed (the CPU path regenerates the noise every call, so that is the bill): the
-    perturbed weights come from ``noise.perturbed_rows``, which fuses ``A + s eps`` into
+    perturbed weights come from ``noise_batch.perturbed_rows``, which fuses ``A + s eps`` into
     the generator pass (compiled backend: fixed blocks of tiles, no per-key padding) and
     never holds the noise and the perturbed weights at once, and each run of rows updates
     its rows of ``out`` directly (no (rows, d_out) fp32 buffer, no final copy). Values
@@ -734,8 +735,8 @@ def noisy_lora_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     rank, d_in = lora_A.shape
     d_out = lora_B.shape[0]
     # (P, r * d_in) and (P, d_out * r): row i is member present[i]'s A_m / B_m, flat.
-    rows_a = _noise.perturbed_rows([keys_a[m] & _noise.MASK63 for m in present], lora_A, step)
-    rows_b = _noise.perturbed_rows([keys_b[m] & _noise.MASK63 for m in present], lora_B, step)
+    rows_a = _noise_batch.perturbed_rows([keys_a[m] & _noise.MASK63 for m in present], lora_A, step)
+    rows_b = _noise_batch.perturbed_rows([keys_b[m] & _noise.MASK63 for m in present], lora_B, step)
     # Per-member views, made in one call each: (d_in, r) and (r, d_out), transposed views.
     a_t = rows_a.view(-1, rank, d_in).transpose(1, 2).unbind(0)
     b_t = rows_b.view(-1, d_out, rank).transpose(1, 2).unbind(0)

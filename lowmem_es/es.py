@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lowmem_es.config import FITNESS_SHAPINGS, LR_SCHEDULES, OPTIMIZERS
-from lowmem_es.noise import MASK63, member_key, noise
+from lowmem_es.noise import MASK63, member_key
+from lowmem_es.noise_batch import noise
 
 _STD_EPS = 1e-8  # z-score denominator guard, as in the paper's code
 # The path of ``estimate_direction`` (and so ``es_update``) when its ``force`` is None:

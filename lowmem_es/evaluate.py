@@ -249,8 +249,7 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     kv_cache_dtype = kv_cache_dtype or "auto"
     prefill_chunk = 0
     if card is not None and not rows_per_chunk:  # plan before loading any weights
-        from lowmem_es.cli.plan import read_model_config
-        from lowmem_es.planner import plan
+        from lowmem_es.planner import plan, read_model_config
 
         config = read_model_config(str(model))
         if settings is None:  # base only: as below, named from the config (no weights yet)

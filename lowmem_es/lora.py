@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lowmem_es import adapter_io, noise
+from lowmem_es import adapter_io, noise, noise_batch
 from lowmem_es.adapter_io import PEFT_PREFIX
 
 if TYPE_CHECKING:  # the kernels module imports triton: only at run time, when needed
@@ -209,7 +209,7 @@ class ESLoraLinear(nn.Module):
                         for m in population.members]
                 # master + s sigma eps per member, written by the generator pass itself
                 # (no noise tensor; the same bits as master + steps * noise_batch(...)).
-                rows = noise.perturbed_rows(keys, master, steps)  # (M, numel)
+                rows = noise_batch.perturbed_rows(keys, master, steps)  # (M, numel)
                 stacked.append(rows.view(len(keys), *master.shape).transpose(1, 2).contiguous())
             self._cache = (stacked[0], stacked[1])
             self._cache_version = population.version

@@ -193,8 +193,7 @@ class ESTrainer:
 
     def _make_plan(self, model: object, profile: Profile) -> object:
         """The memory plan of this rank's share of the population under ``profile``."""
-        from lowmem_es.cli.plan import read_model_config
-        from lowmem_es.planner import plan
+        from lowmem_es.planner import plan, read_model_config
 
         args = self.args
         config = (model.model.config if isinstance(model, ESLoraModel)

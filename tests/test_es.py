@@ -28,7 +28,8 @@ from lowmem_es.es import (
     pair_coefficients,
     shape_fitness,
 )
-from lowmem_es.noise import member_key, noise, tensor_id
+from lowmem_es.noise import member_key, tensor_id
+from lowmem_es.noise_batch import noise
 
 # The gradient-quality measurement is shared with the benchmark that reports it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

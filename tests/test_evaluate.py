@@ -168,8 +168,7 @@ def test_long_prompts_warn_with_the_fix(caplog):
 
 
 def test_evaluate_under_a_profile_plans_rows_and_takes_its_kv_cache(tiny_llama_dir, tmp_path):
-    from lowmem_es.cli.plan import read_model_config
-    from lowmem_es.planner import plan
+    from lowmem_es.planner import plan, read_model_config
     from lowmem_es.profiles import load_profile
 
     adapter = _adapter(tiny_llama_dir, tmp_path / "adapter")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lowmem_es import noise
+from lowmem_es import noise, noise_batch
 from lowmem_es.adapter_io import ADAPTER_WEIGHTS
 from lowmem_es.lora import ESLoraLinear, Member, PopulationSlot, attach_es_lora
 from lowmem_es.model import load_model
@@ -66,8 +66,8 @@ def _reference_layer_output(layer: ESLoraLinear, x, run_seed, iteration, sigma, 
     """Dense reference: materialise A + s sigma eps and B + s sigma eps for one member."""
     key_a = noise.member_key(run_seed, iteration, member.pair, layer.tensor_id_A)
     key_b = noise.member_key(run_seed, iteration, member.pair, layer.tensor_id_B)
-    a = layer.lora_A + member.sign * sigma * noise.noise(key_a, layer.lora_A.shape)
-    b = layer.lora_B + member.sign * sigma * noise.noise(key_b, layer.lora_B.shape)
+    a = layer.lora_A + member.sign * sigma * noise_batch.noise(key_a, layer.lora_A.shape)
+    b = layer.lora_B + member.sign * sigma * noise_batch.noise(key_b, layer.lora_B.shape)
     return layer.base_layer(x) + layer.scaling * (x @ a.t()) @ b.t()
 
 

@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from lowmem_es import noise
+from lowmem_es import noise, noise_batch
 from lowmem_es.kernels import noise as knoise
 
 if knoise.INTERPRETED:
@@ -118,7 +118,7 @@ def test_kernel_flat_range_matches_twin(start: int) -> None:
     assert kernel.shape == shape
     torch.testing.assert_close(kernel, twin.reshape(shape), atol=1e-6, rtol=1e-6)
     if start == 0:
-        torch.testing.assert_close(kernel, noise.noise(key, shape, device=KERNEL_DEVICE),
+        torch.testing.assert_close(kernel, noise_batch.noise(key, shape, device=KERNEL_DEVICE),
                                    atol=1e-6, rtol=1e-6)
 
 
@@ -173,7 +173,7 @@ def test_dispatch_cpu_uses_twin_and_env_forces_twin(monkeypatch: pytest.MonkeyPa
     assert not knoise.use_kernel("cpu")
     assert knoise.use_kernel("cuda") == (knoise.HAS_TRITON and not knoise.INTERPRETED)
     assert torch.equal(knoise.randn(key, offsets), noise.randn(key, offsets))
-    assert torch.equal(knoise.noise(key, (7, 9)), noise.noise(key, (7, 9)))
+    assert torch.equal(knoise.noise(key, (7, 9)), noise_batch.noise(key, (7, 9)))
     monkeypatch.setenv(knoise.FORCE_TORCH_ENV, "1")
     assert not knoise.use_kernel("cuda")
     assert knoise.use_kernel("cuda", force="kernel")  # an explicit choice wins
@@ -228,7 +228,7 @@ def _ks_bound(n: int, alpha: float = 1e-6) -> float:
 @pytest.mark.parametrize("key", [KEYS["member_q_proj_A"], KEYS["2**32+1"]])
 def test_stream_is_standard_normal(key: int) -> None:
     n = 100_000
-    x = noise.noise(key, (n,)).double()
+    x = noise_batch.noise(key, (n,)).double()
     mean, std = float(x.mean()), float(x.std())
     assert abs(mean) < 5 / math.sqrt(n)
     assert abs(std - 1) < 5 / math.sqrt(2 * n)  # sd of the sample std of N(0,1) ~ 1/sqrt(2n)
@@ -274,12 +274,12 @@ def test_streams_of_neighbouring_keys_are_uncorrelated() -> None:
     }
     bound = 5 / math.sqrt(n)
     base_key = noise.member_key(*base)
-    x = noise.noise(base_key, (n,))
+    x = noise_batch.noise(base_key, (n,))
     assert abs(_corr(x[:-1], x[1:])) < bound  # neighbouring elements of one stream
     for name, fields in variants.items():
         key = noise.member_key(*fields)
         assert key != base_key, name
-        y = noise.noise(key, (n,))
+        y = noise_batch.noise(key, (n,))
         assert abs(_corr(x, y)) < bound, name
         assert abs(_corr(x**2, y**2)) < bound, name  # no shared magnitudes either
 
@@ -340,27 +340,14 @@ def test_member_key_deterministic_in_range_and_validated() -> None:
 def test_twin_values_independent_of_chunking() -> None:
     key = KEYS["member_q_proj_A"]
     shape = (37, 129)
-    reference = noise.noise(key, shape, backend="eager")
+    reference = noise_batch.noise(key, shape, backend="eager")
     for chunk in (5, 64, 1000, 4773, 1 << 16):
-        assert torch.equal(noise.noise(key, shape, chunk=chunk, backend="eager"), reference)
+        assert torch.equal(noise_batch.noise(key, shape, chunk=chunk, backend="eager"), reference)
     flat = reference.reshape(-1)
     numel = flat.numel()
     assert torch.equal(noise.randn(key, torch.arange(numel), backend="eager"), flat)
     some = torch.tensor([0, 1, 129, numel - 1])
     assert torch.equal(noise.randn(key, some, backend="eager"), flat[some])
-
-
-@pytest.mark.parametrize("chunk", [100, 1 << 16])
-def test_noise_batch_rows_are_per_key_noise(chunk: int) -> None:
-    tids = [noise.tensor_id(f"model.layers.{layer}.mlp.up_proj", m) for layer in range(3)
-            for m in "AB"]
-    keys = [noise.member_key(99, 4, pair, tid) for pair in range(2) for tid in tids] + [2**63 - 1]
-    shape = (8, 37)
-    batch = noise.noise_batch(keys, shape, chunk=chunk, backend="eager")
-    assert batch.shape == (len(keys), *shape)
-    for row, key in zip(batch, keys, strict=True):
-        assert torch.equal(row, noise.noise(key, shape, backend="eager"))
-    assert noise.noise_batch([], shape, backend="eager").shape == (0, *shape)
 
 
 def test_twin_permuted_offsets_give_permuted_values() -> None:
@@ -393,159 +380,11 @@ def test_compiled_backend_matches_eager() -> None:
         _compiled_or_skip()
         key = KEYS["member_q_proj_A"]
         shape = (3, 37, 1001)  # more than one chunk, a partial last chunk
-        eager = noise.noise(key, shape, backend="eager")
-        torch.testing.assert_close(noise.noise(key, shape), eager, atol=2e-6, rtol=0)
+        eager = noise_batch.noise(key, shape, backend="eager")
+        torch.testing.assert_close(noise_batch.noise(key, shape), eager, atol=2e-6, rtol=0)
         offsets = _offsets("random_odd_shape")
         torch.testing.assert_close(noise.randn(key, offsets),
                                    noise.randn(key, offsets, backend="eager"),
                                    atol=2e-6, rtol=0)
     finally:
         noise.set_backend(previous)
-
-
-# ---------------------------------------------------------------- batch generators
-
-
-
-
-BATCH_KEYS = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63 + 5,  # taken modulo 2**63
-              noise.member_key(1234, 10, 3, noise.tensor_id(Q_PROJ, "A")),
-              noise.member_key(1234, 10, 4, noise.tensor_id(Q_PROJ, "B"))]
-
-
-@pytest.mark.parametrize("key", list(KEYS.values()), ids=list(KEYS))
-def test_batch_generators_bit_identical_to_reference(key: int) -> None:
-    """The batch paths' generators (eager buffered ``_randn_block``, and ``_randn_low``
-    which the compiled tiles run) against the readable ``_randn_eager``, bit for bit,
-    where the counter's words carry and overflow."""
-    key_t = torch.tensor([[key], [2**63 - 1 - key]])
-    work = [torch.empty(2 * 600, dtype=torch.int64) for _ in range(5)]
-    work += [torch.empty(2 * 600) for _ in range(2)]
-    for start in (0, 2**31 - 300, 2**32 - 300, 2**45 + 7):
-        reference = noise._randn_eager(key_t, torch.arange(start, start + 600)[None, :])
-        assert torch.equal(noise._randn_block(key_t, start, 600, work), reference)
-        if start + 600 <= 2**32:
-            assert torch.equal(noise._randn_low(key_t, torch.arange(start, start + 600)),
-                               reference)
-    low = torch.randint(0, 2**32, (5000,), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(noise._randn_low(key_t[:1], low), noise._randn_eager(key_t[:1], low))
-
-
-@pytest.mark.parametrize("chunk", [7, 1000, noise.DEFAULT_CHUNK])
-def test_eager_noise_batch_andperturbed_rows_bit_identical(chunk: int) -> None:
-    shape = (37, 129)
-    batch = noise.noise_batch(BATCH_KEYS, shape, chunk=chunk, backend="eager")
-    generator = torch.Generator().manual_seed(4)
-    master = torch.randn(shape, generator=generator)
-    steps = torch.randn(len(BATCH_KEYS), generator=generator)
-    rows = noise.perturbed_rows(BATCH_KEYS, master.to(torch.bfloat16), steps, backend="eager")
-    for i, key in enumerate(BATCH_KEYS):
-        eps = noise.noise(key, shape, backend="eager")
-        assert torch.equal(batch[i], eps)
-        expected = master.to(torch.bfloat16).float() + steps[i] * eps
-        assert torch.equal(rows[i, :master.numel()].view(shape), expected)
-
-
-# Shapes for the compiled tiles: one partial tile; several keys a block (the ring of
-# master rows); > 256 tiles a key, so blocks wrap from one key to the next, with 64- and
-# 16-tile remainder blocks; whole tiles (no copy, master viewed in place).
-COMPILED_SHAPES = [(5,), (37, 129), (300, 1000), (8, 4096)]
-
-
-def test_compiled_noise_batch_equals_noise_per_key_bit_for_bit() -> None:
-    previous = noise.get_backend()
-    try:
-        _compiled_or_skip()
-        for shape in COMPILED_SHAPES:
-            keys = BATCH_KEYS[:3] if shape == (300, 1000) else BATCH_KEYS
-            batch = noise.noise_batch(keys, shape)
-            assert batch.shape == (len(keys), *shape) and batch.is_contiguous()
-            for row, key in zip(batch, keys, strict=True):
-                assert torch.equal(row, noise.noise(key, shape))  # the per-key compiled path
-        assert noise.noise_batch([], (3, 4)).shape == (0, 3, 4)
-        # Every block height is compiled now: new shapes and key counts reuse them.
-        with torch.compiler.set_stance("fail_on_recompile"):
-            batch = noise.noise_batch(BATCH_KEYS[:5], (77, 13))
-            rows = noise.perturbed_rows(BATCH_KEYS[:2], torch.ones(3, 700), torch.ones(2))
-        assert torch.equal(batch[4], noise.noise(BATCH_KEYS[4], (77, 13)))
-        assert torch.equal(rows[1, :2100], 1 + noise.noise(BATCH_KEYS[1], (2100,)))
-    finally:
-        noise.set_backend(previous)
-
-
-def test_compiledperturbed_rows_equal_master_plus_step_noise() -> None:
-    """``master + step * eps`` fused into the compiled pass rounds like eager (two
-    roundings, no FMA), and padded rows are sliced off by the caller."""
-    previous = noise.get_backend()
-    try:
-        _compiled_or_skip()
-        generator = torch.Generator().manual_seed(5)
-        for shape in COMPILED_SHAPES:
-            keys = BATCH_KEYS[:3] if shape == (300, 1000) else BATCH_KEYS
-            master = torch.randn(shape, generator=generator)
-            steps = torch.randn(len(keys), generator=generator)
-            rows = noise.perturbed_rows(keys, master, steps)
-            numel = master.numel()
-            assert rows.shape[0] == len(keys) and rows.shape[1] >= numel
-            for i, key in enumerate(keys):
-                expected = master + steps[i] * noise.noise(key, shape)
-                assert torch.equal(rows[i, :numel].view(shape), expected)
-    finally:
-        noise.set_backend(previous)
-
-
-# Keys as populations lay them out: antithetic pairs share a key (members 2k, 2k+1),
-# shuffled pairs, a key with no partner, keys equal modulo 2**63, and a key three times
-# (no sharing: the plain path).
-SHARED_KEY_LAYOUTS = [[5, 5, 9, 9, 11], [9, 5, 11, 9, 5], [2**63 + 5, 5, 3, 3], [7, 7],
-                      [4, 4, 4, 6]]
-
-
-def test_shared_keys_groups_pairs_and_declines_otherwise() -> None:
-    assert noise._shared_keys([5, 5, 9, 9, 11]) == ([5, 9, 11], [([0, 1, 2], [0, 2, 4]),
-                                                                 ([0, 1], [1, 3])])
-    assert noise._shared_keys([2**63 + 5, 5]) == ([5], [([0], [0]), ([0], [1])])
-    assert noise._shared_keys([1, 2, 3]) is None  # every key distinct
-    assert noise._shared_keys([4, 4, 4, 6]) is None  # a key three times
-
-
-@pytest.mark.parametrize("backend", ["eager", "compiled"])
-@pytest.mark.parametrize("keys", SHARED_KEY_LAYOUTS, ids=str)
-def test_shared_keys_give_the_bits_of_key_by_key(backend: str, keys: list[int]) -> None:
-    """A pair's noise drawn once and written to both members' rows: the same bits as
-    generating each member on its own, whatever the order, for perturbed rows (opposite
-    steps, as antithetic members have) and for plain noise."""
-    previous = noise.get_backend()
-    try:
-        if backend == "compiled":
-            _compiled_or_skip()
-        _check_shared_layout(keys, backend)
-    finally:
-        noise.set_backend(previous)
-
-
-def _check_shared_layout(keys: list[int], backend: str) -> None:
-    generator = torch.Generator().manual_seed(6)
-    shapes = [(5,), (37, 129)] + ([(300, 1000)] if backend == "compiled" else [])
-    for shape in shapes:
-        master = torch.randn(shape, generator=generator)
-        steps = torch.randn(len(keys), generator=generator)
-        steps[1::2] = -steps[::2][:len(steps[1::2])]
-        rows = noise.perturbed_rows(keys, master, steps, backend=backend)
-        batch = noise.noise_batch(keys, shape, backend=backend)
-        assert rows.shape == (len(keys), master.numel()) and rows.is_contiguous()
-        for i, key in enumerate(keys):
-            eps = noise.noise(key, shape, backend=backend)
-            assert torch.equal(batch[i], eps), (shape, i)
-            assert torch.equal(rows[i].view(shape), master + steps[i] * eps), (shape, i)
-
-
-@pytest.mark.parametrize("chunk", [7, 1000])
-def test_eager_shared_keys_independent_of_block_width(chunk: int) -> None:
-    keys, shape = [5, 9, 5, 11, 9], (37, 129)
-    master = torch.randn(shape, generator=torch.Generator().manual_seed(7))
-    steps = torch.tensor([1.0, 0.5, -1.0, 2.0, -0.5])
-    rows = noise._batch_eager(keys, master.numel(), master.reshape(-1), steps, "cpu", chunk)
-    for i, key in enumerate(keys):
-        expected = master + steps[i] * noise.noise(key, shape, backend="eager")
-        assert torch.equal(rows[i].view(shape), expected)

@@ -14,7 +14,7 @@ import torch
 from kernel_device import DEVICE, needs_kernel
 
 from lowmem_es import lora as lora_module
-from lowmem_es import noise
+from lowmem_es import noise, noise_batch
 from lowmem_es.kernels import noisy_lora as knl
 
 pytestmark = needs_kernel
@@ -72,8 +72,8 @@ def _dense_reference(x, out, a, b, keys_a, keys_b, steps, member_index, scale):
     """Row by row: materialise the member's perturbed A and B, plain fp32 matmuls."""
     result = out.to(torch.float32).clone()
     for row, member in enumerate(member_index.tolist()):
-        eps_a = noise.noise(int(keys_a[member]), a.shape, device=a.device)
-        eps_b = noise.noise(int(keys_b[member]), b.shape, device=b.device)
+        eps_a = noise_batch.noise(int(keys_a[member]), a.shape, device=a.device)
+        eps_b = noise_batch.noise(int(keys_b[member]), b.shape, device=b.device)
         a_m = a + steps[member] * eps_a
         b_m = b + steps[member] * eps_b
         result[row] += scale * (x[row].to(torch.float32) @ a_m.t()) @ b_m.t()
@@ -167,8 +167,8 @@ def test_antithetic_members_mirror_the_perturbation() -> None:
     minus = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, torch.tensor([1]), 1.0,
                                   out=zeros.clone())
     centre = (x @ a.t()) @ b.t()
-    eps_a = noise.noise(int(keys_a[0]), a.shape, device=DEVICE)
-    eps_b = noise.noise(int(keys_b[0]), b.shape, device=DEVICE)
+    eps_a = noise_batch.noise(int(keys_a[0]), a.shape, device=DEVICE)
+    eps_b = noise_batch.noise(int(keys_b[0]), b.shape, device=DEVICE)
     second_order = 2 * sigma**2 * (x @ eps_a.t()) @ eps_b.t()
     torch.testing.assert_close(plus + minus, 2 * centre + second_order, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plus, minus)
@@ -489,7 +489,7 @@ def test_layer_row_plan_pairs_antithetic_partners_only() -> None:
 
 def _plain_twin(x, out, a, b, keys_a, keys_b, steps, member_index, scale):
     """The twin's math written plainly, as the twin computed it before its generation was
-    fused: the present members' noise from ``noise.noise`` key by key, stacked, ``A + s *
+    fused: the present members' noise from ``noise_batch.noise`` key by key, stacked, ``A + s *
     eps``; per member, its rows (a slice when rows are sorted by member, else gathered)
     through two fp32 matmuls; ``(out + lora * scale)`` rounded once to out's dtype.
 
@@ -505,9 +505,9 @@ def _plain_twin(x, out, a, b, keys_a, keys_b, steps, member_index, scale):
     present = sorted(set(member_index.tolist()))
     step = steps[torch.tensor(present)][:, None, None]
     a_all = a.to(torch.float32) + step * torch.stack(
-        [noise.noise(int(keys_a[m]), a.shape) for m in present])
+        [noise_batch.noise(int(keys_a[m]), a.shape) for m in present])
     b_all = b.to(torch.float32) + step * torch.stack(
-        [noise.noise(int(keys_b[m]), b.shape) for m in present])
+        [noise_batch.noise(int(keys_b[m]), b.shape) for m in present])
     in_order = bool((member_index[1:] >= member_index[:-1]).all())
     for i, member in enumerate(present):
         rows = (flat_member == member).nonzero().squeeze(1)

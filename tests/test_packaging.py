@@ -50,6 +50,7 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "lowmem_es/kernels/__init__.py" in names
     assert "lowmem_es/kernels/noise.py" in names
+    assert "lowmem_es/planner/__init__.py" in names  # a listed subpackage
     assert "lowmem_es/profiles/8gb.toml" in names  # profiles ship as package data
     assert not any(n.startswith("kernels/") for n in names)
     # pyproject lists the packages by hand: a new subpackage left off would be missing.

@@ -640,7 +640,7 @@ def test_eager_attention_counts_the_scores_and_their_fp32_softmax():
 def test_prefill_mask_counts_the_float_mask_sdpa_makes_of_it():
     """SDPA turns the boolean mask into a float mask in the query dtype (torch's
     convert_boolean_attn_mask), so a mask element costs 1 + c bytes, not 1."""
-    from lowmem_es.planner import _layer_peak
+    from lowmem_es.planner.estimate import _layer_peak
 
     rows, prompt, completion = 4, 256, 256
     result = predict(QWEN25_7B, _profile(), 8, ATTENTION, 30, 8, rows_per_chunk=rows,

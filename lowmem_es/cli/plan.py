@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lowmem_es.config import ESConfig, read_toml_values, read_utf8
+from lowmem_es.config import ESConfig, read_toml_values
 
 # ESConfig fields that change the plan; each gets a --kebab-case flag on `plan`.
 PLAN_FIELDS = ("population_size", "batch_size", "num_generations", "max_prompt_length",
@@ -53,40 +53,6 @@ def add_plan_parsers(subparsers: Any) -> None:
     profiles.add_argument("--json", action="store_true", help="print the profiles as JSON")
 
 
-def read_model_config(model: str) -> dict[str, Any]:
-    """The config dict of a local model directory or config.json file (never downloads),
-    checked by building its model on the meta device (no memory, no weights): a bad value
-    is a ValueError naming the file, the key and the value, not a traceback from deep in
-    transformers later in the plan. (The plan builds the same model again from a cache.)
-    """
-    from lowmem_es.planner import model_shape
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"model directory {model!r} has no config.json; pass the "
-                                    "directory save_pretrained wrote, or a config.json file")
-    elif not path.is_file():
-        raise FileNotFoundError(f"--model {model!r} is neither a local model directory nor a "
-                                "config.json file; `plan` reads the config only and downloads "
-                                "nothing (copy the hub model's config.json locally)")
-    # transformers reads config.json as UTF-8 without a BOM (from_pretrained would then fail
-    # on one), so `plan` does too
-    text = read_utf8(path, f"model config {str(path)!r}", encoding="utf-8")
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{str(path)!r} is not a JSON object of config fields")
-    try:
-        model_shape(values)
-    except ValueError as error:
-        raise ValueError(f"in model config {str(path)!r}: {error}") from error
-    return values
-
-
 def resolve_plan_inputs(ns: argparse.Namespace) -> tuple[Any, ESConfig, dict[str, bool]]:
     """(profile, ESConfig, which lengths the user set) by ESConfig < profile < file < flags."""
     from lowmem_es.profiles import load_profile, resolve_es_values
@@ -112,7 +78,7 @@ def run_plan(ns: argparse.Namespace) -> int:
     """``lowmem-es plan``: print the plan (or JSON); 0 when it fits, 1 when it does not fit
     as `train` would run it (nothing fits, or only with shorter lengths than the profile's,
     which the plan then shows and names: training keeps the configured lengths)."""
-    from lowmem_es.planner import PlanError, plan
+    from lowmem_es.planner import PlanError, plan, read_model_config
 
     model_config = read_model_config(ns.model)
     profile, config, explicit = resolve_plan_inputs(ns)
