@@ -42,6 +42,7 @@ from collections.abc import Callable
 import torch
 
 from lowmem_es.kernels import nf4_matmul as knf
+from lowmem_es.kernels._runtime import HAS_TRITON, INTERPRETED, sm_count
 
 ENV_SHOWN = ("TRITON_INTERPRET", "OMP_NUM_THREADS", "LOWMEM_ES_FORCE_TORCH")
 # (out_features, in_features) of every 4-bit linear of Qwen2.5-7B (q, k=v, gate=up, down;
@@ -124,7 +125,7 @@ def providers(device: str, rows: int) -> dict[str, Callable]:
     import bitsandbytes.functional as bnb_functional
 
     table: dict[str, Callable] = {}
-    if device == "cuda" or knf.INTERPRETED:
+    if device == "cuda" or INTERPRETED:
         table["kernel"] = knf.nf4_matmul_triton
     table["twin"] = knf.nf4_matmul_torch
     table["bnb.matmul_4bit"] = lambda x, packed, state: bnb.matmul_4bit(
@@ -206,7 +207,7 @@ def sweep_table(found: list[dict]) -> list[str]:
         best = min(ok, key=lambda r: r["us"])
         default = [r["us"] for r in ok if r["config"] == "default"]
         chosen = knf._launch_config(rows, shape[0], shape[1], 64,
-                                    knf._sm_count(torch.cuda.current_device()))
+                                    sm_count(torch.cuda.current_device()))
         lines.append(f"| {shape[0]}x{shape[1]} | {rows} | "
                      f"{f'{default[0]:.1f}' if default else 'failed'} | {best['us']:.1f} | "
                      f"{best['config']} (default: {chosen['kernel']}, block_n="
@@ -234,10 +235,10 @@ def machine_info(device: str) -> list[str]:
     except Exception as exc:  # reported, the table says which providers ran
         bnb_version = f"unavailable ({type(exc).__name__})"
     triton_version = "absent"
-    if knf.HAS_TRITON:
+    if HAS_TRITON:
         import triton
 
-        triton_version = triton.__version__ + (" (interpreter)" if knf.INTERPRETED else "")
+        triton_version = triton.__version__ + (" (interpreter)" if INTERPRETED else "")
     lines = [f"- platform: {platform.platform()}, Python {platform.python_version()}",
              f"- CPUs: {os.cpu_count()} (torch threads {torch.get_num_threads()}), "
              f"load average {load}",

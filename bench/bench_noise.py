@@ -26,6 +26,7 @@ import torch
 
 from lowmem_es import noise
 from lowmem_es.kernels import noise as knoise
+from lowmem_es.kernels._runtime import HAS_TRITON, INTERPRETED
 
 ENV_SHOWN = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "TRITON_INTERPRET", "LOWMEM_ES_NOISE_BACKEND")
 
@@ -54,7 +55,7 @@ def machine_info() -> list[str]:
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") \
         else "n/a"
     triton_version = "absent"
-    if knoise.HAS_TRITON:
+    if HAS_TRITON:
         import triton
 
         triton_version = triton.__version__
@@ -106,7 +107,7 @@ def main() -> None:
     if torch.cuda.is_available():
         cuda_randn = median_seconds(lambda: torch.randn(numel, device="cuda"), repeats, "cuda")
         rows.append(("torch.randn", "cuda", cuda_randn, cuda_randn))
-        if knoise.HAS_TRITON and not knoise.INTERPRETED:
+        if HAS_TRITON and not INTERPRETED:
             torch.cuda.reset_peak_memory_stats()
             kernel = median_seconds(lambda: knoise.noise_triton(key, shape, device="cuda"),
                                     repeats, "cuda")

@@ -55,6 +55,8 @@ from bench_noise import command_line, machine_info
 
 from lowmem_es import noise
 from lowmem_es.kernels import noisy_lora as knl
+from lowmem_es.kernels._runtime import HAS_TRITON, INTERPRETED
+from lowmem_es.kernels.row_plan import plan_rows
 
 GPU_DEFAULTS = dict(shapes="3584x3584,4096x4096,4096x14336,14336x4096", ranks="8,16,64",
                     rows="16,128,512", members="8,32,64", dtype="bfloat16")
@@ -92,9 +94,9 @@ class Case:
         self.steps = torch.tensor([sign * SIGMA for _, sign in schedule], dtype=torch.float32,
                                   device=device)
         member_index = [m for m in range(members) for _ in range(rows // members)]
-        self.plan = knl.plan_rows(member_index, members, 1, device,
-                                  pairs=[pair for pair, _ in schedule])
-        self.plan_unpaired = knl.plan_rows(member_index, members, 1, device)
+        self.plan = plan_rows(member_index, members, 1, device,
+                              pairs=[pair for pair, _ in schedule])
+        self.plan_unpaired = plan_rows(member_index, members, 1, device)
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def plain(self) -> None:
@@ -343,7 +345,7 @@ def run_sweep(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    cuda = torch.cuda.is_available() and knl.HAS_TRITON and not knl.INTERPRETED
+    cuda = torch.cuda.is_available() and HAS_TRITON and not INTERPRETED
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
     parser.add_argument("--shapes", default=defaults["shapes"], help="d_inxd_out list")
     parser.add_argument("--ranks", default=defaults["ranks"])
