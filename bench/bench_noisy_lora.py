@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -51,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_noise import command_line, machine_info
+from _common import command_line, machine_info, median_seconds
 
 from lowmem_es import noise
 from lowmem_es.kernels import noisy_lora as knl
@@ -217,16 +216,6 @@ def _cpu_peak_bytes(fn: Callable[[], None]) -> float:
             _settle_allocator()
 
 
-def _cpu_time(fn: Callable[[], None], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _cuda_peak_bytes(fn: Callable[[], None]) -> float:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -272,7 +261,7 @@ def measure(case: Case, provider: str, repeats: int) -> dict[str, float]:
             print(f"<!-- {provider}: CUDA graph capture failed: {error!r} -->")
             result["graph"] = float("nan")
         return result
-    return {"eager": _cpu_time(fn, repeats), "peak": _cpu_peak_bytes(fn)}
+    return {"eager": median_seconds(fn, repeats), "peak": _cpu_peak_bytes(fn)}
 
 
 # ----------------------------------------------------------------------------- tables
