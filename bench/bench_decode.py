@@ -16,13 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
-import statistics
 import sys
 import tempfile
-import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line, copy_bandwidth, median_seconds
+
+# Timed copies for the weight-read floor (bench/_common.copy_bandwidth: median of CUDA-event
+# timings of a 1 GiB copy).
+BANDWIDTH_REPEATS = 10
 
 
 def build(device: torch.device, layers: int, tmp: str):
@@ -62,34 +67,6 @@ def packed_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize(device)
-    return 2 * x.numel() * 10 / (time.perf_counter() - start)
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 32, 128])
@@ -112,9 +89,9 @@ def main() -> None:
     model = es_model.model
     floor_s = None
     if device.type == "cuda":
-        floor_s = packed_bytes(model) / (copy_bandwidth(device) / 2)
+        floor_s = packed_bytes(model) / (copy_bandwidth(device, BANDWIDTH_REPEATS) / 2)
     print(f"### Decode: generate() vs static-cache loop, {args.new_tokens} new tokens\n")
-    print(f"Command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`\n")
+    print(f"Command: `{command_line()}`\n")
     print(f"- {platform.platform()}, Python {platform.python_version()}, torch "
           f"{torch.__version__}, {os.cpu_count()} CPUs, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
@@ -162,7 +139,7 @@ def main() -> None:
         baseline = None
         with torch.no_grad(), es_model.population(0, 0, 0.01, members, segments):
             for name, fn in providers.items():
-                seconds = timed(fn, device, args.repeats)
+                seconds = median_seconds(fn, args.repeats, device)
                 baseline = baseline or seconds
                 step_ms = seconds / args.new_tokens * 1e3
                 floor = f"{step_ms / (floor_s * 1e3):.2f}" if floor_s else "-"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_noise import command_line, machine_info
+from _common import command_line, machine_info
 
 BF16 = "bf16-stored"  # the bench's yardstick: fp32 attention over a bfloat16-stored cache
 LABELS = {"auto": "fp32 (compute dtype)", BF16: "bf16 stored", "int8": "int8"}

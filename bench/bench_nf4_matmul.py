@@ -31,17 +31,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
-import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line, copy_bandwidth, device_seconds, machine_info
+
 from lowmem_es.kernels import nf4_matmul as knf
+from lowmem_es.kernels._runtime import INTERPRETED, sm_count
 
 ENV_SHOWN = ("TRITON_INTERPRET", "OMP_NUM_THREADS", "LOWMEM_ES_FORCE_TORCH")
 # (out_features, in_features) of every 4-bit linear of Qwen2.5-7B (q, k=v, gate=up, down;
@@ -63,38 +64,6 @@ SWEEP_GEMV = dict(kernel=["gemv"], block_n=[16, 32, 64], block_k=[128, 256, 512]
                   num_warps=[4], dequant=["tree", "table"])
 SWEEP_DOT = dict(kernel=["dot"], block_n=[32, 64, 128], block_k=[64, 128, 256],
                  num_warps=[4, 8], dequant=["tree", "table"])
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def _median_seconds_cpu(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def median_seconds(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Median seconds per call: CUDA events via do_bench (L2 cleared each call), else wall."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=max(20, 4 * repeats),
-                                       return_mode="median") / 1e3
-    return _median_seconds_cpu(fn, repeats)
-
-
-def copy_bandwidth(device: str, repeats: int) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted)."""
-    numel = (1 << 30) // 2 if device == "cuda" else (1 << 27) // 2
-    src = torch.empty(numel, dtype=torch.float16, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), device, repeats)
-    return 2 * numel * 2 / seconds
 
 
 # ----------------------------------------------------------------------------- cases
@@ -124,7 +93,7 @@ def providers(device: str, rows: int) -> dict[str, Callable]:
     import bitsandbytes.functional as bnb_functional
 
     table: dict[str, Callable] = {}
-    if device == "cuda" or knf.INTERPRETED:
+    if device == "cuda" or INTERPRETED:
         table["kernel"] = knf.nf4_matmul_triton
     table["twin"] = knf.nf4_matmul_torch
     table["bnb.matmul_4bit"] = lambda x, packed, state: bnb.matmul_4bit(
@@ -147,7 +116,7 @@ def run_case(out_features: int, in_features: int, rows: int, device: str,
             try:
                 out = fn(x, packed, state)
                 error = float((out.float() - reference).abs().max())
-                seconds = median_seconds(lambda fn=fn: fn(x, packed, state), device, repeats)
+                seconds = device_seconds(lambda fn=fn: fn(x, packed, state), device, repeats)
             except Exception as exc:  # a provider that cannot run here is reported, not fatal
                 results.append(dict(shape=[out_features, in_features], rows=rows,
                                     provider=name, error=f"{type(exc).__name__}: {exc}"))
@@ -184,7 +153,7 @@ def sweep(device: str, dtype: torch.dtype, repeats: int, budget_s: float) -> lis
                 try:
                     out = knf.nf4_matmul_triton(x, *weights)
                     row["max_abs_diff"] = float((out.float() - reference).abs().max())
-                    row["us"] = median_seconds(
+                    row["us"] = device_seconds(
                         lambda x=x, weights=weights: knf.nf4_matmul_triton(x, *weights),
                         device, repeats) * 1e6
                 except Exception as exc:  # e.g. out of shared memory for that tile
@@ -206,7 +175,7 @@ def sweep_table(found: list[dict]) -> list[str]:
         best = min(ok, key=lambda r: r["us"])
         default = [r["us"] for r in ok if r["config"] == "default"]
         chosen = knf._launch_config(rows, shape[0], shape[1], 64,
-                                    knf._sm_count(torch.cuda.current_device()))
+                                    sm_count(torch.cuda.current_device()))
         lines.append(f"| {shape[0]}x{shape[1]} | {rows} | "
                      f"{f'{default[0]:.1f}' if default else 'failed'} | {best['us']:.1f} | "
                      f"{best['config']} (default: {chosen['kernel']}, block_n="
@@ -216,36 +185,6 @@ def sweep_table(found: list[dict]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def command_line() -> str:
-    env = " ".join(f"{name}={os.environ[name]}" for name in ENV_SHOWN if name in os.environ)
-    argv = " ".join(shlex.quote(arg) for arg in sys.argv)
-    return f"{env} python {argv}".strip()
-
-
-def machine_info(device: str) -> list[str]:
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") \
-        else "n/a"
-    try:
-        import bitsandbytes
-
-        bnb_version = bitsandbytes.__version__
-    except Exception as exc:  # reported, the table says which providers ran
-        bnb_version = f"unavailable ({type(exc).__name__})"
-    triton_version = "absent"
-    if knf.HAS_TRITON:
-        import triton
-
-        triton_version = triton.__version__ + (" (interpreter)" if knf.INTERPRETED else "")
-    lines = [f"- platform: {platform.platform()}, Python {platform.python_version()}",
-             f"- CPUs: {os.cpu_count()} (torch threads {torch.get_num_threads()}), "
-             f"load average {load}",
-             f"- torch {torch.__version__}, triton {triton_version}, bitsandbytes "
-             f"{bnb_version}"]
-    if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
-    return lines
 
 
 def results_table(results: list[dict]) -> list[str]:
@@ -331,8 +270,8 @@ def main() -> None:
     found = sweep(device, dtype, args.repeats, args.sweep_budget) \
         if args.sweep and device == "cuda" else []
 
-    print(f"Command: `{command_line()}`\n")
-    print("\n".join(machine_info(device)))
+    print(f"Command: `{command_line(ENV_SHOWN)}`\n")
+    print("\n".join(machine_info(device, packages=("bitsandbytes",))))
     print(f"- device copy bandwidth (measured here): {bandwidth / 1e9:.0f} GB/s; "
           f"activations {str(dtype).removeprefix('torch.')}; NF4 blocksize 64, double quant; "
           f"{time.perf_counter() - started:.0f} s in all\n")
@@ -349,7 +288,7 @@ def main() -> None:
               "nothing about GPU speed.")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(dict(command=command_line(), device=device, dtype=str(dtype),
+            json.dump(dict(command=command_line(ENV_SHOWN), device=device, dtype=str(dtype),
                            copy_bandwidth=bandwidth, results=results, sweep=found),
                       handle, indent=1)
 

@@ -14,59 +14,18 @@ Prints a markdown table with the machine and the exact command.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
-import statistics
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line, machine_info, median_seconds
+
 from lowmem_es import noise, noise_batch
 from lowmem_es.kernels import noise as knoise
-
-ENV_SHOWN = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "TRITON_INTERPRET", "LOWMEM_ES_NOISE_BACKEND")
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, device: str) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def command_line() -> str:
-    env = " ".join(f"{name}={os.environ[name]}" for name in ENV_SHOWN if name in os.environ)
-    argv = " ".join(shlex.quote(arg) for arg in sys.argv)
-    return f"{env} python {argv}".strip()
-
-
-def machine_info() -> list[str]:
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") \
-        else "n/a"
-    triton_version = "absent"
-    if knoise.HAS_TRITON:
-        import triton
-
-        triton_version = triton.__version__
-    lines = [
-        f"- platform: {platform.platform()}, Python {platform.python_version()}",
-        f"- CPUs: {os.cpu_count()} (torch threads {torch.get_num_threads()}), "
-        f"load average {load}",
-        f"- torch {torch.__version__}, triton {triton_version}",
-    ]
-    if torch.cuda.is_available():
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
-    return lines
+from lowmem_es.kernels._runtime import HAS_TRITON, INTERPRETED
 
 
 def main() -> None:
@@ -106,7 +65,7 @@ def main() -> None:
     if torch.cuda.is_available():
         cuda_randn = median_seconds(lambda: torch.randn(numel, device="cuda"), repeats, "cuda")
         rows.append(("torch.randn", "cuda", cuda_randn, cuda_randn))
-        if knoise.HAS_TRITON and not knoise.INTERPRETED:
+        if HAS_TRITON and not INTERPRETED:
             torch.cuda.reset_peak_memory_stats()
             kernel = median_seconds(lambda: knoise.noise_triton(key, shape, device="cuda"),
                                     repeats, "cuda")

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -51,10 +50,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_noise import command_line, machine_info
+from _common import command_line, machine_info, median_seconds
 
 from lowmem_es import noise, noise_batch
 from lowmem_es.kernels import noisy_lora as knl
+from lowmem_es.kernels._runtime import HAS_TRITON, INTERPRETED
+from lowmem_es.kernels.row_plan import plan_rows
 
 GPU_DEFAULTS = dict(shapes="3584x3584,4096x4096,4096x14336,14336x4096", ranks="8,16,64",
                     rows="16,128,512", members="8,32,64", dtype="bfloat16")
@@ -92,9 +93,9 @@ class Case:
         self.steps = torch.tensor([sign * SIGMA for _, sign in schedule], dtype=torch.float32,
                                   device=device)
         member_index = [m for m in range(members) for _ in range(rows // members)]
-        self.plan = knl.plan_rows(member_index, members, 1, device,
-                                  pairs=[pair for pair, _ in schedule])
-        self.plan_unpaired = knl.plan_rows(member_index, members, 1, device)
+        self.plan = plan_rows(member_index, members, 1, device,
+                              pairs=[pair for pair, _ in schedule])
+        self.plan_unpaired = plan_rows(member_index, members, 1, device)
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def plain(self) -> None:
@@ -215,16 +216,6 @@ def _cpu_peak_bytes(fn: Callable[[], None]) -> float:
             _settle_allocator()
 
 
-def _cpu_time(fn: Callable[[], None], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _cuda_peak_bytes(fn: Callable[[], None]) -> float:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -270,7 +261,7 @@ def measure(case: Case, provider: str, repeats: int) -> dict[str, float]:
             print(f"<!-- {provider}: CUDA graph capture failed: {error!r} -->")
             result["graph"] = float("nan")
         return result
-    return {"eager": _cpu_time(fn, repeats), "peak": _cpu_peak_bytes(fn)}
+    return {"eager": median_seconds(fn, repeats), "peak": _cpu_peak_bytes(fn)}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -343,7 +334,7 @@ def run_sweep(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    cuda = torch.cuda.is_available() and knl.HAS_TRITON and not knl.INTERPRETED
+    cuda = torch.cuda.is_available() and HAS_TRITON and not INTERPRETED
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
     parser.add_argument("--shapes", default=defaults["shapes"], help="d_inxd_out list")
     parser.add_argument("--ranks", default=defaults["ranks"])

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_memory, when run as a script
+from _common import cpu_model
 
 VARIANTS = ("plain", "mixed", "member", "hf_generate")
 TARGET_MIXED_OVER_PLAIN = 0.90  # issue 4: mixed >= 90% of plain tokens/s at equal rows
@@ -174,12 +175,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, cores, torch threads, GPU name and library versions."""
     import importlib.metadata as metadata
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for package in ("transformers", "bitsandbytes", "triton", "peft"):
         try:

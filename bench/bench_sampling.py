@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_noise import command_line, median_seconds
+from _common import command_line, median_seconds
 
 from lowmem_es.generate import _sampler
 from lowmem_es.kernels import sampling

@@ -66,6 +66,7 @@ def _cuda_compiler() -> tuple[Callable[..., object], object] | None:
 def noisy_lora_variants(quick: bool) -> list[tuple[str, Callable[[Callable], object]]]:
     """Distinct (stage, constexprs, dtype, warps, stages) the fused LoRA launcher picks."""
     from lowmem_es.kernels import noisy_lora as nl
+    from lowmem_es.kernels.row_plan import RowPlan
 
     shapes = [(3584, 512), (4096, 14336)] if quick else [
         (d_in, d_out) for d_in in (512, 3584, 4096, 14336, 18944)
@@ -80,8 +81,8 @@ def noisy_lora_variants(quick: bool) -> list[tuple[str, Callable[[Callable], obj
         if members > rows:
             continue
         member_index = [row % members for row in range(rows)]
-        plan = nl.RowPlan(member_index, members, tokens, "cpu",
-                          pairs=[m // 2 for m in range(members)] if paired else None)
+        plan = RowPlan(member_index, members, tokens, "cpu",
+                       pairs=[m // 2 for m in range(members)] if paired else None)
         cfg = nl._launch_config(plan, d_in, d_out, rank, torch.device("cpu"),
                                 sm_count=SM_COUNT, interpreted=False)
         # The launch arithmetic the kernels rely on: every split and group non-empty.

@@ -90,7 +90,7 @@ cp -r "$REPO/kernels" "$SITE/lowmem_es/kernels"
 
 # 4. kernel tests on CUDA (from /tmp: the repo root must not be on sys.path) ---------------
 step "kernel tests (CUDA, TRITON_INTERPRET=0)" 210 "$OUT/tests.log" \
-    "$PY" -m pytest "$REPO/tests/test_noisy_lora.py" "$REPO/tests/test_es_update_kernel.py" \
+    "$PY" -m pytest "$REPO/tests/test_noisy_lora.py" "$REPO/tests/test_es_update.py" \
     "$REPO/tests/test_noise.py" "$REPO/tests/test_sampling.py" \
     -q -p no:warnings -p no:cacheprovider -rs --durations=10
 TESTS_RC=$?

@@ -14,8 +14,8 @@ read-modify-write) of the output. ``es.estimate_direction`` uses it for CUDA ten
 * ``es_direction_triton``: the launcher; ``es_direction_torch``: the twin with the same
   signature, the same math as ``es.estimate_direction``'s CPU loop (one noise tensor at a
   time, ``add_(noise, alpha=coef)`` in pair order, skipping zero coefficients), so it is
-  bitwise equal to it; ``es_direction``: dispatch as in ``kernels/noise.py`` (CUDA ->
-  kernel, CPU -> twin, ``force=`` or ``LOWMEM_ES_FORCE_TORCH``).
+  bitwise equal to it; ``es_direction``: dispatch by ``kernels/_runtime.py``'s
+  ``use_kernel`` (CUDA -> kernel, CPU -> twin, ``force=`` or ``LOWMEM_ES_FORCE_TORCH``).
 
 With ``accumulate=True`` and ``out=theta``, ``alpha=learning_rate``, and ``coefficients``
 = pair coefficients over N, one launch is the whole SGD step ``theta += lr/N sum f s eps``
@@ -28,8 +28,7 @@ import torch
 
 from lowmem_es import noise as _noise
 from lowmem_es import noise_batch as _noise_batch
-from lowmem_es.kernels.noise import FORCE_CHOICES, FORCE_TORCH_ENV, HAS_TRITON, INTERPRETED
-from lowmem_es.kernels.noise import use_kernel as _use_kernel
+from lowmem_es.kernels._runtime import HAS_TRITON, INT32_LIMIT, INTERPRETED, use_kernel
 
 if HAS_TRITON:
     import triton
@@ -38,8 +37,7 @@ else:  # pragma: no cover - Triton absent: only the twin exists
     triton = None
     tl = None
 
-__all__ = ["FORCE_CHOICES", "FORCE_TORCH_ENV", "es_direction", "es_direction_torch",
-           "es_direction_triton", "use_kernel"]
+__all__ = ["es_direction", "es_direction_torch", "es_direction_triton", "use_kernel"]
 
 # Elements per program. GPU: 1024 elements at 4 warps = 8 Philox chains per thread (the
 # same register budget as kernels/noisy_lora.py's NOISE_TILE); untuned (no GPU when
@@ -48,7 +46,6 @@ __all__ = ["FORCE_CHOICES", "FORCE_TORCH_ENV", "es_direction", "es_direction_tor
 BLOCK_GPU = 1024
 NUM_WARPS_GPU = 4
 BLOCK_INTERPRETER = 1 << 16
-_INT32_LIMIT = 1 << 31
 
 if HAS_TRITON:
 
@@ -131,7 +128,7 @@ def es_direction_triton(keys: torch.Tensor, coefficients: torch.Tensor, out: tor
         block, num_warps = BLOCK_GPU, NUM_WARPS_GPU
     _es_direction_kernel[(triton.cdiv(numel, block),)](
         out, keys, coefficients, keys.shape[0], numel, float(alpha),
-        ACCUMULATE=bool(accumulate), WIDE=numel + block >= _INT32_LIMIT, BLOCK=block,
+        ACCUMULATE=bool(accumulate), WIDE=numel + block >= INT32_LIMIT, BLOCK=block,
         num_warps=num_warps)
     return out
 
@@ -160,11 +157,6 @@ def es_direction_torch(keys: torch.Tensor, coefficients: torch.Tensor, out: torc
     if accumulate:
         out.add_(direction)
     return out
-
-
-def use_kernel(device: torch.device | str, force: str | None = None) -> bool:
-    """Whether ``es_direction`` takes the kernel on ``device`` (rule of kernels/noise.py)."""
-    return _use_kernel(device, force)
 
 
 def es_direction(keys: torch.Tensor, coefficients: torch.Tensor, out: torch.Tensor,

@@ -1,78 +1,35 @@
 """Fused NF4 matmul: ``x W^T`` read straight from bitsandbytes' packed 4-bit weights.
 
-Decode reads every base weight once per step, and bitsandbytes' batched path dequantizes
-the whole weight to 16 bits first: a write and a read of 2 bytes per weight on top of the
-0.5 byte packed read. (bitsandbytes 0.50 also has a fused CUDA gemm, but on sm90 its own
-dispatch takes it only up to 32-64 rows, backends/cuda/ops.py; CPU and older versions
-always dequantize.) This kernel dequantizes tiles of the packed weight in registers and
-feeds them straight into the matmul, so a step costs one read of the packed weights (plus
-the activations) whatever the row count up to a few hundred.
+bitsandbytes' batched path dequantizes the whole weight to 16 bits before its matmul;
+this kernel dequantizes tiles of the packed weight in registers and feeds them straight
+into ``tl.dot`` (or a dot-free GEMV for one row), so a decode step costs one read of the
+packed weights whatever the row count up to a few hundred; few programs are topped up
+by a deterministic split-K. The layout it reads is validated in ``kernels/nf4_layout.py``.
 
-The layout read (bitsandbytes >= 0.47 ``quantize_4bit``, ``quant_type="nf4"``; checked
-against ``functional.dequantize_4bit`` and ``backends/default/ops.py``):
+* ``_nf4_matmul_kernel``, ``_nf4_gemv_kernel``, ``_nf4_splitk_reduce_kernel``: kernels.
+* ``nf4_matmul_triton``: launcher; ``nf4_matmul_torch``: the twin (dequantize + matmul).
+* ``nf4_matmul``: dispatch (``kernels/_runtime.py``'s ``use_kernel``, then supported
+  shapes); ``nf4_linear(x, layer)`` for a ``bnb.nn.Linear4bit``.
 
-* ``weight``: the (out_features, in_features) = (N, K) matrix flattened row-major, two
-  values per byte: element ``2i`` in the HIGH nibble of byte ``i``, element ``2i + 1`` in
-  the low nibble. Stored as (N*K/2, 1) uint8 (or another ``quant_storage`` dtype, viewed
-  as bytes here).
-* ``quant_state.absmax``: one scale per ``blocksize`` consecutive flat elements. Plain:
-  fp32. Double-quantized (``quant_state.nested``): uint8 indices into ``state2.code``
-  (256 fp32 values), and the fp32 scale of flat block ``b`` is
-  ``state2.code[absmax[b]] * state2.absmax[b // state2.blocksize] + quant_state.offset``.
-* ``quant_state.code``: the 16 NF4 values; weight = ``code[nibble] * scale`` in fp32.
-
-Layout of this module (Liger-Kernel style): the ``@triton.jit`` kernels
-``_nf4_matmul_kernel`` (tensor-core ``tl.dot``, any row count), ``_nf4_gemv_kernel``
-(one row, no ``tl.dot``) and ``_nf4_splitk_reduce_kernel``; the launcher
-``nf4_matmul_triton``; the torch twin ``nf4_matmul_torch`` (bitsandbytes'
-``dequantize_4bit`` + ``F.linear``, same signature); the dispatch ``nf4_matmul`` (CUDA ->
-kernel for supported shapes, else the twin; ``force=`` / ``LOWMEM_ES_FORCE_TORCH`` as in
-``kernels/noise.py``) and ``nf4_linear(x, layer)`` for a ``bnb.nn.Linear4bit``.
-
-How a tile is read. A program owns BLOCK_N output features (rows of W) and walks K in
-BLOCK_K steps. Per step it loads a (BLOCK_N, BLOCK_K/2) tile of bytes (contiguous along
-K, so coalesced), splits each byte into its high nibble (the weight at even k) and low
-nibble (odd k), maps nibbles to NF4 values (a 16-entry table load, or a 4-level select
-tree of the same fp32 constants: ``DEQUANT``), and multiplies by the tile's absmax: with
-K a multiple of blocksize a quantization block never crosses a row, so a tile row holds
-``BLOCK_K / blocksize`` scales (or shares one when blocksize > BLOCK_K), loaded once as a
-(BLOCK_N, groups) tile and broadcast by a reshape. The activations are split the same way
-(even/odd columns, ``tl.reshape`` + ``tl.split``), so ``acc += x_even W_hi^T + x_odd
-W_lo^T`` needs no interleaving of the nibbles. Accumulation is fp32; the weight tile is
-rounded once to x's dtype before the dot (as bitsandbytes rounds its dequantized weight).
-
-Few programs at decode shapes (N / BLOCK_N per launch) are topped up by a deterministic
-split-K: splits write fp32 partials and a second kernel sums them in a fixed order, adds
-the bias and rounds once (no atomics: decode must be reproducible run to run).
-
-Unsupported by the kernel (the dispatch sends these to the twin; the launcher raises a
-ValueError naming the tensor): in_features not a multiple of blocksize (blocks would cross
-rows), quant_type other than "nf4", bitsandbytes' AVX512 CPU repacking
-(``packing_format_for_cpu``), more than 2**31 packed bytes, autograd.
-
-GPU status: written for CUDA but NOT yet run on a GPU (none was available); launch
-constants below are first-principles defaults, to be swept with
-``bench/bench_nf4_matmul.py --sweep``. Correctness was checked in the Triton interpreter
-(fp32 and fp16 activations; bf16 ``tl.dot`` is wrong there).
+Design, the layout read, what the kernel does not support and its GPU status:
+docs/kernels.md, "Fused NF4 matmul".
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import weakref
-from dataclasses import dataclass
 
 import torch
 
-from lowmem_es.kernels.noise import (
-    FORCE_CHOICES,
-    FORCE_TORCH_ENV,
+from lowmem_es.kernels._runtime import (
     HAS_TRITON,
     INTERPRETED,
     check_kernel_usable,
+    next_pow2,
+    sm_count,
     use_kernel,  # the one dispatch rule shared by every kernel here
 )
+from lowmem_es.kernels.nf4_layout import NF4Layout, kernel_unsupported_reason, nf4_layout
 
 if HAS_TRITON:
     import triton
@@ -81,20 +38,10 @@ else:  # pragma: no cover - Triton absent: only the twin exists
     triton = None
     tl = None
 
-__all__ = ["DISPATCH_MAX_ROWS", "FORCE_CHOICES", "FORCE_TORCH_ENV", "NF4Layout",
-           "kernel_unsupported_reason", "nf4_layout", "nf4_linear", "nf4_matmul",
-           "nf4_matmul_torch", "nf4_matmul_triton", "use_kernel"]
+__all__ = ["DISPATCH_MAX_ROWS", "nf4_linear", "nf4_matmul", "nf4_matmul_torch",
+           "nf4_matmul_triton", "use_kernel"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INT32_LIMIT = 1 << 31
-
-# The 16 NF4 values of bitsandbytes' get_4bit_type("nf4"), as exact fp32 numbers (the
-# select tree in _nf4_value hard-codes the same literals).
-NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-            -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-            0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
-            0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0)
 
 # ---- launch constants. GPU values are NOT tuned (no GPU was available when written):
 # first-principles defaults, to be replaced by the numbers of
@@ -138,158 +85,6 @@ INTERPRETER_MAX_BLOCK_K = 2048
 # Keys: kernel ("gemv"|"dot"), block_m, block_n, block_k, num_warps, splits, dequant
 # ("tree"|"table"). Replaces the computed choice; tests and the sweep set it.
 LAUNCH_OVERRIDES: dict[str, int | str] = {}
-
-
-# ----------------------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class NF4Layout:
-    """The tensors and sizes the kernel reads, taken from a bitsandbytes quant state.
-
-    ``packed`` uint8 (N*K/2,); ``absmax`` fp32 (blocks,), or uint8 when ``nested`` with
-    ``absmax2`` fp32, ``code2`` fp32 (256,) and ``offset`` fp32 (1,) describing it;
-    ``code`` fp32 (16,). ``standard_code``: ``code`` equals ``NF4_CODE`` exactly, so the
-    select tree may replace the table load.
-    """
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    absmax2: torch.Tensor | None
-    code2: torch.Tensor | None
-    offset: torch.Tensor | None
-    code: torch.Tensor
-    out_features: int
-    in_features: int
-    blocksize: int
-    nested_blocksize: int
-    standard_code: bool
-
-    @property
-    def nested(self) -> bool:
-        return self.absmax2 is not None
-
-
-# id(quant state) -> (weak reference to it, identity key, layout). QuantState defines
-# __eq__ and so is unhashable: keyed by id, with the weak reference guarding against a
-# reused id and its callback dropping the entry when the quant state is freed.
-_LAYOUTS: dict[int, tuple[weakref.ref, tuple, NF4Layout]] = {}
-
-
-def _is_pow2(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0
-
-
-def _layout_key(weight: torch.Tensor, quant_state) -> tuple:
-    state2 = getattr(quant_state, "state2", None)
-    return (weight.data_ptr(), weight.device, quant_state.absmax.data_ptr(),
-            quant_state.absmax.device, None if state2 is None else state2.absmax.data_ptr(),
-            tuple(quant_state.shape), quant_state.blocksize, quant_state.quant_type,
-            bool(getattr(quant_state, "packing_format_for_cpu", False)))
-
-
-def nf4_layout(weight: torch.Tensor, quant_state) -> NF4Layout:
-    """Validate ``(weight, quant_state)`` from bitsandbytes and return what the kernel reads.
-
-    Built once per quant state and cached (keyed on the tensors' storage, so a move to
-    another device or a re-quantization rebuilds it); the first build reads the 16-entry
-    code on the host (one device sync). Raises ValueError/TypeError naming the field for
-    anything that is not bitsandbytes' NF4 layout.
-    """
-    if quant_state is None:
-        raise ValueError("`quant_state` is None: `weight` is not quantized (load the layer "
-                         "with bitsandbytes 4-bit and move it to its device first)")
-    key = _layout_key(weight, quant_state)
-    ident = id(quant_state)
-    cached = _LAYOUTS.get(ident)
-    if cached is not None and cached[0]() is quant_state and cached[1] == key:
-        return cached[2]
-    layout = _build_layout(weight, quant_state)
-    _LAYOUTS[ident] = (weakref.ref(quant_state, lambda _ref, i=ident: _drop_layout(i, _ref)),
-                       key, layout)
-    return layout
-
-
-def _drop_layout(ident: int, ref: weakref.ref) -> None:
-    entry = _LAYOUTS.get(ident)
-    if entry is not None and entry[0] is ref:
-        del _LAYOUTS[ident]
-
-
-def _build_layout(weight: torch.Tensor, quant_state) -> NF4Layout:
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        raise ValueError("`quant_state.packing_format_for_cpu` is set: bitsandbytes repacked "
-                         "this weight for its AVX512 CPU kernel, a layout the NF4 kernel "
-                         "does not read; use the torch path (force='torch')")
-    if quant_state.quant_type != "nf4":
-        raise ValueError(f"`quant_state.quant_type` is {quant_state.quant_type!r}; the kernel "
-                         "reads NF4 only (quantize with quant_type='nf4')")
-    shape = tuple(quant_state.shape)
-    if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"`quant_state.shape` is {shape}; expected (out_features, "
-                         "in_features) with both >= 1")
-    n, k = shape
-    blocksize = int(quant_state.blocksize)
-    if not _is_pow2(blocksize):
-        raise ValueError(f"`quant_state.blocksize` is {blocksize}; expected a power of two")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
-    if not weight.is_contiguous():
-        raise ValueError(f"`weight` must be contiguous (packed bytes in row-major order), got "
-                         f"strides {tuple(weight.stride())}")
-    packed = weight.reshape(-1).view(torch.uint8)
-    if packed.numel() != (n * k + 1) // 2:
-        raise ValueError(f"`weight` holds {packed.numel()} bytes but `quant_state.shape` "
-                         f"{shape} packs into {(n * k + 1) // 2}")
-    device = weight.device
-    code = quant_state.code
-    if code is None or code.numel() != 16:
-        raise ValueError("`quant_state.code` must hold the 16 NF4 values, got "
-                         f"{None if code is None else tuple(code.shape)}")
-    code = code.to(device, torch.float32).contiguous()
-    standard = bool(torch.equal(code.cpu(), torch.tensor(NF4_CODE, dtype=torch.float32)))
-    blocks = -(-n * k // blocksize)
-    absmax = quant_state.absmax
-    if absmax.numel() != blocks or absmax.device != device:
-        raise ValueError(f"`quant_state.absmax` has {absmax.numel()} entries on "
-                         f"{absmax.device}; expected {blocks} (one per {blocksize} weights) "
-                         f"on {device}, the device of `weight`")
-    absmax2 = code2 = offset = None
-    nested_blocksize = 1
-    if quant_state.nested:
-        state2 = quant_state.state2
-        if absmax.dtype != torch.uint8:
-            raise TypeError(f"`quant_state.absmax` has dtype {absmax.dtype}; a nested "
-                            "(double-quantized) state stores uint8 indices")
-        nested_blocksize = int(state2.blocksize)
-        if not _is_pow2(nested_blocksize):
-            raise ValueError(f"`quant_state.state2.blocksize` is {nested_blocksize}; "
-                             "expected a power of two")
-        if state2.absmax.numel() != -(-blocks // nested_blocksize):
-            raise ValueError(f"`quant_state.state2.absmax` has {state2.absmax.numel()} "
-                             f"entries; expected {-(-blocks // nested_blocksize)}")
-        if state2.code is None or state2.code.numel() != 256:
-            raise ValueError("`quant_state.state2.code` must hold 256 values")
-        absmax2 = state2.absmax.to(device, torch.float32).contiguous()
-        code2 = state2.code.to(device, torch.float32).contiguous()
-        offset = torch.as_tensor(quant_state.offset).to(device, torch.float32).reshape(1)
-        absmax = absmax.contiguous()
-    else:
-        absmax = absmax.to(torch.float32).contiguous()
-    return NF4Layout(packed, absmax, absmax2, code2, offset, code, n, k, blocksize,
-                     nested_blocksize, standard)
-
-
-def kernel_unsupported_reason(layout: NF4Layout) -> str | None:
-    """Why the kernel cannot read this layout (a message naming the field), or None."""
-    if layout.in_features % layout.blocksize:
-        return (f"`weight` has in_features={layout.in_features}, not a multiple of "
-                f"`quant_state.blocksize`={layout.blocksize}: quantization blocks would "
-                "cross rows, which the kernel does not read")
-    if layout.packed.numel() >= _INT32_LIMIT:
-        return (f"`weight` has {layout.packed.numel()} packed bytes, more than the kernel's "
-                "int32 offsets hold")
-    return None
 
 
 # ----------------------------------------------------------------------------- checks
@@ -517,15 +312,6 @@ else:  # pragma: no cover
 # ----------------------------------------------------------------------------- launcher
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _next_pow2(value: int) -> int:
-    return 1 << max(0, (int(value) - 1).bit_length())
-
-
 def _launch_config(rows: int, n: int, k: int, blocksize: int, sms: int) -> dict:
     """Kernel, tiles, warps and K-splits for an (rows x k) @ (k x n) launch.
 
@@ -537,9 +323,9 @@ def _launch_config(rows: int, n: int, k: int, blocksize: int, sms: int) -> dict:
     over = LAUNCH_OVERRIDES
     kernel = over.get("kernel", "gemv" if rows <= GEMV_MAX_ROWS else "dot")
     if INTERPRETED:
-        cfg = dict(block_m=min(max(16, _next_pow2(rows)), INTERPRETER_MAX_BLOCK_M),
-                   block_n=min(max(16, _next_pow2(n)), INTERPRETER_MAX_BLOCK_N),
-                   block_k=min(max(32, _next_pow2(k)), INTERPRETER_MAX_BLOCK_K),
+        cfg = dict(block_m=min(max(16, next_pow2(rows)), INTERPRETER_MAX_BLOCK_M),
+                   block_n=min(max(16, next_pow2(n)), INTERPRETER_MAX_BLOCK_N),
+                   block_k=min(max(32, next_pow2(k)), INTERPRETER_MAX_BLOCK_K),
                    num_warps=1, splits=1, dequant="table")
     elif kernel == "gemv":
         cfg = dict(block_m=1, block_n=GEMV_BLOCK_N, block_k=GEMV_BLOCK_K,
@@ -602,7 +388,7 @@ def nf4_matmul_triton(x: torch.Tensor, weight: torch.Tensor, quant_state,
     if x_flat.stride(-1) != 1:
         x_flat = x_flat.contiguous()
     out_flat = out.view(rows, n)
-    sms = 1 if INTERPRETED else _sm_count(x.device.index if x.device.index is not None
+    sms = 1 if INTERPRETED else sm_count(x.device.index if x.device.index is not None
                                           else torch.cuda.current_device())
     cfg = _launch_config(rows, n, k, layout.blocksize, sms)
     splits = cfg["splits"]
@@ -630,7 +416,7 @@ def nf4_matmul_triton(x: torch.Tensor, weight: torch.Tensor, quant_state,
             *common, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **flags)
     if splits > 1:
-        block = min(INTERPRETER_MAX_BLOCK_K * 8, _next_pow2(rows * n)) if INTERPRETED \
+        block = min(INTERPRETER_MAX_BLOCK_K * 8, next_pow2(rows * n)) if INTERPRETED \
             else 1024
         _nf4_splitk_reduce_kernel[(triton.cdiv(rows * n, block),)](
             partial, bias_arg, out_flat, rows, n, splits, out_flat.stride(0),

@@ -11,7 +11,8 @@ as the kernel that tests hold against the pure-torch twin ``lowmem_es.noise.rand
 * ``randn`` / ``noise``: dispatch. CUDA tensors run the kernel, CPU tensors the twin
   (``lowmem_es.noise``); ``force="kernel"|"torch"`` picks one, and the environment
   variable ``LOWMEM_ES_FORCE_TORCH=1`` makes the default the twin everywhere (to rule the
-  kernel out when debugging). An explicit ``force`` wins over the variable.
+  kernel out when debugging). An explicit ``force`` wins over the variable: the rule
+  ``use_kernel`` of ``kernels/_runtime.py``, shared by every kernel here.
 
 On a CPU-only machine the kernel runs only under the Triton interpreter, which must be
 switched on (``TRITON_INTERPRET=1``) before anything imports triton.
@@ -19,23 +20,24 @@ switched on (``TRITON_INTERPRET=1``) before anything imports triton.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from lowmem_es import noise as _twin
 from lowmem_es import noise_batch as _noise_batch
+from lowmem_es.kernels._runtime import (
+    HAS_TRITON,
+    INT32_LIMIT,
+    INTERPRETED,
+    check_kernel_usable,
+    use_kernel,
+)
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
-except Exception:  # absent (off Linux) or broken: only the twins are available
+else:  # pragma: no cover - Triton absent: only the twin exists
     triton = None
     tl = None
-
-HAS_TRITON = triton is not None
-FORCE_TORCH_ENV = "LOWMEM_ES_FORCE_TORCH"
-FORCE_CHOICES = ("kernel", "torch")
 
 # Elements per program. GPU: Triton's own elementwise default (1024 elements, 4 warps);
 # not yet tuned on a GPU. Interpreter: its cost is per program, not per element (~0.05 s
@@ -43,7 +45,6 @@ FORCE_CHOICES = ("kernel", "torch")
 BLOCK_GPU = 1024
 NUM_WARPS_GPU = 4
 BLOCK_INTERPRETER = 1 << 16
-_INT32_LIMIT = 1 << 31
 
 if HAS_TRITON:
 
@@ -68,12 +69,8 @@ if HAS_TRITON:
         else:
             offsets = start + idx
         tl.store(out_ptr + idx, tl.randn(key, offsets), mask=mask)
-
-    # The interpreter is chosen when @triton.jit runs (from TRITON_INTERPRET at import).
-    INTERPRETED = type(_randn_kernel).__name__ == "InterpretedFunction"
 else:
     _randn_kernel = None
-    INTERPRETED = False
 
 
 def _launch_config(numel: int) -> tuple[int, int]:
@@ -83,23 +80,10 @@ def _launch_config(numel: int) -> tuple[int, int]:
     return BLOCK_GPU, NUM_WARPS_GPU
 
 
-def check_kernel_usable(device: torch.device, kernel: str = "the Triton noise kernel") -> None:
-    """Raise a RuntimeError saying why ``kernel`` cannot run on ``device`` (shared by all
-    kernels here): no triton, or a CPU tensor without the interpreter."""
-    if not HAS_TRITON:
-        raise RuntimeError(f"{kernel} needs `triton`, which cannot be imported here; use "
-                           "force='torch' (the pure-torch twin) instead")
-    if device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f"{kernel} needs CUDA tensors, got tensors on {device}; on a CPU machine set "
-            "TRITON_INTERPRET=1 before triton is first imported to run it in the "
-            "interpreter, or use force='torch'")
-
-
 def _launch(out: torch.Tensor, offsets: torch.Tensor | None, key: int, start: int,
             numel: int) -> None:
     block, num_warps = _launch_config(numel)
-    wide = start + numel + block >= _INT32_LIMIT
+    wide = start + numel + block >= INT32_LIMIT
     grid = (triton.cdiv(numel, block),)
     # Without offsets the pointer is never read; `out` stands in for it.
     _randn_kernel[grid](out, out if offsets is None else offsets, key & _twin.MASK63, start,
@@ -153,27 +137,12 @@ def noise_triton(key: int, shape: tuple[int, ...] | torch.Size,
     return out.reshape(tuple(shape))
 
 
-def use_kernel(device: torch.device | str, force: str | None = None) -> bool:
-    """Whether ``randn``/``noise`` take the kernel for tensors on ``device``.
-
-    ``force="kernel"``/``"torch"`` decides outright. Otherwise the twin if
-    ``LOWMEM_ES_FORCE_TORCH`` is set to anything but ``""``/``"0"``, else the kernel
-    exactly for CUDA tensors with Triton compiled (not interpreted).
-    """
-    if force is not None:
-        if force not in FORCE_CHOICES:
-            raise ValueError(f"`force` must be one of {FORCE_CHOICES} or None, got {force!r}")
-        return force == "kernel"
-    if os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0"):
-        return False
-    return torch.device(device).type == "cuda" and HAS_TRITON and not INTERPRETED
-
-
 def randn(key: int, offsets: torch.Tensor, force: str | None = None) -> torch.Tensor:
     """``tl.randn(key, offsets)``: float32, same shape/device as ``offsets``.
 
     CUDA tensors use the Triton kernel, CPU tensors the twin ``lowmem_es.noise.randn``
-    (with the backend chosen by ``lowmem_es.noise.set_backend``); see ``use_kernel``.
+    (with the backend chosen by ``lowmem_es.noise.set_backend``); see
+    ``_runtime.use_kernel``.
     Both paths reject non-integer offsets (the twin alone would truncate floats).
     """
     _check_integer(offsets)

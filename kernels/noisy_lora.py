@@ -1,77 +1,38 @@
 """Fused noisy LoRA: each row's member perturbation regenerated inside the LoRA matmul.
 
-For rows ``x_i`` (one or more tokens each) of population member ``m(i)`` this adds
+For rows ``x_i`` of population member ``m(i)``: ``out_i += scale * (x_i (A + s_m sigma
+epsA_m)^T) (B + s_m sigma epsB_m)^T``, with ``epsA_m[j] = tl.randn(keys_A[m], j)`` over
+A's flat index (likewise B): the noise contract of ``lowmem_es/noise.py``; no noise
+tensor is ever stored. Two stages (shrink: ``x (A + s sigma epsA)^T`` partials per row
+block and K-split; expand: ``+ scale * h (B + s sigma epsB)^T``), antithetic partners
+side by side so their shared noise is generated once, ranks 1-64 padded to 16 for
+``tl.dot``. Rows are grouped by member in ``kernels/row_plan.py``.
 
-    out_i += scale * (x_i (A + s_m sigma epsA_m)^T) (B + s_m sigma epsB_m)^T
+* ``_noisy_lora_shrink_kernel`` / ``_noisy_lora_expand_kernel``: the ``@triton.jit`` kernels.
+* ``noisy_lora_triton``: launcher; ``noisy_lora_torch``: the twin (CPU path, reference).
+* ``noisy_lora``: dispatch by ``kernels/_runtime.py``'s ``use_kernel``.
 
-where ``epsA_m[j] = tl.randn(keys_A[m], j)`` over the flat row-major index ``j`` of ``A``
-(r, d_in), likewise ``epsB_m`` over ``B`` (d_out, r): the noise contract of
-``lowmem_es/noise.py``. The caller passes one key per member and matrix (from
-``noise.member_key``) and ``steps[m] = s_m * sigma``; no noise tensor is ever stored.
-
-Layout (Liger-Kernel style): ``_noisy_lora_shrink_kernel`` / ``_noisy_lora_expand_kernel``
-(``@triton.jit``), the launcher ``noisy_lora_triton``, the torch twin ``noisy_lora_torch``
-(same signature: the CPU path and the tests' reference) and the dispatch ``noisy_lora``
-(CUDA -> kernel, CPU -> twin; ``force=`` or ``LOWMEM_ES_FORCE_TORCH``, as in
-``kernels/noise.py``).
-
-Two stages, not one. Rows are grouped into blocks of one member (``RowPlan``, built once
-per batch layout on the host). Stage 1 (shrink): program (block, K-split) regenerates its
-slice of ``epsA`` once and writes ``x (A + s sigma epsA)^T`` partial sums, (rows, r).
-Stage 2 (expand): program (block, column group) sums the partials, regenerates its
-columns of ``epsB`` once and adds ``scale * h (B + s sigma epsB)^T`` into ``out``; for
-long runs of one member (prefill) a program walks up to ``EXPAND_SUB_BLOCKS`` row blocks
-per ``epsB`` tile, so that noise is shared by up to 8 * BLOCK_M rows.
-Why: the cost that dominates is the noise, not the matmul. ``tl.randn`` is one
-Philox4x32-10 call per element (~60 integer instructions) plus Box-Muller (~25), so a
-member costs ~85 * r * (d_in + d_out) instructions whatever its row count, against
-2 * rows_m * r * (d_in + d_out) tensor-core FLOPs: at decode (16 rows per member) the
-noise is the whole bill. A one-stage kernel must either give each (block, d_out tile)
-program all of ``A`` (regenerating ``epsA`` d_out / BLOCK_N = 32x at d_out = 4096, i.e.
-~16x the noise work of two stages) or run one program per member over all of d_out
-(8-64 programs on the H200's 132 SMs: 6-48 % of the chip for the dominant cost). Two
-stages generate every noise element once per row block and spread it over
-``PROGRAMS_PER_SM * SMs`` programs; the price is one more launch and a (splits, rows, r)
-fp32 partial buffer (<= 2 MiB at 512 rows, r = 64), which stays in L2. These are
-first-principles numbers (instruction counts, not measurements): no GPU was available
-when this was written, and CPU interpreter timings say nothing about GPU speed.
-
-Antithetic pairs. Members 2k and 2k+1 perturb by +eps_k and -eps_k: the same noise.
-When the RowPlan knows the pairs (``plan_rows(..., pairs=)``; the ES-LoRA layer passes
-them), a program takes a block of a member's rows and a block of its partner's side by
-side (``PAIRED``), generates each noise tile once and applies it with both steps: half
-the Philox and Box-Muller work, which the paragraph above makes the dominant cost at
-decode. The pairing is a hint, never trusted for values: the program compares the two
-keys and regenerates the partner's tile when they differ. Unpaired blocks (a member
-whose partner has no rows here, or more blocks than its partner) run with an empty
-partner side.
-
-Ranks 1-64: ``tl.dot`` needs tiles >= 16, so a rank below 16 is padded to 16 columns.
-The noise is generated on the unpadded (tile, next_pow2(r)) tile and zero columns are
-interleaved afterwards (``_pad_rank``: ``tl.join`` + ``tl.reshape``), so rank 8 does not
-pay for 16 ranks of Philox. Both stages use the same interleaving, so it cancels in the
-contraction. Accumulation is fp32; fp32 ``x`` uses IEEE fp32 dots, fp16/bf16 ``x`` TF32
-dots on fp32 operands (perturbed weights keep 10 mantissa bits, more than bf16's 7).
+Design, with the instruction-count evidence: docs/kernels.md, "Fused noisy LoRA".
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Sequence
 
 import torch
 
 from lowmem_es import noise as _noise
 from lowmem_es import noise_batch as _noise_batch
-from lowmem_es.kernels.noise import (
-    FORCE_CHOICES,
-    FORCE_TORCH_ENV,
+from lowmem_es.kernels._runtime import (
     HAS_TRITON,
+    INT32_LIMIT,
     INTERPRETED,
     check_kernel_usable,
+    next_pow2,
+    use_kernel,
 )
-from lowmem_es.kernels.noise import use_kernel as _use_kernel
+from lowmem_es.kernels._runtime import sm_count as _device_sm_count  # `sm_count` is an argument
+from lowmem_es.kernels.row_plan import RowPlan
 
 if HAS_TRITON:
     import triton
@@ -80,12 +41,10 @@ else:  # pragma: no cover - Triton absent: only the twin exists
     triton = None
     tl = None
 
-__all__ = ["FORCE_CHOICES", "FORCE_TORCH_ENV", "MAX_RANK", "RowPlan", "noisy_lora",
-           "noisy_lora_torch", "noisy_lora_triton", "plan_rows", "use_kernel"]
+__all__ = ["MAX_RANK", "noisy_lora", "noisy_lora_torch", "noisy_lora_triton", "use_kernel"]
 
 MAX_RANK = 64
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INT32_LIMIT = 1 << 31
 
 # GPU launch constants. NOT tuned on a GPU (none was available): chosen from register and
 # occupancy arithmetic, to be swept by bench/bench_noisy_lora.py --sweep on the first GPU.
@@ -117,158 +76,6 @@ BLOCK_M_MAX_INTERPRETER = 512
 BLOCK_INTERPRETER = 2048
 # Launch settings that replace the computed ones (keys of _launch_config); empty normally.
 LAUNCH_OVERRIDES: dict[str, int] = {}
-
-
-# ----------------------------------------------------------------------------- row plan
-
-
-class RowPlan:
-    """Which member each flat row belongs to, grouped into blocks of one member each.
-
-    Built once per batch layout on the host (no device sync): ``member_index`` (rows,)
-    gives each row's member, and each row holds ``tokens_per_row`` flat rows of ``x``
-    (a (rows, T, d_in) input has T tokens per row). Rows are sorted by member (stable),
-    so any mapping works; contiguous segments of one member keep the identity order and
-    read ``x`` sequentially. Block tensors are built per block height and cached.
-    """
-
-    def __init__(self, member_index: torch.Tensor | Sequence[int], num_members: int,
-                 tokens_per_row: int = 1, device: torch.device | str = "cpu",
-                 pairs: Sequence[int] | None = None) -> None:
-        index = _member_index_cpu(member_index, num_members)
-        self.partner = _partners(pairs, num_members)
-        if isinstance(tokens_per_row, bool) or not isinstance(tokens_per_row, int) \
-                or tokens_per_row < 1:
-            raise ValueError(f"`tokens_per_row` must be a positive integer, got "
-                             f"{tokens_per_row!r}")
-        self.device = torch.device(device)
-        self.rows = int(index.numel())
-        self.tokens_per_row = tokens_per_row
-        self.num_rows = self.rows * tokens_per_row  # flat rows of x
-        self.num_members = num_members
-        if self.num_rows >= _INT32_LIMIT:
-            raise ValueError(f"{self.num_rows} flat rows is more than the kernel's int32 row "
-                             "indices hold (2**31 - 1); split the batch")
-        order = torch.argsort(index, stable=True)
-        sorted_members = index[order]
-        self.identity = bool(torch.equal(order, torch.arange(self.rows)))
-        members, counts = torch.unique_consecutive(sorted_members, return_counts=True)
-        counts = counts * tokens_per_row
-        starts = torch.cumsum(counts, 0) - counts
-        # Runs of one member in sorted flat-row order, on the host (the twin walks them).
-        self.run_members: list[int] = members.tolist()
-        self.run_starts: list[int] = starts.tolist()
-        self.run_lengths: list[int] = counts.tolist()
-        self.max_run = max(self.run_lengths, default=0)
-        flat = (order[:, None] * tokens_per_row
-                + torch.arange(tokens_per_row)[None, :]).reshape(-1)
-        self.row_order_cpu = flat  # sorted position -> flat row of x, int64
-        self.row_order = flat.to(torch.int32).to(self.device)
-        present = set(self.run_members)
-        # Paired blocks when some member and its partner both have rows here.
-        self.paired = any(self.partner[m] in present for m in present)
-        self._blocks: dict[int, tuple[torch.Tensor, int]] = {}
-
-    def blocks(self, block_m: int) -> tuple[torch.Tensor, int]:
-        """Block table (an int32 device tensor) and its block count.
-
-        Each run of one member is cut into blocks of at most ``block_m`` flat rows
-        (positions into ``row_order``). Unpaired plans: (3, blocks) rows (member, start,
-        stop). Paired plans (``paired``): (6, blocks), a block of a member and one of its
-        partner side by side (member, start, stop, partner, start, stop), so a program
-        generates the pair's shared noise once for both; a block with no partner block
-        (a longer run, a member without partner) repeats its member with no rows.
-        """
-        if block_m not in self._blocks:
-            cuts = {m: [(first + offset, first + min(offset + block_m, length))
-                        for offset in range(0, length, block_m)]
-                    for m, first, length in zip(self.run_members, self.run_starts,
-                                                self.run_lengths, strict=True)}
-            columns: list[tuple[int, ...]] = []
-            done: set[int] = set()
-            for m in self.run_members:
-                if m in done:
-                    continue
-                other = self.partner[m] if self.paired else -1
-                mine, theirs = cuts[m], cuts.get(other, [])
-                done.update((m, other))
-                for i in range(max(len(mine), len(theirs))):
-                    if i < len(mine) and i < len(theirs):
-                        columns.append((m, *mine[i], other, *theirs[i]))
-                    else:
-                        owner, (start, stop) = (m, mine[i]) if i < len(mine) else (other,
-                                                                                   theirs[i])
-                        columns.append((owner, start, stop, owner, stop, stop))
-            height = 6 if self.paired else 3
-            table = torch.tensor([column[:height] for column in columns],
-                                 dtype=torch.int32).reshape(-1, height).t().contiguous()
-            self._blocks[block_m] = (table.to(self.device), len(columns))
-        return self._blocks[block_m]
-
-
-def plan_rows(member_index: torch.Tensor | Sequence[int], num_members: int,
-              tokens_per_row: int = 1, device: torch.device | str = "cpu",
-              pairs: Sequence[int] | None = None) -> RowPlan:
-    """A ``RowPlan`` for rows with these member ids (see ``RowPlan``).
-
-    ``pairs`` (optional, one entry per member): members with the same pair id share their
-    noise keys (antithetic pairs, ``es.member_schedule``'s pair of each member), and the
-    kernel then generates a pair's noise once for both. It is a scheduling hint only:
-    the kernel compares the two keys and regenerates when they differ.
-    """
-    return RowPlan(member_index, num_members, tokens_per_row, device, pairs)
-
-
-def _partners(pairs: Sequence[int] | None, num_members: int) -> list[int]:
-    """Each member's partner (the other member of its pair) or -1, validated."""
-    partner = [-1] * num_members
-    if pairs is None:
-        return partner
-    if isinstance(pairs, torch.Tensor):
-        pairs = pairs.tolist()
-    pairs = list(pairs)
-    if len(pairs) != num_members:
-        raise ValueError(f"`pairs` has {len(pairs)} entries; expected one pair id per "
-                         f"member ({num_members})")
-    first: dict[int, int] = {}
-    for member, pair in enumerate(pairs):
-        if isinstance(pair, bool) or not isinstance(pair, int):
-            raise TypeError(f"`pairs` must hold integer pair ids, got {pair!r} for member "
-                            f"{member}")
-        if pair not in first:
-            first[pair] = member
-        elif partner[first[pair]] != -1:
-            raise ValueError(f"`pairs` gives pair id {pair} to more than two members "
-                             f"({first[pair]}, {partner[first[pair]]}, {member}); an "
-                             "antithetic pair has two")
-        else:
-            partner[first[pair]], partner[member] = member, first[pair]
-    return partner
-
-
-def _member_index_cpu(member_index: torch.Tensor | Sequence[int], num_members: int
-                      ) -> torch.Tensor:
-    """Validated int64 CPU copy of per-row member ids (one sync if it lives on a GPU)."""
-    if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
-        raise ValueError(f"`num_members` must be a positive integer, got {num_members!r}")
-    if not isinstance(member_index, torch.Tensor):
-        member_index = torch.tensor(list(member_index), dtype=torch.int64)
-    if member_index.is_floating_point() or member_index.is_complex() \
-            or member_index.dtype == torch.bool:
-        raise TypeError(f"`member_index` must be an integer tensor of shape (rows,), got "
-                        f"dtype {member_index.dtype}")
-    if member_index.dim() != 1:
-        raise ValueError(f"`member_index` must have shape (rows,), got "
-                         f"{tuple(member_index.shape)}")
-    index = member_index.detach().to("cpu", torch.int64)
-    if index.numel():
-        bad = ((index < 0) | (index >= num_members)).nonzero()
-        if bad.numel():
-            row = int(bad[0])
-            raise ValueError(f"`member_index` holds member {int(index[row])} at row {row}, "
-                             f"outside [0, {num_members}): `keys_A`, `keys_B` and `steps` "
-                             f"have {num_members} entries")
-    return index
 
 
 # ----------------------------------------------------------------------------- checks
@@ -346,7 +153,7 @@ def _prepare(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
             raise ValueError(f"`{name}` is on {tensor.device} but `x` is on {device}; move "
                              "them to one device")
     num_members = keys_A.shape[0]
-    if rank * max(d_in, d_out) >= _INT32_LIMIT:
+    if rank * max(d_in, d_out) >= INT32_LIMIT:
         raise ValueError(f"LoRA matrices of {rank} x {max(d_in, d_out)} elements exceed the "
                          "kernel's int32 noise offsets")
     if isinstance(rows, RowPlan):
@@ -595,15 +402,6 @@ else:  # pragma: no cover
 # ----------------------------------------------------------------------------- launcher
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _next_pow2(value: int) -> int:
-    return 1 << max(0, (int(value) - 1).bit_length())
-
-
 def _launch_config(plan: RowPlan, d_in: int, d_out: int, rank: int, device: torch.device,
                    sm_count: int | None = None, interpreted: bool | None = None
                    ) -> dict[str, int]:
@@ -616,13 +414,13 @@ def _launch_config(plan: RowPlan, d_in: int, d_out: int, rank: int, device: torc
     its interpreter) let bench/compile_sm90.py enumerate a GPU's launches without one.
     """
     interpreted = INTERPRETED if interpreted is None else interpreted
-    r_p2 = _next_pow2(rank)
+    r_p2 = next_pow2(rank)
     r_pad = max(16, r_p2)
-    rows_pow2 = max(16, _next_pow2(plan.max_run))
+    rows_pow2 = max(16, next_pow2(plan.max_run))
     if interpreted:
         cfg = dict(block_m=min(rows_pow2, BLOCK_M_MAX_INTERPRETER),
-                   block_k=min(max(16, _next_pow2(d_in)), BLOCK_INTERPRETER),
-                   block_n=min(max(16, _next_pow2(d_out)), BLOCK_INTERPRETER),
+                   block_k=min(max(16, next_pow2(d_in)), BLOCK_INTERPRETER),
+                   block_n=min(max(16, next_pow2(d_out)), BLOCK_INTERPRETER),
                    num_warps=1, sub_blocks=1)
     else:
         tile = min(128, max(16, NOISE_TILE // r_p2))
@@ -639,7 +437,7 @@ def _launch_config(plan: RowPlan, d_in: int, d_out: int, rank: int, device: torc
     else:
         if sm_count is None:
             index = device.index if device.index is not None else torch.cuda.current_device()
-            sm_count = _sm_count(index)
+            sm_count = _device_sm_count(index)
         target = PROGRAMS_PER_SM * sm_count
         cfg.update(splits=min(-(-target // n_blocks), MAX_SPLITS),
                    groups=-(-target // n_blocks_2))
@@ -771,13 +569,6 @@ def _add_scaled(out_rows: torch.Tensor, lora: torch.Tensor, scale: float) -> tor
 
 
 # ----------------------------------------------------------------------------- dispatch
-
-
-def use_kernel(device: torch.device | str, force: str | None = None) -> bool:
-    """Whether ``noisy_lora`` takes the kernel on ``device``: the rule of
-    ``lowmem_es.kernels.noise.use_kernel`` (``force``, then ``LOWMEM_ES_FORCE_TORCH``,
-    then CUDA with compiled Triton)."""
-    return _use_kernel(device, force)
 
 
 def noisy_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,

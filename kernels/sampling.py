@@ -36,7 +36,7 @@ import torch
 
 from lowmem_es import noise as _noise
 from lowmem_es.config import MIN_TEMPERATURE
-from lowmem_es.kernels.noise import HAS_TRITON, INTERPRETED, check_kernel_usable, use_kernel
+from lowmem_es.kernels._runtime import HAS_TRITON, INTERPRETED, check_kernel_usable, use_kernel
 
 if HAS_TRITON:
     import triton

@@ -41,12 +41,12 @@ NOISY_LORA, NF4_MATMUL, ES_UPDATE, SAMPLING = "noisy_lora", "nf4_matmul", "es_up
 KERNELS = (NOISY_LORA, NF4_MATMUL, ES_UPDATE, SAMPLING)
 OK, NOT_USED = "ok", "not used"
 FORCE_CHOICES = (None, "kernel", "torch")
-FORCE_TORCH_ENV = "LOWMEM_ES_FORCE_TORCH"  # the same name as lowmem_es.kernels.noise's
+FORCE_TORCH_ENV = "LOWMEM_ES_FORCE_TORCH"  # the same name as lowmem_es.kernels._runtime's
 
 # (atol, rtol) of kernel vs twin for outputs normalised to RMS 1: the tables of
 # tests/test_noisy_lora.py and tests/test_nf4_matmul.py (fp32: summation order and
 # tl.randn's last ulp; fp16/bf16: about one ulp of the output dtype), and the 1e-6 of
-# tests/test_es_update_kernel.py (fp32 sums of regenerated noise).
+# tests/test_es_update.py (fp32 sums of regenerated noise).
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3),
               torch.bfloat16: (1e-2, 1.6e-2)}
 # NF4 in bf16 on real (large-K) shapes: test_nf4_matmul.py's 7B-shape atol.
@@ -304,7 +304,7 @@ def _nf4_bases(es_model: ESLoraModel, device: torch.device) -> list[torch.nn.Mod
     """One 4-bit base layer on ``device`` per distinct weight shape whose packed layout
     the kernel reads (``nf4_linear`` leaves the others to bitsandbytes, so they never
     meet the kernel), largest first, at most ``MAX_CHECKED_SHAPES``."""
-    from lowmem_es.kernels import nf4_matmul
+    from lowmem_es.kernels import nf4_layout
 
     chosen: dict[tuple[int, int], torch.nn.Module] = {}
     for layer in es_model.layers.values():
@@ -316,10 +316,10 @@ def _nf4_bases(es_model: ESLoraModel, device: torch.device) -> list[torch.nn.Mod
                 or getattr(state, "packing_format_for_cpu", False):
             continue
         try:
-            layout = nf4_matmul.nf4_layout(weight, state)
+            layout = nf4_layout.nf4_layout(weight, state)
         except (TypeError, ValueError):  # not NF4, or a layout it does not read
             continue
-        if nf4_matmul.kernel_unsupported_reason(layout) is None:
+        if nf4_layout.kernel_unsupported_reason(layout) is None:
             chosen.setdefault((layout.out_features, layout.in_features), base)
     shapes = sorted(chosen, key=lambda shape: -shape[0] * shape[1])
     return [chosen[shape] for shape in shapes[:MAX_CHECKED_SHAPES]]
@@ -367,7 +367,7 @@ def _noisy_lora_cases(layer: ESLoraLinear, device: torch.device, dtype: torch.dt
     and A, B ~ sigma * N(0, 1) make the noise as large as the weights in both matrices,
     and the base output ``out`` is about as large as the LoRA term it is added to.
     """
-    from lowmem_es.kernels import noisy_lora
+    from lowmem_es.kernels import noisy_lora, row_plan
 
     rank, d_in = layer.lora_A.shape
     d_out = layer.lora_B.shape[0]
@@ -395,8 +395,8 @@ def _noisy_lora_cases(layer: ESLoraLinear, device: torch.device, dtype: torch.dt
                    tokens: int = tokens) -> torch.Tensor:
             # The kernel path builds its RowPlan as the layer does (lora._row_plan),
             # antithetic pairs included (the paired kernel variant).
-            plan = noisy_lora.plan_rows(member_index, len(MEMBERS), tokens, device,
-                                        pairs=[pair for pair, _ in MEMBERS])
+            plan = row_plan.plan_rows(member_index, len(MEMBERS), tokens, device,
+                                      pairs=[pair for pair, _ in MEMBERS])
             return run(noisy_lora.noisy_lora_triton, plan)
 
         index = torch.tensor(member_index, dtype=torch.int64, device=device)

@@ -41,7 +41,7 @@ from lowmem_es import adapter_io, noise, noise_batch
 from lowmem_es.adapter_io import PEFT_PREFIX
 
 if TYPE_CHECKING:  # the kernels module imports triton: only at run time, when needed
-    from lowmem_es.kernels.noisy_lora import RowPlan
+    from lowmem_es.kernels.row_plan import RowPlan
 
 # Which path ESLoraLinear takes for perturbed rows: None = the fused kernel for CUDA tensors
 # and the cached torch path elsewhere; "kernel" forces the kernel (on CPU it then needs
@@ -272,7 +272,7 @@ def _row_plan(population: Population, rows: int, tokens: int, device: torch.devi
     """The kernel's RowPlan for the population's segments with ``tokens`` per row."""
     key = (id(population), population.version, rows, tokens, device)
     if _ROW_PLAN.get("key") != key:
-        from lowmem_es.kernels import noisy_lora
+        from lowmem_es.kernels import row_plan
 
         member_index = [index for index, count in population.segments for _ in range(count)]
         # Antithetic partners share their keys: the kernel draws a pair's noise once. A
@@ -280,8 +280,8 @@ def _row_plan(population: Population, rows: int, tokens: int, device: torch.devi
         held = Counter(m.pair for m in population.members)
         pairs = [m.pair if held[m.pair] == 2 else -1 - i
                  for i, m in enumerate(population.members)]
-        _ROW_PLAN["plan"] = noisy_lora.plan_rows(member_index, len(population.members), tokens,
-                                                 device, pairs=pairs)
+        _ROW_PLAN["plan"] = row_plan.plan_rows(member_index, len(population.members), tokens,
+                                               device, pairs=pairs)
         _ROW_PLAN["key"], _ROW_PLAN["population"] = key, population
     return _ROW_PLAN["plan"]
 

@@ -7,7 +7,7 @@ and a GPU is present, else nowhere (the tests are skipped).
 import pytest
 import torch
 
-from lowmem_es.kernels.noise import HAS_TRITON, INTERPRETED
+from lowmem_es.kernels._runtime import HAS_TRITON, INTERPRETED
 
 if INTERPRETED:
     DEVICE: str | None = "cpu"

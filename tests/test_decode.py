@@ -8,7 +8,7 @@ from tiny_models import es_model_and_batch
 
 from lowmem_es import decode as decode_module
 from lowmem_es.decode import DecodeStats, UnsupportedModelError, decode, supports_loop
-from lowmem_es.kernels.noise import INTERPRETED
+from lowmem_es.kernels._runtime import INTERPRETED
 from lowmem_es.lora import Member
 
 PROMPTS = ["sun 1:", "a much longer prompt here 2:", "x", "rain and more rain 33:"]

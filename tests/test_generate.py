@@ -26,7 +26,7 @@ def sampler(request, monkeypatch):
     """Each sampling noise source: per-row torch.Generator (CPU default), counter-based
     Philox (the CUDA default) by its torch twin, and by its kernel in the interpreter."""
     from lowmem_es import generate
-    from lowmem_es.kernels.noise import INTERPRETED
+    from lowmem_es.kernels._runtime import INTERPRETED
 
     if request.param.endswith("kernel") and not INTERPRETED:
         pytest.skip("the kernel on CPU tensors needs TRITON_INTERPRET=1")
@@ -175,7 +175,7 @@ def test_sampler_defaults_and_switches(model_and_tokenizer, monkeypatch):
     """CPU default: the per-row generators; SAMPLING_FORCE="kernel" alone selects the
     Philox source (as on CUDA); an unknown SAMPLER is named."""
     from lowmem_es import generate
-    from lowmem_es.kernels.noise import INTERPRETED
+    from lowmem_es.kernels._runtime import INTERPRETED
 
     model, tokenizer = model_and_tokenizer
 

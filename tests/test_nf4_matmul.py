@@ -20,6 +20,8 @@ import bitsandbytes.functional as bnb_functional  # noqa: E402
 from kernel_device import DEVICE, needs_kernel  # noqa: E402
 
 from lowmem_es.kernels import nf4_matmul as knf  # noqa: E402
+from lowmem_es.kernels._runtime import FORCE_TORCH_ENV  # noqa: E402
+from lowmem_es.kernels.nf4_layout import nf4_layout  # noqa: E402
 
 pytestmark = needs_kernel
 
@@ -77,7 +79,7 @@ def test_layout_decoding_matches_bitsandbytes(nested: bool, blocksize: int) -> N
     equals bitsandbytes' dequantize_4bit bit for bit: high nibble = even element,
     scale = code2[absmax] * absmax2[block // nested_bs] + offset."""
     packed, state, _ = _quantized(129, 256, blocksize, nested)
-    layout = knf.nf4_layout(packed, state)
+    layout = nf4_layout(packed, state)
     assert layout.nested == nested and layout.standard_code
     nibbles = torch.stack([layout.packed.long() >> 4, layout.packed.long() & 15], dim=1)
     values = layout.code[nibbles.reshape(-1)]
@@ -97,10 +99,10 @@ def test_layout_decoding_matches_bitsandbytes(nested: bool, blocksize: int) -> N
 
 def test_layout_is_cached_and_rebuilt_for_new_weights() -> None:
     packed, state, _ = _quantized(33, 64)
-    first = knf.nf4_layout(packed, state)
-    assert knf.nf4_layout(packed, state) is first
+    first = nf4_layout(packed, state)
+    assert nf4_layout(packed, state) is first
     state.absmax = state.absmax.clone()  # new storage: the cached layout is stale
-    assert knf.nf4_layout(packed, state) is not first
+    assert nf4_layout(packed, state) is not first
 
 
 # ------------------------------------------------------------------ kernel vs twin
@@ -271,7 +273,7 @@ def test_dispatch_rules(monkeypatch) -> None:
     args = _good()
     knf.nf4_matmul(**args)  # CPU tensors (interpreter or not): the twin
     knf.nf4_matmul(**args, force="kernel")
-    monkeypatch.setenv(knf.FORCE_TORCH_ENV, "1")
+    monkeypatch.setenv(FORCE_TORCH_ENV, "1")
     knf.nf4_matmul(**args)
     knf.nf4_matmul(**args, force="kernel")  # an explicit force wins over the variable
     expected = ["torch", "kernel", "torch", "kernel"]

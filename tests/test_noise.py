@@ -16,22 +16,14 @@ import warnings
 
 import pytest
 import torch
+from kernel_device import DEVICE as KERNEL_DEVICE
+from kernel_device import needs_kernel
 
 from lowmem_es import noise, noise_batch
 from lowmem_es.kernels import noise as knoise
+from lowmem_es.kernels._runtime import FORCE_CHOICES, FORCE_TORCH_ENV, HAS_TRITON
 
-if knoise.INTERPRETED:
-    KERNEL_DEVICE: str | None = "cpu"
-elif knoise.HAS_TRITON and torch.cuda.is_available():
-    KERNEL_DEVICE = "cuda"
-else:
-    KERNEL_DEVICE = None
-needs_kernel = pytest.mark.skipif(
-    KERNEL_DEVICE is None,
-    reason="Triton kernels need triton plus CUDA, or TRITON_INTERPRET=1 set before triton "
-           "is imported (tests/conftest.py does that)")
-
-if knoise.HAS_TRITON:
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -167,19 +159,14 @@ def test_kernel_permuted_offsets_give_permuted_values() -> None:
 
 
 def test_dispatch_cpu_uses_twin_and_env_forces_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tensors take the twin (the rule itself: tests/test_runtime.py)."""
     key = KEYS["member_q_proj_A"]
     offsets = _offsets("random_2**62")[:1000]
-    monkeypatch.delenv(knoise.FORCE_TORCH_ENV, raising=False)
-    assert not knoise.use_kernel("cpu")
-    assert knoise.use_kernel("cuda") == (knoise.HAS_TRITON and not knoise.INTERPRETED)
+    monkeypatch.delenv(FORCE_TORCH_ENV, raising=False)
     assert torch.equal(knoise.randn(key, offsets), noise.randn(key, offsets))
-    assert torch.equal(knoise.noise(key, (7, 9)), noise_batch.noise(key, (7, 9)))
-    monkeypatch.setenv(knoise.FORCE_TORCH_ENV, "1")
-    assert not knoise.use_kernel("cuda")
-    assert knoise.use_kernel("cuda", force="kernel")  # an explicit choice wins
-    assert not knoise.use_kernel("cuda", force="torch")
-    monkeypatch.setenv(knoise.FORCE_TORCH_ENV, "0")
-    assert knoise.use_kernel("cuda") == (knoise.HAS_TRITON and not knoise.INTERPRETED)
+    assert torch.equal(noise_batch.noise(key, (7, 9)), noise_batch.noise(key, (7, 9)))
+    monkeypatch.setenv(FORCE_TORCH_ENV, "1")
+    assert torch.equal(knoise.randn(key, offsets), noise.randn(key, offsets))
     with pytest.raises(ValueError, match="force"):
         knoise.randn(key, offsets, force="triton")
 
@@ -193,11 +180,11 @@ def test_dispatch_force_kernel_and_input_errors() -> None:
     assert torch.equal(knoise.noise(key, (30, 100), device=KERNEL_DEVICE, force="kernel"),
                        knoise.noise_triton(key, (30, 100), device=KERNEL_DEVICE))
     empty = torch.empty((0, 4), dtype=torch.int64, device=KERNEL_DEVICE)
-    for force in knoise.FORCE_CHOICES:
+    for force in FORCE_CHOICES:
         assert knoise.randn(key, empty, force=force).shape == (0, 4)
         with pytest.raises(ValueError, match="non-negative"):
             knoise.randn(key, torch.tensor([3, -1], device=KERNEL_DEVICE), force=force)
-    for force in knoise.FORCE_CHOICES:
+    for force in FORCE_CHOICES:
         with pytest.raises(TypeError, match="integer"):
             knoise.randn(key, offsets.float(), force=force)
     # int16 offsets are widened to int64, not misread

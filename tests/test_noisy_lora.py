@@ -16,6 +16,8 @@ from kernel_device import DEVICE, needs_kernel
 from lowmem_es import lora as lora_module
 from lowmem_es import noise, noise_batch
 from lowmem_es.kernels import noisy_lora as knl
+from lowmem_es.kernels import row_plan
+from lowmem_es.kernels._runtime import FORCE_TORCH_ENV
 
 pytestmark = needs_kernel
 
@@ -126,7 +128,7 @@ def test_kernel_twin_and_dense_reference_agree_for_any_mapping(mapping: str, ran
     keys_a, keys_b, steps = _members(count, 0.1)
     x, out = _inputs((len(members), 3, D_IN), seed=3)
     member_index = torch.tensor(members, device=DEVICE)
-    plan = knl.plan_rows(members, count, 3, DEVICE, pairs=_pairs(count) if paired else None)
+    plan = row_plan.plan_rows(members, count, 3, DEVICE, pairs=_pairs(count) if paired else None)
     assert plan.paired == (paired and mapping != "one_member")
     kernel = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, plan, 2.0,
                                    out=out.clone())
@@ -212,7 +214,7 @@ def test_split_k_and_column_groups_match_twin(monkeypatch, overrides, paired: bo
     members = [0] * 40 + [3] * 3 + [1] * 17  # 40 rows > block_m: several blocks
     x, out = _inputs((len(members), D_IN), seed=11)
     member_index = torch.tensor(members)
-    plan = knl.plan_rows(members, 4, 1, DEVICE, pairs=_pairs(4) if paired else None)
+    plan = row_plan.plan_rows(members, 4, 1, DEVICE, pairs=_pairs(4) if paired else None)
     kernel = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, plan, 0.5,
                                    out=out.clone())
     twin = knl.noisy_lora_torch(x, a, b, keys_a, keys_b, steps, member_index, 0.5,
@@ -227,39 +229,13 @@ def test_pairing_is_only_a_hint_keys_that_differ_get_their_own_noise() -> None:
     keys_a, keys_b, steps = _members(4, 0.1, antithetic=False)
     x, out = _inputs((6, D_IN), seed=31)
     members = [0, 1, 2, 3, 1, 0]
-    wrong = knl.plan_rows(members, 4, 1, DEVICE, pairs=[0, 0, 1, 1])
+    wrong = row_plan.plan_rows(members, 4, 1, DEVICE, pairs=[0, 0, 1, 1])
     assert wrong.paired
     kernel = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, wrong, 1.0,
                                    out=out.clone())
     twin = knl.noisy_lora_torch(x, a, b, keys_a, keys_b, steps, torch.tensor(members), 1.0,
                                 out=out.clone())
     torch.testing.assert_close(kernel, twin, atol=1e-5, rtol=1e-5)
-
-
-def test_paired_block_table_puts_partners_side_by_side() -> None:
-    """Blocks of a member and of its partner share a column; leftovers stand alone with
-    an empty partner side; the plan is unpaired when no partner has rows."""
-    plan = knl.plan_rows([0] * 5 + [1] * 2 + [3], 4, pairs=[7, 7, 9, 9])
-    table, count = plan.blocks(2)
-    assert plan.paired and count == 4
-    assert table.tolist() == [[0, 0, 0, 3],   # member
-                              [0, 2, 4, 7],   # start
-                              [2, 4, 5, 8],   # stop
-                              [1, 0, 0, 3],   # partner (itself when it has none)
-                              [5, 4, 5, 8],   # partner start
-                              [7, 4, 5, 8]]   # partner stop (empty: start == stop)
-    assert not knl.plan_rows([0, 0, 2], 4, pairs=[0, 0, 1, 1]).paired
-    assert knl.plan_rows([0, 0, 2], 4, pairs=[0, 0, 1, 1]).blocks(2)[0].shape == (3, 2)
-
-
-@pytest.mark.parametrize(("pairs", "error", "match"), [
-    ([0, 0, 0, 1], ValueError, "more than two members"),
-    ([0, 0, 1], ValueError, "one pair id per member"),
-    ([0, 0, 1.0, 1], TypeError, "integer pair ids"),
-])
-def test_bad_pairs_raise_clear_errors(pairs, error, match) -> None:
-    with pytest.raises(error, match=match):
-        knl.plan_rows([0, 1], 4, pairs=pairs)
 
 
 def test_rows_do_not_depend_on_batch_mates() -> None:
@@ -281,7 +257,7 @@ def test_row_plan_is_reusable_and_equivalent() -> None:
     keys_a, keys_b, steps = _members(4, 0.1)
     x, out = _inputs((4, 2, D_IN), seed=15)
     members = [3, 3, 0, 1]
-    plan = knl.plan_rows(members, 4, tokens_per_row=2, device=DEVICE)
+    plan = row_plan.plan_rows(members, 4, tokens_per_row=2, device=DEVICE)
     assert not plan.identity and plan.num_rows == 8 and plan.max_run == 4
     with_plan = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, plan, 1.0,
                                       out=out.clone())
@@ -384,10 +360,10 @@ def test_bad_input_raises_clear_error(case: str, force: str) -> None:
 
 def test_row_plan_mismatch_is_an_error() -> None:
     args = _good()
-    args["member_index"] = knl.plan_rows([0, 1, 2], 4, device=DEVICE)
+    args["member_index"] = row_plan.plan_rows([0, 1, 2], 4, device=DEVICE)
     with pytest.raises(ValueError, match="RowPlan was built for 4 members"):
         knl.noisy_lora_triton(**args)
-    args["member_index"] = knl.plan_rows([0, 1], 3, device=DEVICE)
+    args["member_index"] = row_plan.plan_rows([0, 1], 3, device=DEVICE)
     with pytest.raises(ValueError, match=r"RowPlan describes 2 rows x 1 tokens"):
         knl.noisy_lora_triton(**args)
 
@@ -403,7 +379,7 @@ def test_dispatch_cpu_twin_env_switch_and_force(monkeypatch) -> None:
     cpu_args = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     knl.noisy_lora(**cpu_args)  # CPU tensors: the twin, interpreter or not
     knl.noisy_lora(**cpu_args, force="kernel")
-    monkeypatch.setenv(knl.FORCE_TORCH_ENV, "1")
+    monkeypatch.setenv(FORCE_TORCH_ENV, "1")
     knl.noisy_lora(**args)
     knl.noisy_lora(**args, force="kernel")  # an explicit force wins over the variable
     assert calls == ["torch", "kernel", "torch", "kernel"]

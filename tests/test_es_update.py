@@ -13,6 +13,7 @@ from kernel_device import DEVICE, needs_kernel
 
 from lowmem_es import es, noise
 from lowmem_es.kernels import es_update as kes
+from lowmem_es.kernels._runtime import FORCE_TORCH_ENV
 
 pytestmark = needs_kernel
 
@@ -152,7 +153,7 @@ def test_dispatch_twin_on_cpu_and_env_switch(monkeypatch) -> None:
     monkeypatch.setattr(kes, "es_direction_triton", lambda *a: calls.append("kernel"))
     keys, values = _tensors(_coefficients(2))
     kes.es_direction(keys.cpu(), values.cpu(), torch.empty(3))
-    monkeypatch.setenv(kes.FORCE_TORCH_ENV, "1")
+    monkeypatch.setenv(FORCE_TORCH_ENV, "1")
     kes.es_direction(keys, values, torch.empty(3, device=DEVICE))
     kes.es_direction(keys, values, torch.empty(3, device=DEVICE), force="kernel")
     assert calls == ["torch", "torch", "kernel"]
