@@ -78,7 +78,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from lowmem_es.decode import decode
-    from lowmem_es.lora import Member
+    from lowmem_es.es import Member
     from lowmem_es.noise import member_key
 
     hf_logging.disable_progress_bar()
@@ -150,29 +150,29 @@ def main() -> None:
 
 def _sampled(source: str, keys: list[int], call, prompt_len: int):
     """``call(processor)`` with generation's per-row sampler, its noise from ``source``."""
-    from lowmem_es import generate
+    from lowmem_es import backends, generate
 
-    previous = generate.SAMPLER
-    generate.SAMPLER = source
+    previous = backends.sampler()
+    backends.set_sampler(source)
     try:
         return call(generate._sampler(keys, prompt_len, 0.7))
     finally:
-        generate.SAMPLER = previous
+        backends.set_sampler(previous)
 
 
 def _torch_lora_path(es_model, call):
     """``call()`` with the ES-LoRA layers on their cached torch path (no fused kernel),
     their per-member caches rebuilt as a generation call rebuilds them."""
-    from lowmem_es import lora
+    from lowmem_es import backends
 
-    previous = lora.NOISY_LORA_FORCE
-    lora.NOISY_LORA_FORCE = "torch"
+    previous = backends.force(backends.NOISY_LORA)
+    backends.set_force(backends.NOISY_LORA, "torch")
     try:
         for layer in es_model.layers.values():
             layer.clear_cache()
         return call()
     finally:
-        lora.NOISY_LORA_FORCE = previous
+        backends.set_force(backends.NOISY_LORA, previous)
 
 
 if __name__ == "__main__":

@@ -197,9 +197,10 @@ def prompts_for(count: int, length: int, seed: int) -> list[str]:
 def run_es(model: torch.nn.Module, args: argparse.Namespace, device: torch.device
            ) -> dict[str, Any]:
     from lowmem_es import es
+    from lowmem_es.es import Member
     from lowmem_es.example import char_tokenizer
     from lowmem_es.generate import generate_population
-    from lowmem_es.lora import Member, attach_es_lora
+    from lowmem_es.lora import attach_es_lora
 
     es_model = attach_es_lora(model, args.targets, args.rank, 2.0 * args.rank, seed=0)
     model.generation_config.min_new_tokens = args.completion  # every row runs full length

@@ -243,7 +243,8 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
         from lowmem_es import es
-        from lowmem_es.lora import Member, attach_es_lora
+        from lowmem_es.es import Member
+        from lowmem_es.lora import attach_es_lora
 
         self.args, self.device = args, device
         model, tokenizer, self.description = load(args, device)

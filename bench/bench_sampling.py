@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    from lowmem_es import generate
+    from lowmem_es import backends
 
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine())
@@ -61,7 +61,7 @@ def main() -> None:
             times = {}
             for provider in providers:
                 if provider == "generator":
-                    generate.SAMPLER = "generator"
+                    backends.set_sampler("generator")
                     processor = _sampler(keys, prompt_len=3, temperature=0.7)
 
                     def run(processor=processor, ids=ids, logits=logits):
@@ -72,7 +72,7 @@ def main() -> None:
                     def run(force=force, logits=logits, keys=key_tensor):
                         return sampling.gumbel_scores(logits, keys, 2, 0.7, force=force)
                 times[provider] = median_seconds(run, args.repeats, device.type)
-            generate.SAMPLER = None
+            backends.set_sampler(None)
             cells = [f"{times[p] * 1e3:.3f}" for p in providers]
             ratios = [f"{times[p] / times['generator']:.2f}" for p in providers[1:]]
             print(f"| {rows} | {vocab} | " + " | ".join(cells + ratios) + " |")

@@ -117,8 +117,8 @@ def run_iteration(es_model: Any, tokenizer: object, args: argparse.Namespace, pl
     from bench_memory import prompts_for
 
     from lowmem_es import es
+    from lowmem_es.es import Member
     from lowmem_es.generate import generate_population
-    from lowmem_es.lora import Member
 
     schedule = es.member_schedule(args.population, True)
     members = [Member(pair, sign) for pair, sign in schedule]
@@ -344,12 +344,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from bench_memory import build_model
     from bench_population import NoEosTokenizer
 
-    from lowmem_es import lora
+    from lowmem_es import backends
     from lowmem_es.config import ESConfig
     from lowmem_es.example import char_tokenizer
     from lowmem_es.lora import attach_es_lora
 
-    lora.NF4_MATMUL_FORCE = None if ESConfig().nf4_kernel else "torch"  # as the trainer
+    backends.set_force(backends.NF4_MATMUL,  # as the trainer does
+                       None if ESConfig().nf4_kernel else "torch")
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     command = shlex.join(["python", "bench/check_profile_fit.py", *(argv or sys.argv[1:])])

@@ -5,8 +5,13 @@ change" test, and a quick one for any change that should not move numbers.
 
 Compared: every journal.jsonl and metrics.jsonl line with the wall-clock fields left
 out (timings and peak memory differ from run to run), the adapter tensors of adapter/
-and of every checkpoint bit for bit, run.toml as text, and default_report.json's split
-metrics when both runs have one. Prints one line per item and exits 1 on any difference.
+and of every checkpoint bit for bit, run.toml and adapter_config.json as text, and
+default_report.json when both runs have one. Each run's own directory path is read as
+``<run>``, so two runs written to different directories compare. Two things differ from
+process to process whatever the code, so they are compared by content, not bytes: the
+safetensors header writes its metadata map in a per-process order (the tensors are
+compared), and PEFT keeps ``target_modules`` in a set (compared sorted). Prints one line
+per item and exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from safetensors.torch import load_file
 
 # Fields that measure the machine, not the run.
 WALL_CLOCK = frozenset({"generate_s", "update_s", "iteration_s", "tokens_per_s",
-                        "peak_memory_mb", "seconds", "eval_s", "elapsed_s"})
+                        "peak_memory_mb", "seconds", "train_seconds"})
 
 
 def _strip(value: object) -> object:
@@ -31,8 +36,22 @@ def _strip(value: object) -> object:
     return value
 
 
-def _lines(path: Path) -> list[object]:
-    return [_strip(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+def _text(path: Path, run: Path) -> str:
+    """The file's text with the run's own directory read as ``<run>``."""
+    return path.read_text().replace(str(run), "<run>")
+
+
+def _lines(path: Path, run: Path) -> list[object]:
+    return [_strip(json.loads(line)) for line in _text(path, run).splitlines() if line.strip()]
+
+
+def _adapter_config(path: Path, run: Path) -> dict:
+    """adapter_config.json with target_modules as a sorted list: PEFT keeps them in a set,
+    whose order changes from process to process (PYTHONHASHSEED)."""
+    config = json.loads(_text(path, run))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return config
 
 
 def _tensors_equal(a: Path, b: Path) -> str | None:
@@ -51,7 +70,7 @@ def compare(a: Path, b: Path) -> list[tuple[str, str | None]]:
     results: list[tuple[str, str | None]] = []
     for name in ("journal.jsonl", "metrics.jsonl"):
         if (a / name).is_file() or (b / name).is_file():
-            left, right = _lines(a / name), _lines(b / name)
+            left, right = _lines(a / name, a), _lines(b / name, b)
             if len(left) != len(right):
                 results.append((name, f"{len(left)} vs {len(right)} lines"))
                 continue
@@ -59,8 +78,13 @@ def compare(a: Path, b: Path) -> list[tuple[str, str | None]]:
             results.append((f"{name} ({len(left)} lines, wall-clock fields aside)",
                             f"lines {bad[:5]} differ" if bad else None))
     if (a / "run.toml").is_file():
-        same = (a / "run.toml").read_text() == (b / "run.toml").read_text()
+        same = (b / "run.toml").is_file() and (
+            _text(a / "run.toml", a) == _text(b / "run.toml", b))
         results.append(("run.toml", None if same else "text differs"))
+    for rel in sorted(p.relative_to(a) for p in a.rglob("adapter_config.json")
+                      if "base-model" not in p.parts):
+        same = (b / rel).is_file() and _adapter_config(a / rel, a) == _adapter_config(b / rel, b)
+        results.append((str(rel), None if same else "differs"))
     weights = sorted(p.relative_to(a) for p in a.rglob("adapter_model.safetensors")
                      if "base-model" not in p.parts)
     for rel in weights:
@@ -69,8 +93,8 @@ def compare(a: Path, b: Path) -> list[tuple[str, str | None]]:
         else:
             results.append((f"{rel} (bit for bit)", _tensors_equal(a / rel, b / rel)))
     if (a / "default_report.json").is_file() and (b / "default_report.json").is_file():
-        left = _strip(json.loads((a / "default_report.json").read_text()))
-        right = _strip(json.loads((b / "default_report.json").read_text()))
+        left = _strip(json.loads(_text(a / "default_report.json", a)))
+        right = _strip(json.loads(_text(b / "default_report.json", b)))
         results.append(("default_report.json (wall-clock fields aside)",
                         None if left == right else "differs"))
     return results

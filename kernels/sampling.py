@@ -151,7 +151,7 @@ def gumbel_scores(logits: torch.Tensor, keys: torch.Tensor, step: int, temperatu
                   force: str | None = None) -> torch.Tensor:
     """Per-row keyed Gumbel scores: the kernel on CUDA, the twin elsewhere (``force``:
     "kernel" or "torch"; ``LOWMEM_ES_FORCE_TORCH=1`` makes the twin the default). The
-    sampler passes ``lowmem_es.generate.SAMPLING_FORCE``."""
+    sampler passes ``backends.force(SAMPLING)``."""
     if use_kernel(logits.device, force):
         return gumbel_scores_triton(logits, keys, step, temperature)
     return gumbel_scores_torch(logits, keys, step, temperature)

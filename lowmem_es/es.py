@@ -27,16 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowmem_es import backends
 from lowmem_es.config import FITNESS_SHAPINGS, LR_SCHEDULES, OPTIMIZERS
 from lowmem_es.noise import MASK63, member_key
 from lowmem_es.noise_batch import noise
 
 _STD_EPS = 1e-8  # z-score denominator guard, as in the paper's code
-# The path of ``estimate_direction`` (and so ``es_update``) when its ``force`` is None:
-# None = the kernel for CUDA tensors, "torch" = the torch loop everywhere, "kernel" = the
-# kernel everywhere. lowmem_es.kernel_check sets "torch" when the kernel fails its
-# start-up check, so that the whole run (updates and journal replay) avoids it.
-UPDATE_FORCE: str | None = None
 
 
 def member_schedule(population_size: int, antithetic: bool) -> list[tuple[int, int]]:
@@ -180,24 +176,19 @@ def estimate_direction(shape: torch.Size | tuple[int, ...], key_for_pair: Callab
     fp32 registers, only the output in memory); CPU tensors run the torch loop below,
     which holds two tensors of ``shape`` (the accumulator and the current draw) whatever
     the population and is what the kernel's twin reproduces. ``force="kernel"|"torch"``
-    (None: the module switch ``UPDATE_FORCE``) or ``LOWMEM_ES_FORCE_TORCH=1`` choose, as
-    for every kernel (kernels/noise.py).
+    (None: the switch ``backends.force(ES_UPDATE)``) or ``LOWMEM_ES_FORCE_TORCH=1``
+    choose, by the rule of every kernel (``backends.use_kernel``).
     """
-    if force is None:
-        force = UPDATE_FORCE
     pairs = [pair for pair, coefficient in sorted(coefficients.items()) if coefficient != 0.0]
     direction = torch.zeros(tuple(shape), dtype=torch.float32, device=device)
-    if force == "kernel" or (force is None and torch.device(device).type == "cuda"):
+    if backends.use_kernel(backends.ES_UPDATE, device, force):
         from lowmem_es.kernels import es_update as kernel  # imports triton: only when asked
 
-        if kernel.use_kernel(device, force):
-            keys = torch.tensor([key_for_pair(pair) & MASK63 for pair in pairs],
-                                dtype=torch.int64, device=device)
-            values = torch.tensor([coefficients[pair] for pair in pairs], dtype=torch.float32,
-                                  device=device)
-            return kernel.es_direction_triton(keys, values, direction)
-    elif force not in (None, "torch"):
-        raise ValueError(f"`force` must be one of ('kernel', 'torch') or None, got {force!r}")
+        keys = torch.tensor([key_for_pair(pair) & MASK63 for pair in pairs],
+                            dtype=torch.int64, device=device)
+        values = torch.tensor([coefficients[pair] for pair in pairs], dtype=torch.float32,
+                              device=device)
+        return kernel.es_direction_triton(keys, values, direction)
     for pair in pairs:
         direction.add_(noise(key_for_pair(pair), direction.shape, device=device,
                              backend=noise_backend), alpha=coefficients[pair])
@@ -357,3 +348,11 @@ def member_fitness(totals: Sequence[float], num_prompts: int, num_generations: i
         group = totals[start:start + num_generations]
         solved += sum(t >= correct_threshold for t in group) >= needed
     return solved / num_prompts
+
+
+@dataclass(frozen=True)
+class Member:
+    """One population member: its antithetic pair (noise stream) and sign."""
+
+    pair: int
+    sign: int

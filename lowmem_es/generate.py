@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
+from lowmem_es import backends
 from lowmem_es.decode import decode, supports_loop, warn_fallback
-from lowmem_es.lora import ESLoraModel, Member
+from lowmem_es.es import Member
+from lowmem_es.lora import ESLoraModel
 from lowmem_es.noise import MASK63, member_key
 
 logger = logging.getLogger("lowmem_es")
@@ -76,7 +78,7 @@ def generate_population(es_model: ESLoraModel, tokenizer: object, prompts: Seque
     come from the perturbations, not from sampling luck). On CUDA the noise is
     counter-based Philox, all rows in one kernel launch per step
     (``lowmem_es.kernels.sampling``); on CPU one seeded ``torch.Generator`` per row (see
-    ``SAMPLER``), so CPU and CUDA sample differently.
+    ``backends.sampler()``), so CPU and CUDA sample differently.
 
     ``backend="loop"`` decodes with lowmem_es.decode's static-cache loop (same tokens as
     ``generate()``, fewer per-step costs, CUDA-graph replay on GPU); ``"generate"`` uses
@@ -208,35 +210,12 @@ def _sample_keys(rows: Sequence[tuple[int | None, int]], run_seed: int, iteratio
     return keys
 
 
-# Where the sampling noise comes from: None = counter-based Philox (lowmem_es.kernels.
-# sampling: one kernel launch per step for all rows) on CUDA and one seeded torch.Generator
-# per row on CPU (the Philox twin costs 2.4-11x there); "philox" or "generator" everywhere.
-SAMPLER: str | None = None
-SAMPLERS = ("philox", "generator")
-# The Philox sampler's path: None = the Triton kernel for CUDA logits, its torch twin
-# elsewhere; "kernel" forces the kernel (and with SAMPLER None the Philox sampler, on CPU
-# in the interpreter, as the tests run it); "torch" the twin. The kernel self-check sets
-# "torch" when the kernel fails it (lowmem_es.kernel_check).
-SAMPLING_FORCE: str | None = None
-
-
-def sampling_source(device: torch.device) -> str:
-    """"philox" or "generator": where sampling on ``device`` draws its noise (``SAMPLER``,
-    else Philox on CUDA or when ``SAMPLING_FORCE`` is "kernel"). Validates ``SAMPLER``."""
-    if SAMPLER is not None and SAMPLER not in SAMPLERS:
-        raise ValueError(f"lowmem_es.generate.SAMPLER must be one of {SAMPLERS} or None, got "
-                         f"{SAMPLER!r}")
-    if SAMPLER is not None:
-        return SAMPLER
-    return "philox" if device.type == "cuda" or SAMPLING_FORCE == "kernel" else "generator"
-
-
 def _sampler(row_keys: list[int], prompt_len: int, temperature: float) -> list:
     """A transformers logits processor that samples each row by Gumbel-max with its own key.
 
     argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T), so greedy
     decoding over the processed scores is exact temperature sampling. The two noise
-    sources (``SAMPLER``) give different draws from the same distribution, both keyed
+    sources (``backends.sampler()``) give different draws from the same distribution, both keyed
     per row and step only.
     """
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -246,14 +225,14 @@ def _sampler(row_keys: list[int], prompt_len: int, temperature: float) -> list:
     class RowGumbelSampler(LogitsProcessor):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             step = input_ids.shape[1] - prompt_len
-            if sampling_source(scores.device) == "philox":
+            if backends.sampling_source(scores.device) == "philox":
                 from lowmem_es.kernels.sampling import gumbel_scores
 
                 if scores.device not in keys_on:  # once per chunk: no host work per step
                     keys_on[scores.device] = torch.tensor(row_keys, dtype=torch.int64,
                                                           device=scores.device)
                 return gumbel_scores(scores, keys_on[scores.device], step, float(temperature),
-                                     force=SAMPLING_FORCE)
+                                     force=backends.force(backends.SAMPLING))
             uniform = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
             generator = torch.Generator(device=scores.device)
             for row, key in enumerate(row_keys):  # (rows, vocab)

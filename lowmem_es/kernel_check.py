@@ -4,13 +4,12 @@ The kernels (``lowmem_es.kernels``) were written and tested in the Triton interp
 CPU; the first compile on a user's GPU may fail (an unsupported architecture, a Triton
 version that rejects a construct), crash at launch, or, worst, give wrong numbers that
 would silently corrupt a run of hours. ``check_kernels`` is the first contact: before the
-first iteration it runs every kernel that this run WOULD use (same dispatch rules and
-module switches as the layers and the update) on small problems shaped like the model's
+first iteration it runs every kernel that this run WOULD use (the dispatch rule of the
+layers and the update, ``backends.use_kernel``) on small problems shaped like the model's
 real layers (every distinct LoRA and NF4 weight shape, since the GPU launch depends on
 them), runs the torch twin on the same inputs, and compares with the tolerances of
 the kernel tests. A kernel that raises or disagrees is switched off for the rest of the
-process through its module switch (``lora.NOISY_LORA_FORCE``, ``lora.NF4_MATMUL_FORCE``,
-``es.UPDATE_FORCE``, ``generate.SAMPLING_FORCE``), with one warning saying what failed and
+process (``backends.switch_off``), with one warning saying what failed and
 that the run continues on the torch path (slower, same results up to rounding). Where no
 kernel would run (CPU, or ``LOWMEM_ES_FORCE_TORCH=1``) it returns at once without
 importing Triton.
@@ -32,15 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem_es import es, generate, lora, noise
+from lowmem_es import backends, es, noise
+from lowmem_es.backends import ES_UPDATE, NF4_MATMUL, NOISY_LORA, SAMPLING
 from lowmem_es.lora import ESLoraLinear, ESLoraModel
 
 logger = logging.getLogger("lowmem_es")
 
-NOISY_LORA, NF4_MATMUL, ES_UPDATE, SAMPLING = "noisy_lora", "nf4_matmul", "es_update", "sampling"
-KERNELS = (NOISY_LORA, NF4_MATMUL, ES_UPDATE, SAMPLING)
+KERNELS = backends.OPS
 OK, NOT_USED = "ok", "not used"
-FORCE_CHOICES = (None, "kernel", "torch")
 FORCE_TORCH_ENV = "LOWMEM_ES_FORCE_TORCH"  # the same name as lowmem_es.kernels._runtime's
 
 # (atol, rtol) of kernel vs twin for outputs normalised to RMS 1: the tables of
@@ -99,7 +97,6 @@ class _Check:
     name: str
     what: str  # the kernel in words, for the warning
     cases: Callable[[], list[_Case]]
-    disable: Callable[[], None]
     fallback: str  # what runs instead, for the warning
     silence: str  # how to skip the kernel (and this check), for the warning
 
@@ -121,19 +118,12 @@ def check_kernels(es_model: ESLoraModel, device: torch.device | str,
     Call it on every rank after the model is built and before the first iteration: under
     torchrun the decisions are made unanimous (a kernel off on one rank is off on all),
     since every rank must apply the identical update. Never raises for a failing kernel;
-    raises TypeError/ValueError only for wrong arguments or an invalid module switch.
+    raises TypeError/ValueError only for wrong arguments.
     """
     if not isinstance(es_model, ESLoraModel):
         raise TypeError(f"`es_model` must be a lowmem_es.lora.ESLoraModel, got "
                         f"{type(es_model).__name__}")
     device = torch.device(device)
-    for module, switch in ((lora, "NOISY_LORA_FORCE"), (lora, "NF4_MATMUL_FORCE"),
-                           (es, "UPDATE_FORCE"), (generate, "SAMPLING_FORCE")):
-        value = getattr(module, switch)
-        if value not in FORCE_CHOICES:
-            raise ValueError(f"`{module.__name__}.{switch}` is {value!r}; expected one of "
-                             f"{FORCE_CHOICES}")
-    generate.sampling_source(device)  # validates generate.SAMPLER with the switches
     if dtype is None:
         dtype = _activation_dtype(es_model)
     if dtype not in TOLERANCES:
@@ -171,59 +161,35 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
                    dtype: torch.dtype) -> _Check | None:
     """The check of kernel ``name`` if this run would use it on ``device``, else None.
 
-    The rules are the callers': ``ESLoraLinear.forward`` (fused LoRA: CUDA or
-    ``NOISY_LORA_FORCE="kernel"``; NF4: CUDA, unless ``NF4_MATMUL_FORCE="torch"``, and a
-    4-bit base whose layout the kernel reads) and ``es.estimate_direction`` (CUDA or
-    ``UPDATE_FORCE="kernel"``), then ``use_kernel`` (``LOWMEM_ES_FORCE_TORCH``, Triton
-    present and compiled). On CPU nothing is imported unless a switch says "kernel".
-    ``NF4_MATMUL_FORCE="kernel"`` on CPU is checked too (the layer then calls the NF4
-    kernel on CPU tensors as well), so that the interpreter tests can reach it.
+    The rule is the callers' (``backends.use_kernel``: the op's switch, then
+    ``LOWMEM_ES_FORCE_TORCH``, Triton present and compiled), plus, for NF4, a 4-bit base
+    whose layout the kernel reads. On CPU nothing is imported unless a switch says
+    "kernel"; a switch of "kernel" on CPU is checked too (the layer then calls the kernel
+    on CPU tensors as well), so that the interpreter tests can reach it.
     """
     if name == SAMPLING:  # the logits' kernel: no layer shapes involved
         return _sampling_check(es_model, device, dtype)
     layers = _distinct_layers(es_model, device)
-    if not layers:
+    if not layers or not backends.use_kernel(name, device):
         return None
     if name == NOISY_LORA:
-        force = lora.NOISY_LORA_FORCE
-        if force == "torch" or (force is None and device.type != "cuda"):
-            return None
-        from lowmem_es.kernels import noisy_lora
-
-        if not noisy_lora.use_kernel(device, force):
-            return None
         return _Check(NOISY_LORA, "fused noisy LoRA (lowmem_es.kernels.noisy_lora)",
                       lambda: [case for layer in layers
                                for case in _noisy_lora_cases(layer, device, dtype)],
-                      lambda: setattr(lora, "NOISY_LORA_FORCE", "torch"),
                       "the ES-LoRA layers use their cached torch path",
                       f"set {FORCE_TORCH_ENV}=1 (all kernels)")
     if name == NF4_MATMUL:
-        force = lora.NF4_MATMUL_FORCE
-        if force == "torch" or (force is None and device.type != "cuda"):
-            return None
-        from lowmem_es.kernels import nf4_matmul
-
         bases = _nf4_bases(es_model, device)
-        if not bases or not nf4_matmul.use_kernel(device, force):
+        if not bases:
             return None
         return _Check(NF4_MATMUL, "NF4 base matmul (lowmem_es.kernels.nf4_matmul)",
                       lambda: [case for base in bases
                                for case in _nf4_cases(base, device, dtype)],
-                      lambda: setattr(lora, "NF4_MATMUL_FORCE", "torch"),
                       "the frozen 4-bit base layers use bitsandbytes",
                       f"pass --nf4-kernel false (ESConfig.nf4_kernel=False) or set "
                       f"{FORCE_TORCH_ENV}=1 (all kernels)")
-    force = es.UPDATE_FORCE
-    if force == "torch" or (force is None and device.type != "cuda"):
-        return None
-    from lowmem_es.kernels import es_update
-
-    if not es_update.use_kernel(device, force):
-        return None
     return _Check(ES_UPDATE, "ES update (lowmem_es.kernels.es_update)",
                   lambda: [case for layer in layers for case in _es_update_cases(layer, device)],
-                  lambda: setattr(es, "UPDATE_FORCE", "torch"),
                   "the ES update regenerates noise with the torch loop",
                   f"set {FORCE_TORCH_ENV}=1 (all kernels)")
 
@@ -231,28 +197,15 @@ def _planned_check(name: str, es_model: ESLoraModel, device: torch.device,
 def _sampling_check(es_model: ESLoraModel, device: torch.device, dtype: torch.dtype
                     ) -> _Check | None:
     """The Gumbel sampling kernel, where the sampler would call it (``generate._sampler``:
-    the Philox source on CUDA logits, or with ``SAMPLING_FORCE="kernel"``)."""
-    force = generate.SAMPLING_FORCE
-    if generate.sampling_source(device) != "philox" or force == "torch" \
-            or (force is None and device.type != "cuda"):
-        return None
-    from lowmem_es.kernels import sampling
-
-    if not sampling.use_kernel(device, force):
+    the Philox source on CUDA logits, or with the sampling kernel forced)."""
+    if backends.sampling_source(device) != "philox" \
+            or not backends.use_kernel(SAMPLING, device):
         return None
     vocab = _vocab_size(es_model)
     return _Check(SAMPLING, "Gumbel sampling noise (lowmem_es.kernels.sampling)",
                   lambda: _sampling_cases(vocab, device, dtype),
-                  _disable_sampling_kernel,
                   "sampling draws its Philox noise with the torch twin",
                   f"set {FORCE_TORCH_ENV}=1 (all kernels)")
-
-
-def _disable_sampling_kernel() -> None:
-    """The twin instead of the kernel, and the Philox source pinned: with the source left
-    to the default, "torch" on CPU would switch to the per-row generators (other draws)."""
-    generate.SAMPLER = generate.SAMPLER or "philox"
-    generate.SAMPLING_FORCE = "torch"
 
 
 def _vocab_size(es_model: ESLoraModel) -> int:
@@ -478,7 +431,7 @@ def _run_check(check: _Check, device: torch.device) -> tuple[str, str | None]:
             if problem is not None:
                 raise _KernelError(f"{problem} on {case.label}")
     except _KernelError as failure:
-        check.disable()
+        backends.switch_off(check.name)
         lost = _lost_context(device)
         reason = str(failure)
         logger.debug("kernel self-check: %s failed", check.name, exc_info=failure)
@@ -624,22 +577,16 @@ def _agree_across_ranks(status: dict[str, str], device: torch.device) -> dict[st
     flags = torch.tensor([1 if status[name].startswith("disabled") else 0 for name in KERNELS],
                          dtype=torch.int64)
     try:
-        backend = torch.distributed.get_backend()
-        if backend == "nccl":
-            flags = flags.to(device if device.type == "cuda" else torch.device("cuda"))
+        flags = flags.to(distributed.collective_device())
         distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     except Exception as error:
         logger.warning("lowmem-es: could not agree the kernel self-check across ranks (%s); "
                        "each rank keeps its own result", _first_line(error))
         return status
     agreed = dict(status)
-    disable = {NOISY_LORA: lambda: setattr(lora, "NOISY_LORA_FORCE", "torch"),
-               NF4_MATMUL: lambda: setattr(lora, "NF4_MATMUL_FORCE", "torch"),
-               ES_UPDATE: lambda: setattr(es, "UPDATE_FORCE", "torch"),
-               SAMPLING: _disable_sampling_kernel}
     for name, flag in zip(KERNELS, flags.tolist(), strict=True):
         if flag and not status[name].startswith("disabled") and status[name] != NOT_USED:
-            disable[name]()
+            backends.switch_off(name)
             agreed[name] = "disabled: its self-check failed on another rank"
             logger.warning("lowmem-es: the Triton kernel `%s` failed its start-up self-check "
                            "on another rank; switched off here too so that all ranks compute "

@@ -15,9 +15,11 @@ step; rows are then grouped per member into one batched matmul. On CPU regenerat
 noise every step costs more than the rank-r matmul it feeds, so caching wins there.
 CUDA path: the fused Triton kernel ``lowmem_es.kernels.noisy_lora`` regenerates eps from
 the members' keys inside the LoRA matmul and adds into the base output in place; nothing
-of population size is stored. ``NOISY_LORA_FORCE`` (module attribute: None, "kernel" or
-"torch") or ``LOWMEM_ES_FORCE_TORCH=1`` choose between them; the kernel's torch twin is
-the same math as the CPU path (tests/test_noisy_lora.py holds them together).
+of population size is stored. ``backends.use_kernel(NOISY_LORA, device)`` chooses between
+them (the switch ``backends.force``, ``LOWMEM_ES_FORCE_TORCH=1``); the kernel's torch twin
+is the same math as the CPU path (tests/test_noisy_lora.py holds them together). The NF4
+base goes through ``kernels/nf4_matmul.py`` where ``backends.use_kernel(NF4_MATMUL, ...)``
+says so (its torch path is bitsandbytes' own layer).
 
 With no population active (or sigma = 0) the layer is PEFT's LoRA: B(A(x)) * scale,
 computed in fp32 and cast back, as PEFT does for fp32 adapters.
@@ -37,31 +39,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lowmem_es import adapter_io, noise, noise_batch
+from lowmem_es import adapter_io, backends, noise, noise_batch
 from lowmem_es.adapter_io import PEFT_PREFIX
+from lowmem_es.es import Member
 
 if TYPE_CHECKING:  # the kernels module imports triton: only at run time, when needed
     from lowmem_es.kernels.row_plan import RowPlan
-
-# Which path ESLoraLinear takes for perturbed rows: None = the fused kernel for CUDA tensors
-# and the cached torch path elsewhere; "kernel" forces the kernel (on CPU it then needs
-# TRITON_INTERPRET=1, as the tests set); "torch" forces the cached torch path everywhere.
-# LOWMEM_ES_FORCE_TORCH=1 in the environment also rules the kernel out (kernels/noise.py).
-NOISY_LORA_FORCE: str | None = None
-# The frozen NF4 base on CUDA: lowmem_es.kernels.nf4_matmul reads the packed weights once
-# per step (bitsandbytes dequantizes whole weights for batched rows). None = dispatch on
-# CUDA tensors, "torch" = always bitsandbytes (ESConfig.nf4_kernel=False sets this),
-# "kernel" = the kernel for every input (on CPU: in the interpreter, as the tests run it).
-NF4_MATMUL_FORCE: str | None = None
-
-
-@dataclass(frozen=True)
-class Member:
-    """One population member: its antithetic pair (noise stream) and sign."""
-
-    pair: int
-    sign: int
-
 
 @dataclass
 class Population:
@@ -120,15 +103,15 @@ class ESLoraLinear(nn.Module):
         return f"{self.name}: d_in={d_in}, d_out={self.lora_B.shape[0]}, r={r}"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if (NF4_MATMUL_FORCE == "kernel" or (x.is_cuda and NF4_MATMUL_FORCE != "torch")) \
-                and not args and not kwargs:
+        if not args and not kwargs and backends.use_kernel(backends.NF4_MATMUL, x.device):
             from lowmem_es.kernels.nf4_matmul import nf4_linear
 
-            result = nf4_linear(x, self.base_layer, force=NF4_MATMUL_FORCE)
+            result = nf4_linear(x, self.base_layer, force=backends.force(backends.NF4_MATMUL))
         else:
             result = self.base_layer(x, *args, **kwargs)
         population = self.slot.current
-        if population is not None and population.sigma != 0 and self._use_kernel(x):
+        if population is not None and population.sigma != 0 \
+                and backends.use_kernel(backends.NOISY_LORA, x.device):
             return self._population_lora_kernel(x, result, population)
         x32 = x.to(torch.float32)
         # Accumulate into the base output in place when we may (fp32, contiguous, not
@@ -149,16 +132,6 @@ class ESLoraLinear(nn.Module):
             if in_place:
                 return result
         return result + (lora * self.scaling).to(result.dtype)
-
-    @staticmethod
-    def _use_kernel(x: torch.Tensor) -> bool:
-        """The fused kernel for CUDA inputs (or when forced); see ``NOISY_LORA_FORCE``."""
-        force = NOISY_LORA_FORCE
-        if force is None and x.device.type != "cuda":
-            return False  # decided without importing triton
-        from lowmem_es.kernels import noisy_lora
-
-        return noisy_lora.use_kernel(x.device, force)
 
     def _population_lora_kernel(self, x: torch.Tensor, result: torch.Tensor,
                                 population: Population) -> torch.Tensor:

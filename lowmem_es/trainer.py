@@ -3,8 +3,9 @@
 One iteration: draw a prompt batch (a pure function of seed and iteration), generate a
 completion per (member, prompt, generation) row with the members' perturbations active,
 score rows with the reward functions, average per member into fitness, shape it and
-apply the ES update to the fp32 LoRA masters. The trainer knows nothing about noise or
-kernels; it hands seeds and fitnesses to ``lowmem_es.es``.
+apply the ES update to the fp32 LoRA masters (``journal.apply_record``, the code path
+replay uses). The trainer holds no noise or kernel code: it hands seeds and fitnesses to
+``lowmem_es.es``, and sets its kernel switches through ``lowmem_es.backends``.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ from typing import Any
 
 import torch
 
-from lowmem_es import checkpoint, distributed, es, journal, lora, noise, run_dir
+from lowmem_es import backends, checkpoint, distributed, es, journal, noise, run_dir
 from lowmem_es._version import __version__
 from lowmem_es.atomic import atomic_write_text, rewrite_jsonl
 from lowmem_es.config import ESConfig, to_toml
 from lowmem_es.data import epoch_order, render_prompt, validate_rows, warn_long_rows
 from lowmem_es.errors import CheckpointError, KernelError
+from lowmem_es.es import Member
 from lowmem_es.evaluate import score_centre
 from lowmem_es.generate import Completion, generate_population
 from lowmem_es.kernel_check import check_kernels
-from lowmem_es.lora import ESLoraModel, Member, attach_es_lora
+from lowmem_es.lora import ESLoraModel, attach_es_lora
 from lowmem_es.model import (
     load_model,
     offload_input_embedding,
@@ -58,19 +60,13 @@ logger = logging.getLogger("lowmem_es")
 
 
 def _own_settings(method: Callable) -> Callable:
-    """Run an ESTrainer method under its own process-wide settings (the noise backend and
-    the NF4 kernel switch), restoring the previous ones after: two trainers in one process
-    must not change each other's noise or kernels (the last one built used to win)."""
+    """Run an ESTrainer method under its own process-wide settings (``backends.scoped``:
+    the noise backend and the NF4 kernel switch), restoring the previous ones after: two
+    trainers in one process must not change each other's noise or kernels."""
     @functools.wraps(method)
     def wrapper(self: ESTrainer, *args: Any, **kwargs: Any) -> Any:
-        previous = noise.get_backend(), lora.NF4_MATMUL_FORCE
-        noise.set_backend(self.args.noise_backend)
-        lora.NF4_MATMUL_FORCE = self._nf4_force
-        try:
+        with backends.scoped(self.args.noise_backend, self._nf4_force):
             return method(self, *args, **kwargs)
-        finally:
-            noise.set_backend(previous[0])
-            lora.NF4_MATMUL_FORCE = previous[1]
 
     return wrapper
 
@@ -110,7 +106,7 @@ class ESTrainer:
         # Before any model loading: a clash with output_dir costs nothing yet.
         check_output_dir(self.args, resume, overwrite, force, self.identity)
         noise.set_backend(self.args.noise_backend)
-        lora.NF4_MATMUL_FORCE = None if self.args.nf4_kernel else "torch"
+        backends.set_force(backends.NF4_MATMUL, None if self.args.nf4_kernel else "torch")
         distributed.setup(self.args.distributed_timeout, resolve_device(self.args.device))
         self.schedule = es.member_schedule(self.args.population_size, self.args.antithetic)
         self.members = [Member(pair, sign) for pair, sign in self.schedule]
@@ -168,7 +164,7 @@ class ESTrainer:
         self._start_masters: dict[str, torch.Tensor] | None = None  # at the first train()
         # The NF4 kernel switch as the start-up check left it (it may have switched a
         # broken kernel off): what every later call runs with (see _own_settings).
-        self._nf4_force = lora.NF4_MATMUL_FORCE
+        self._nf4_force = backends.force(backends.NF4_MATMUL)
 
     def _check_lora_settings(self, model: ESLoraModel) -> None:
         """A ready ESLoraModel must be what ``args`` says (rank, alpha, target modules):

@@ -17,6 +17,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _restore_backends():
+    """Each test leaves the kernel switches, the sampler and the noise backend as it found
+    them (``lowmem_es.backends`` holds them process-wide, as a run's kernels are)."""
+    from lowmem_es import backends
+
+    saved = backends.snapshot()
+    yield
+    backends.restore(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A random-init tiny Llama + character tokenizer saved as safetensors (built once)."""
@@ -55,3 +66,24 @@ def lock_holder(tmp_path):
     for holder in holders:
         holder.kill()
         holder.wait()
+
+
+LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+
+
+@pytest.fixture()
+def es_model(tiny_llama_dir):
+    """(ES-LoRA model on LORA_LORA_TARGETS, tokenizer): rank 4, masters nudged off zero."""
+    import torch
+
+    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.model import load_model
+
+    model, tokenizer, _ = load_model(tiny_llama_dir)
+    es_model = attach_es_lora(model, LORA_TARGETS, rank=4, alpha=8.0, seed=0,
+                              base_model_name_or_path=str(tiny_llama_dir))
+    # B starts at zero; give the adapter some weight so LoRA changes the output.
+    generator = torch.Generator().manual_seed(123)
+    for tensor in es_model.parameters().values():
+        tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
+    return es_model, tokenizer

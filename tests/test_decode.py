@@ -8,8 +8,8 @@ from tiny_models import es_model_and_batch
 
 from lowmem_es import decode as decode_module
 from lowmem_es.decode import DecodeStats, UnsupportedModelError, decode, supports_loop
+from lowmem_es.es import Member
 from lowmem_es.kernels._runtime import INTERPRETED
-from lowmem_es.lora import Member
 
 PROMPTS = ["sun 1:", "a much longer prompt here 2:", "x", "rain and more rain 33:"]
 MEMBERS = [Member(0, 1), Member(0, -1), Member(3, 1)]
@@ -277,7 +277,7 @@ def test_captured_decode_replays_the_eager_tokens(model_type, tiny_llama_dir, ti
     (Llama with the 16-bit cache, Qwen2 with the int8 one: the interpreter is slow.)"""
     from capture_sim import simulated_capture
 
-    from lowmem_es import lora
+    from lowmem_es import backends
     from lowmem_es.kernels import nf4_matmul
 
     # A fresh model: once bitsandbytes' CPU path has run a layer, it has repacked the
@@ -286,8 +286,8 @@ def test_captured_decode_replays_the_eager_tokens(model_type, tiny_llama_dir, ti
     es_model, tokenizer, batch = es_model_and_batch(path, ["q_proj", "v_proj", "o_proj"],
                                                     PROMPTS * 3)
     kv_cache_dtype = "auto" if model_type == "llama" else "int8"
-    monkeypatch.setattr(lora, "NOISY_LORA_FORCE", "kernel")
-    monkeypatch.setattr(lora, "NF4_MATMUL_FORCE", "kernel")
+    backends.set_force(backends.NOISY_LORA, "kernel")
+    backends.set_force(backends.NF4_MATMUL, "kernel")
     launches = {"nf4": 0}
     original = nf4_matmul.nf4_matmul_triton
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowmem_es.data import render_prompt
+from lowmem_es.es import Member
 from lowmem_es.generate import _cut, _segments, generate_population
-from lowmem_es.lora import Member, attach_es_lora
+from lowmem_es.lora import attach_es_lora
 from lowmem_es.model import load_model
 
 
@@ -25,14 +25,14 @@ def model_and_tokenizer(tiny_llama_dir):
 def sampler(request, monkeypatch):
     """Each sampling noise source: per-row torch.Generator (CPU default), counter-based
     Philox (the CUDA default) by its torch twin, and by its kernel in the interpreter."""
-    from lowmem_es import generate
+    from lowmem_es import backends
     from lowmem_es.kernels._runtime import INTERPRETED
 
     if request.param.endswith("kernel") and not INTERPRETED:
         pytest.skip("the kernel on CPU tensors needs TRITON_INTERPRET=1")
-    monkeypatch.setattr(generate, "SAMPLER", request.param.split("-")[0])
-    monkeypatch.setattr(generate, "SAMPLING_FORCE", "kernel" if request.param.endswith("kernel")
-                        else "torch")
+    backends.set_sampler(request.param.split("-")[0])
+    backends.set_force(backends.SAMPLING, "kernel" if request.param.endswith("kernel")
+                       else "torch")
     return request.param
 
 
@@ -139,15 +139,6 @@ def test_chunked_prefill_gives_the_same_completions(model_and_tokenizer, backend
     assert max(widths) == 2  # the prompts (up to 7 tokens) really went in pieces
 
 
-def test_render_prompt(model_and_tokenizer):
-    _, tokenizer = model_and_tokenizer
-    assert render_prompt("hello", tokenizer, 0) == "hello"
-    with pytest.raises(ValueError, match=r"row 3.*chat template"):
-        render_prompt([{"role": "user", "content": "hi"}], tokenizer, 3)
-    with pytest.raises(ValueError, match=r"row 1.*string or a list of chat messages"):
-        render_prompt(42, tokenizer, 1)
-
-
 # --- chunk-invariant sampling, member lists per chunk, out-of-memory backoff ---
 
 def test_sampling_does_not_depend_on_chunking(model_and_tokenizer, sampler):
@@ -172,16 +163,16 @@ def test_repeated_rows_sample_different_completions(model_and_tokenizer):
 
 
 def test_sampler_defaults_and_switches(model_and_tokenizer, monkeypatch):
-    """CPU default: the per-row generators; SAMPLING_FORCE="kernel" alone selects the
-    Philox source (as on CUDA); an unknown SAMPLER is named."""
-    from lowmem_es import generate
+    """CPU default: the per-row generators; forcing the sampling kernel alone selects the
+    Philox source (as on CUDA); an unknown sampler is named."""
+    from lowmem_es import backends
     from lowmem_es.kernels._runtime import INTERPRETED
 
     model, tokenizer = model_and_tokenizer
 
     def ids(sampler, force):
-        monkeypatch.setattr(generate, "SAMPLER", sampler)
-        monkeypatch.setattr(generate, "SAMPLING_FORCE", force)
+        backends.set_sampler(sampler)
+        backends.set_force(backends.SAMPLING, force)
         return [c.ids for c in _generate(model, tokenizer, temperature=1.0)]
 
     default = ids(None, None)
@@ -190,9 +181,8 @@ def test_sampler_defaults_and_switches(model_and_tokenizer, monkeypatch):
     assert philox != default
     if INTERPRETED:
         assert ids(None, "kernel") == philox
-    monkeypatch.setattr(generate, "SAMPLER", "numpy")
-    with pytest.raises(ValueError, match="SAMPLER"):
-        _generate(model, tokenizer, temperature=1.0)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        backends.set_sampler("numpy")
 
 
 @pytest.mark.parametrize("sampler", ["generator", "philox"], indirect=True)  # kernel = twin

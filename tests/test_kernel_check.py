@@ -1,8 +1,9 @@
 """Start-up kernel self-check (lowmem_es/kernel_check.py) on the tiny 4-bit Llama.
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1): the tests force each kernel path with its module switch (restored by
-monkeypatch) and break the kernel on purpose to see it switched off with one warning.
+TRITON_INTERPRET=1): the tests force each kernel path with its switch in
+lowmem_es.backends (restored after each test by tests/conftest.py) and break the kernel on
+purpose to see it switched off with one warning.
 Only fp32 activations here (bf16 tl.dot is wrong in the interpreter). On a GPU machine
 (pytest with TRITON_INTERPRET=0) the model lives on CUDA and the same tests run the
 compiled kernels, plus the default dispatch, which then checks all four.
@@ -17,7 +18,7 @@ import pytest
 import torch
 from kernel_device import DEVICE, needs_kernel
 
-from lowmem_es import es, generate, kernel_check, lora
+from lowmem_es import backends, es, kernel_check
 
 KERNEL_FUNCTIONS = {  # kernel -> (module under lowmem_es.kernels, launcher the callers use)
     "noisy_lora": ("noisy_lora", "noisy_lora_triton"),
@@ -27,8 +28,11 @@ KERNEL_FUNCTIONS = {  # kernel -> (module under lowmem_es.kernels, launcher the 
 }
 TWIN_FUNCTIONS = {"noisy_lora": "noisy_lora_torch", "nf4_matmul": "nf4_matmul_torch",
                   "es_update": "es_direction_torch", "sampling": "gumbel_scores_torch"}
-SWITCHES = {"noisy_lora": (lora, "NOISY_LORA_FORCE"), "nf4_matmul": (lora, "NF4_MATMUL_FORCE"),
-            "es_update": (es, "UPDATE_FORCE"), "sampling": (generate, "SAMPLING_FORCE")}
+
+
+def _forces() -> tuple:
+    """The four kernel switches, in backends.OPS order."""
+    return tuple(backends.force(op) for op in backends.OPS)
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +54,13 @@ def es_model(tiny_llama_dir):
 
 @pytest.fixture
 def switches(monkeypatch):
-    """Set the kernels' module switches for one test (restored afterwards, also after
-    check_kernels turned one to "torch")."""
-    for module, name in SWITCHES.values():
-        monkeypatch.setattr(module, name, getattr(module, name))
-    monkeypatch.setattr(generate, "SAMPLER", generate.SAMPLER)  # the sampling switch-off pins it
+    """Set the kernels' switches for one test (conftest restores them afterwards, also
+    after check_kernels turned one to "torch" or pinned the sampler)."""
     monkeypatch.delenv(kernel_check.FORCE_TORCH_ENV, raising=False)
 
     def force(**values: str | None) -> None:
         for kernel, value in values.items():
-            module, name = SWITCHES[kernel]
-            setattr(module, name, value)
+            backends.set_force(kernel, value)
 
     return force
 
@@ -110,8 +110,7 @@ def test_cpu_without_forcing_checks_nothing(es_model, switches, monkeypatch, cap
         status = kernel_check.check_kernels(es_model, "cpu")
     assert time.perf_counter() - started < 1.0
     assert status == {kernel: "not used" for kernel in KERNEL_FUNCTIONS}
-    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE,
-            generate.SAMPLING_FORCE) == (None,) * 4
+    assert _forces() == (None,) * 4
     assert not [r for r in caplog.records if r.name == "lowmem_es"]
     _assert_untouched(es_model, before)
 
@@ -151,8 +150,7 @@ def test_correct_kernels_stay_on(es_model, switches, monkeypatch, caplog, reques
     assert len(shapes) == 4
     assert calls == {"noisy_lora": 2 * len(shapes), "nf4_matmul": 2 * len(shapes),
                      "es_update": 2 * len(shapes), "sampling": 1}
-    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE,
-            generate.SAMPLING_FORCE) == ("kernel",) * 4
+    assert _forces() == ("kernel",) * 4
     assert not _warnings(caplog)
     assert "kernel self-check on" in caplog.text
     _assert_untouched(es_model, before)
@@ -174,8 +172,7 @@ def test_raising_kernel_is_switched_off_with_one_warning(es_model, switches, mon
     assert status[kernel].startswith("disabled: RuntimeError: PTX .version 8.7")
     assert "more detail" in status[kernel]  # the last line of a multi-line error too
     assert all(value == "not used" for name, value in status.items() if name != kernel)
-    module, name = SWITCHES[kernel]
-    assert getattr(module, name) == "torch"
+    assert backends.force(kernel) == "torch"
     [warning] = _warnings(caplog)
     message = warning.getMessage()
     assert f"`{kernel}`" in message and "RuntimeError" in message
@@ -199,10 +196,9 @@ def test_wrong_kernel_result_is_switched_off_with_the_error(es_model, switches, 
     with caplog.at_level(logging.WARNING, logger="lowmem_es"):
         status = kernel_check.check_kernels(es_model, DEVICE)
     assert status[kernel].startswith("disabled: max abs error 0.01 vs its torch twin")
-    switch_module, name = SWITCHES[kernel]
-    assert getattr(switch_module, name) == "torch"
+    assert backends.force(kernel) == "torch"
     if kernel == "sampling":  # the twin of the same Philox draws, not the generators
-        assert generate.SAMPLER == "philox"
+        assert backends.sampler() == "philox"
     [warning] = _warnings(caplog)
     assert f"`{kernel}`" in warning.getMessage()
     assert "max abs error 0.01" in warning.getMessage()
@@ -227,7 +223,7 @@ def test_a_kernel_wrong_for_one_layer_shape_only_is_caught(es_model, switches,
     status = kernel_check.check_kernels(es_model, DEVICE)
     assert status["noisy_lora"].startswith("disabled: max abs error 0.01")
     assert f"d_out={smallest}" in status["noisy_lora"]
-    assert lora.NOISY_LORA_FORCE == "torch"
+    assert backends.force("noisy_lora") == "torch"
 
 
 def test_distinct_shapes_are_capped(es_model, monkeypatch) -> None:
@@ -248,7 +244,7 @@ def test_nan_from_the_kernel_is_a_failure(es_model, switches, monkeypatch) -> No
                         lambda keys, coefficients, out, *a, **k: out.fill_(float("nan")))
     status = kernel_check.check_kernels(es_model, DEVICE)
     assert "are NaN/inf where the torch twin's are finite" in status["es_update"]
-    assert es.UPDATE_FORCE == "torch"
+    assert backends.force("es_update") == "torch"
 
 
 @needs_kernel
@@ -259,7 +255,7 @@ def test_failing_twin_leaves_the_kernel_on(es_model, switches, monkeypatch, capl
     with caplog.at_level(logging.WARNING, logger="lowmem_es"):
         status = kernel_check.check_kernels(es_model, DEVICE)
     assert status["es_update"].startswith("unchecked: its torch twin raised MemoryError")
-    assert es.UPDATE_FORCE == "kernel"
+    assert backends.force("es_update") == "kernel"
     [warning] = _warnings(caplog)
     assert "could not check" in warning.getMessage()
 
@@ -284,7 +280,7 @@ def test_a_failure_on_another_rank_switches_the_kernel_off_here(es_model, switch
         status = kernel_check.check_kernels(es_model, DEVICE)
     assert reduced == [[0, 0, 0, 0]]  # passed here
     assert status["es_update"] == "disabled: its self-check failed on another rank"
-    assert es.UPDATE_FORCE == "torch"
+    assert backends.force("es_update") == "torch"
     assert status["noisy_lora"] == status["nf4_matmul"] == "not used"
     assert "another rank" in _warnings(caplog)[0].getMessage()
 
@@ -294,8 +290,7 @@ def test_default_dispatch_on_cuda_checks_every_kernel(es_model, switches) -> Non
     before = _state(es_model)
     status = kernel_check.check_kernels(es_model, DEVICE)
     assert status == {kernel: "ok" for kernel in KERNEL_FUNCTIONS}
-    assert (lora.NOISY_LORA_FORCE, lora.NF4_MATMUL_FORCE, es.UPDATE_FORCE,
-            generate.SAMPLING_FORCE) == (None,) * 4
+    assert _forces() == (None,) * 4
     _assert_untouched(es_model, before)
 
 
@@ -310,25 +305,24 @@ def test_wrong_arguments_raise(es_model, switches) -> None:
         kernel_check.check_kernels(es_model.model, "cpu")
     with pytest.raises(ValueError, match="`dtype` must be one of"):
         kernel_check.check_kernels(es_model, "cpu", dtype=torch.int8)
-    switches(noisy_lora="gpu")
-    with pytest.raises(ValueError, match="NOISY_LORA_FORCE"):
-        kernel_check.check_kernels(es_model, "cpu")
+    with pytest.raises(ValueError, match=r"`force\('noisy_lora'\)` must be one of"):
+        switches(noisy_lora="gpu")
 
 
 def test_update_switch_routes_estimate_direction(monkeypatch) -> None:
-    """es.UPDATE_FORCE is what estimate_direction (and so es_update) obeys when not told."""
+    """The ES_UPDATE switch is what estimate_direction (and so es_update) obeys when not
+    told."""
     from lowmem_es import noise
 
     def key_for_pair(pair: int) -> int:
         return noise.member_key(1, 2, pair, 3)
 
-    monkeypatch.setattr(es, "UPDATE_FORCE", "torch")
+    backends.set_force(backends.ES_UPDATE, "torch")
     direction = es.estimate_direction((3, 5), key_for_pair, {0: 0.5, 1: -0.25})
     assert torch.equal(direction, es.estimate_direction((3, 5), key_for_pair, {0: 0.5, 1: -0.25},
                                                         force="torch"))
-    monkeypatch.setattr(es, "UPDATE_FORCE", "gpu")
     with pytest.raises(ValueError, match="`force` must be one of"):
-        es.estimate_direction((3, 5), key_for_pair, {0: 0.5})
+        es.estimate_direction((3, 5), key_for_pair, {0: 0.5}, force="gpu")
 
 
 @needs_kernel
@@ -339,5 +333,5 @@ def test_sampling_kernel_is_checked_only_when_the_run_samples_with_it(es_model, 
     switches(sampling="kernel")
     assert kernel_check.check_kernels(es_model, DEVICE, sampling=False)["sampling"] == "not used"
     assert kernel_check.check_kernels(es_model, DEVICE, sampling=True)["sampling"] == "ok"
-    monkeypatch.setattr(generate, "SAMPLER", "generator")
+    backends.set_sampler("generator")
     assert kernel_check.check_kernels(es_model, DEVICE)["sampling"] == "not used"

@@ -7,13 +7,13 @@ import torch
 from tiny_models import es_model_and_batch
 
 from lowmem_es.decode import DecodeStats, decode
+from lowmem_es.es import Member
 from lowmem_es.kv_cache import (
     cache_bytes,
     dequantize_int8,
     make_static_cache,
     quantize_int8,
 )
-from lowmem_es.lora import Member
 
 PROMPTS = ["sun 1:", "a much longer prompt here 2:", "x", "rain and more rain 33:"]
 

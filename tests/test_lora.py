@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from conftest import LORA_TARGETS as TARGETS
 
 from lowmem_es import noise, noise_batch
-from lowmem_es.adapter_io import ADAPTER_WEIGHTS
-from lowmem_es.lora import ESLoraLinear, Member, PopulationSlot, attach_es_lora
+from lowmem_es.es import Member
+from lowmem_es.lora import ESLoraLinear, PopulationSlot, attach_es_lora
 from lowmem_es.model import load_model
-
-TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
-
-
-@pytest.fixture()
-def es_model(tiny_llama_dir):
-    model, tokenizer, _ = load_model(tiny_llama_dir)
-    es_model = attach_es_lora(model, TARGETS, rank=4, alpha=8.0, seed=0,
-                              base_model_name_or_path=str(tiny_llama_dir))
-    # B starts at zero; give the adapter some weight so LoRA changes the output.
-    generator = torch.Generator().manual_seed(123)
-    for tensor in es_model.parameters().values():
-        tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
-    return es_model, tokenizer
 
 
 def _inputs(tokenizer, texts):
@@ -129,106 +114,6 @@ def test_tensor_ids_stable_and_distinct(es_model):
     name = "model.layers.0.self_attn.q_proj"
     assert ids[f"{name}.lora_A"] == noise.tensor_id(name, "A")
     assert ids[f"{name}.lora_A"] == noise.tensor_id(f"base_model.model.{name}", "A")
-
-
-def test_adapter_round_trip_and_errors(es_model, tiny_llama_dir, tmp_path):
-    model, _ = es_model
-    path = model.save_adapter(tmp_path / "adapter")
-    config = json.loads((path / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["lora_alpha"] == 8.0
-    assert sorted(config["target_modules"]) == sorted(TARGETS)
-    base, _, _ = load_model(tiny_llama_dir)
-    other = attach_es_lora(base, TARGETS, rank=4, alpha=8.0, seed=1)
-    assert not all(torch.equal(a, b) for a, b in zip(model.parameters().values(),
-                                                      other.parameters().values(), strict=True))
-    other.load_adapter(path)
-    for a, b in zip(model.parameters().values(), other.parameters().values(), strict=True):
-        assert torch.equal(a, b)
-    with pytest.raises(FileNotFoundError, match=ADAPTER_WEIGHTS):
-        other.load_adapter(tmp_path / "nowhere")
-    base, _, _ = load_model(tiny_llama_dir)
-    wrong_rank = attach_es_lora(base, TARGETS, rank=2, alpha=8.0)
-    with pytest.raises(ValueError, match="lora_rank"):
-        wrong_rank.load_adapter(path)
-    weights = path / ADAPTER_WEIGHTS
-    for damage in (weights.read_bytes()[:50], b"\x00" * 64 + b"junk"):  # truncated, garbage
-        weights.write_bytes(damage)
-        with pytest.raises(ValueError, match=r"not a readable safetensors file.*damaged"):
-            other.load_adapter(path)
-
-
-@pytest.mark.parametrize(("change", "match"), [
-    ({"lora_alpha": 16.0}, "lora_alpha=16.0 but this run uses lora_alpha=8.0"),
-    ({"use_rslora": True}, "rsLoRA"),
-    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
-    ({"alpha_pattern": {"q_proj": 4.0}}, "alpha_pattern"),
-    ({"bias": "lora_only"}, "biases"),
-], ids=["alpha", "rslora", "rank_pattern", "alpha_pattern", "bias"])
-def test_adapter_with_another_scaling_is_refused(es_model, tmp_path, change, match):
-    """An adapter this layer would compute differently from PEFT (another alpha, rsLoRA,
-    per-layer patterns, LoRA biases) is refused by name instead of loading silently."""
-    model, _ = es_model
-    path = model.save_adapter(tmp_path / "adapter")
-    config = json.loads((path / "adapter_config.json").read_text())
-    config.update(change)
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    before = [tensor.clone() for tensor in model.parameters().values()]
-    with pytest.raises(ValueError, match=match):
-        model.load_adapter(path)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters().values(),
-                                                  strict=True))
-
-
-def test_atomic_directory_permissions_subfolders_and_crash_between_renames(tmp_path):
-    """The directory gets the umask's permissions (not mkdtemp's 0700), subfolders are
-    fine, and a copy set aside by a crash between the two renames is put back."""
-    import os
-
-    from safetensors.torch import save_file
-
-    from lowmem_es.atomic import atomic_directory, restore_set_aside
-
-    umask = os.umask(0o022)
-    try:
-        with atomic_directory(tmp_path / "out") as tmp:
-            (tmp / "sub").mkdir()
-            (tmp / "sub" / "file.txt").write_text("new")
-            (tmp / "top.txt").write_text("new")
-            save_file({"w": torch.zeros(2)}, str(tmp / "w.safetensors"))  # writes 0600
-    finally:
-        os.umask(umask)
-    out = tmp_path / "out"
-    assert (out / "sub" / "file.txt").read_text() == "new"
-    assert out.stat().st_mode & 0o777 == 0o755
-    assert (out / "w.safetensors").stat().st_mode & 0o777 == 0o644  # group can read it
-    # A crash after the old copy was moved aside and before the new one moved in.
-    os.replace(out, tmp_path / ".out.old-12345")
-    assert not out.exists()
-    assert restore_set_aside(out) and (out / "top.txt").read_text() == "new"
-    assert not restore_set_aside(out)  # nothing set aside any more
-    os.replace(out, tmp_path / ".out.old-12345")
-    with atomic_directory(out) as tmp:  # the next write restores first, then replaces
-        (tmp / "top.txt").write_text("newer")
-    assert (out / "top.txt").read_text() == "newer"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_save_is_atomic_on_failure(es_model, tmp_path, monkeypatch):
-    """A failure while writing leaves the previous adapter intact and no temp dirs."""
-    model, _ = es_model
-    path = model.save_adapter(tmp_path / "adapter")
-    before = (path / ADAPTER_WEIGHTS).read_bytes()
-    for tensor in model.parameters().values():
-        tensor.add_(1.0)
-
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr("lowmem_es.adapter_io.save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
-        model.save_adapter(path)
-    assert (path / ADAPTER_WEIGHTS).read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_unknown_target_module_is_named(tiny_llama_dir):

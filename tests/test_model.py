@@ -10,7 +10,8 @@ from tiny_models import es_model_and_batch
 
 from lowmem_es import decode as decode_module
 from lowmem_es.decode import decode
-from lowmem_es.lora import Member, attach_es_lora
+from lowmem_es.es import Member
+from lowmem_es.lora import attach_es_lora
 from lowmem_es.model import (
     OffloadedEmbedding,
     load_model,

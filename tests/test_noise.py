@@ -164,7 +164,7 @@ def test_dispatch_cpu_uses_twin_and_env_forces_twin(monkeypatch: pytest.MonkeyPa
     offsets = _offsets("random_2**62")[:1000]
     monkeypatch.delenv(FORCE_TORCH_ENV, raising=False)
     assert torch.equal(knoise.randn(key, offsets), noise.randn(key, offsets))
-    assert torch.equal(noise_batch.noise(key, (7, 9)), noise_batch.noise(key, (7, 9)))
+    assert torch.equal(knoise.noise(key, (7, 9)), noise_batch.noise(key, (7, 9)))
     monkeypatch.setenv(FORCE_TORCH_ENV, "1")
     assert torch.equal(knoise.randn(key, offsets), noise.randn(key, offsets))
     with pytest.raises(ValueError, match="force"):

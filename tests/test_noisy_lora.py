@@ -13,8 +13,8 @@ import pytest
 import torch
 from kernel_device import DEVICE, needs_kernel
 
+from lowmem_es import backends, noise, noise_batch
 from lowmem_es import lora as lora_module
-from lowmem_es import noise, noise_batch
 from lowmem_es.kernels import noisy_lora as knl
 from lowmem_es.kernels import row_plan
 from lowmem_es.kernels._runtime import FORCE_TORCH_ENV
@@ -416,7 +416,7 @@ def test_es_lora_layer_logits_kernel_equal_torch_paths(tiny_es_model, monkeypatc
     """One forward of three antithetic members in ragged, out-of-order segments: the
     layer's kernel path (run in the interpreter on CPU), the same path through the twin,
     and the cached torch path give the same logits; sigma=0 gives PEFT's plain LoRA."""
-    from lowmem_es.lora import Member
+    from lowmem_es.es import Member
 
     es_model, tokenizer = tiny_es_model
     device = next(iter(es_model.parameters().values())).device
@@ -426,7 +426,7 @@ def test_es_lora_layer_logits_kernel_equal_torch_paths(tiny_es_model, monkeypatc
     segments = [(2, 1), (0, 2), (1, 1)]
 
     def logits(force: str | None, sigma: float = 0.05) -> torch.Tensor:
-        monkeypatch.setattr(lora_module, "NOISY_LORA_FORCE", force)
+        backends.set_force(backends.NOISY_LORA, force)
         with torch.no_grad(), es_model.population(5, 2, sigma, members, segments):
             return es_model.model(**batch).logits
 
@@ -448,7 +448,8 @@ def test_layer_row_plan_pairs_antithetic_partners_only() -> None:
     """The layer's RowPlan pairs the two members of an antithetic pair; a pair id held by
     one member, or by three (no population has that, but a caller may), stays unpaired
     instead of failing."""
-    from lowmem_es.lora import Member, Population
+    from lowmem_es.es import Member
+    from lowmem_es.lora import Population
 
     members = [Member(0, 1), Member(3, 1), Member(0, -1)]
     population = Population(5, 2, 0.1, members, [(0, 1), (1, 1), (2, 1)], version=901)

@@ -9,11 +9,9 @@ import builtins
 import json
 import time
 from fractions import Fraction
-from types import SimpleNamespace
 
 import pytest
 
-from lowmem_es.data import fit_prompts
 from lowmem_es.rewards import compute_rewards
 from lowmem_es.tasks import (
     TASKS,
@@ -416,15 +414,3 @@ def test_jsonl_chat_messages_are_checked_by_file_line(tmp_path, messages, proble
 
 
 # --- prompts for tokenizers without a chat template ---
-
-
-def test_fit_prompts():
-    rows = [{"prompt": [{"role": "system", "content": "Be brief."},
-                        {"role": "user", "content": "What is 2 + 2?"}], "answer": "4"},
-            {"prompt": "plain", "answer": "1"}]
-    with_template = SimpleNamespace(chat_template="{{ messages }}")
-    assert fit_prompts(rows, with_template) == rows
-    flat = fit_prompts(rows, SimpleNamespace(chat_template=None))
-    assert flat == [{"prompt": "Be brief.\n\nWhat is 2 + 2?", "answer": "4"},
-                    {"prompt": "plain", "answer": "1"}]
-    assert isinstance(rows[0]["prompt"], list)  # the input rows are not modified

@@ -115,18 +115,15 @@ def test_batches_cover_the_dataset_each_epoch(tiny_llama_dir, tmp_path):
     assert trainer.batch_indices(1) == trainer.batch_indices(1)
 
 
-@pytest.mark.parametrize(("rows", "message"), [
-    ([], "empty"),
-    ([{"text": "no prompt"}], "row 0 has no 'prompt'"),
-    ("prompts.jsonl", "list of dicts"),
-    ([{"prompt": "ok"}, {"prompt": 7}], "row 1: field 'prompt' must be"),
-    ([{"prompt": ""}], "row 0: field 'prompt'"),
-    ([{"prompt": [{"role": "user"}]}], "row 0: field 'prompt'"),
-])
-def test_bad_dataset_is_named(tiny_llama_dir, tmp_path, rows, message):
-    with pytest.raises(ValueError, match=message):
-        ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=rows,
+def test_bad_dataset_is_named(tiny_llama_dir, tmp_path):
+    """ESTrainer checks its rows before any model work (every case: tests/test_data.py)."""
+    with pytest.raises(ValueError, match="`train_dataset` row 1: field 'prompt' must be"):
+        ESTrainer(str(tiny_llama_dir), [target_fraction],
+                  train_dataset=[{"prompt": "ok"}, {"prompt": 7}],
                   args=example_config(str(tmp_path)))
+    with pytest.raises(ValueError, match="`eval_dataset` is empty"):
+        ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=[{"prompt": "ok"}],
+                  eval_dataset=[], args=example_config(str(tmp_path)))
 
 
 def test_missing_model_path(tmp_path):
@@ -322,21 +319,22 @@ def test_two_trainers_keep_their_own_noise_backend_and_kernel_switch(tiny_llama_
                                                                      tmp_path):
     """Process-wide switches are applied per call: building trainer B no longer changes
     the noise backend or NF4 kernel switch trainer A runs with."""
-    from lowmem_es import lora, noise
+    from lowmem_es import backends, noise
+
+    def nf4():
+        return backends.force(backends.NF4_MATMUL)
 
     seen = []
     first = _short_run(tiny_llama_dir, tmp_path / "a", iterations=1, nf4_kernel=True)
     second = _short_run(tiny_llama_dir, tmp_path / "b", iterations=1, nf4_kernel=False,
                         noise_backend="eager")
-    before = noise.get_backend(), lora.NF4_MATMUL_FORCE
+    before = noise.get_backend(), nf4()
     first.args.iterations = 2
-    first.train(callback=lambda entry: seen.append((noise.get_backend(),
-                                                    lora.NF4_MATMUL_FORCE)))
+    first.train(callback=lambda entry: seen.append((noise.get_backend(), nf4())))
     second.args.iterations = 2
-    second.train(callback=lambda entry: seen.append((noise.get_backend(),
-                                                     lora.NF4_MATMUL_FORCE)))
+    second.train(callback=lambda entry: seen.append((noise.get_backend(), nf4())))
     assert seen == [(first.args.noise_backend, None), ("eager", "torch")]
-    assert (noise.get_backend(), lora.NF4_MATMUL_FORCE) == before  # restored after
+    assert (noise.get_backend(), nf4()) == before  # restored after
 
 
 def test_given_tokenizer_is_used_and_a_mismatched_model_is_refused(tiny_llama_dir, tmp_path):
@@ -363,20 +361,20 @@ def test_a_kernel_the_start_up_check_switched_off_stays_off(tiny_llama_dir, tmp_
                                                             monkeypatch):
     """check_kernels may switch the NF4 kernel off (it failed on this GPU); the per-call
     settings used to switch it back on for every iteration and evaluation."""
-    from lowmem_es import lora
+    from lowmem_es import backends
     from lowmem_es import trainer as trainer_module
 
     def broken_nf4(es_model, device, sampling=False):
-        lora.NF4_MATMUL_FORCE = "torch"
+        backends.switch_off(backends.NF4_MATMUL)
         return {"nf4_matmul": "disabled: kernel disagrees with its twin"}
 
-    monkeypatch.setattr(lora, "NF4_MATMUL_FORCE", None)
+    backends.set_force(backends.NF4_MATMUL, None)
     monkeypatch.setattr(trainer_module, "check_kernels", broken_nf4)
     seen = []
     args = example_config(str(tmp_path / "run"), iterations=2, population_size=4,
                           batch_size=2, max_completion_length=2, lora_rank=2, lora_alpha=4.0)
     trainer = ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(4),
                         args=args)
-    lora.NF4_MATMUL_FORCE = None  # another trainer built since, with the kernel on
-    trainer.train(callback=lambda entry: seen.append(lora.NF4_MATMUL_FORCE))
+    backends.set_force(backends.NF4_MATMUL, None)  # another trainer built since, kernel on
+    trainer.train(callback=lambda entry: seen.append(backends.force(backends.NF4_MATMUL)))
     assert seen == ["torch", "torch"]
