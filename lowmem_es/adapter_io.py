@@ -17,7 +17,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -27,13 +27,22 @@ from lowmem_es.atomic import atomic_directory
 from lowmem_es.errors import CheckpointError
 from lowmem_es.noise import tensor_id
 
-if TYPE_CHECKING:
-    from lowmem_es.lora import ESLoraModel
-
-
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM's adapter tensors
+
+
+class AdapterModel(Protocol):
+    """What adapter I/O reads of a model: ``lowmem_es.lora.ESLoraModel`` (a protocol, so
+    this module needs no import of the layers, which call it)."""
+
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_model_name_or_path: str | None
+    layers: dict[str, Any]  # canonical name -> ESLoraLinear (qualified_name, lora_A, lora_B)
+
+    def state_dict_peft(self) -> dict[str, torch.Tensor]: ...
 
 
 def check_adapter_destination(path: Path) -> None:
@@ -150,7 +159,7 @@ def adapter_settings(adapter: str | os.PathLike) -> dict[str, Any]:
             "base_model": config.get("base_model_name_or_path")}
 
 
-def save_adapter(model: ESLoraModel, path: str | os.PathLike) -> Path:
+def save_adapter(model: AdapterModel, path: str | os.PathLike) -> Path:
     """Write a standard PEFT adapter directory atomically; returns its path.
 
     The directory is replaced as a whole, so an existing ``path`` must be empty or an
@@ -163,7 +172,7 @@ def save_adapter(model: ESLoraModel, path: str | os.PathLike) -> Path:
     return path
 
 
-def write_adapter(model: ESLoraModel, directory: Path) -> None:
+def write_adapter(model: AdapterModel, directory: Path) -> None:
     """Write the PEFT adapter files (weights + adapter_config.json) into ``directory``."""
     from peft import LoraConfig
 
@@ -176,7 +185,7 @@ def write_adapter(model: ESLoraModel, directory: Path) -> None:
     config.save_pretrained(str(directory))
 
 
-def load_adapter(model: ESLoraModel, path: str | os.PathLike) -> None:
+def load_adapter(model: AdapterModel, path: str | os.PathLike) -> None:
     """Load master weights from a PEFT adapter directory (safetensors only, no pickle)."""
     path = Path(path)
     weights = path / ADAPTER_WEIGHTS

@@ -210,7 +210,7 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
     Returns ``{"model", "adapter", "task", "splits": {split: {"base": metrics,
     "adapter": metrics}}}``; ``limit`` caps rows per split.
     """
-    from lowmem_es.lora import attach_es_lora
+    from lowmem_es.lora import attach_es_lora, first_adaptable_linear
     from lowmem_es.model import load_model
     from lowmem_es.tasks import get_task
 
@@ -267,7 +267,7 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
                                     trust_remote_code=trust_remote_code,
                                     embedding_on_cpu=bool(card and card.embedding_on_cpu))
     if settings is None:  # base only: a rank-1 adapter with B = 0 adds exactly zero
-        settings = {"rank": 1, "alpha": 1.0, "target_modules": [_first_linear_name(base)]}
+        settings = {"rank": 1, "alpha": 1.0, "target_modules": [first_adaptable_linear(base)]}
     es_model = attach_es_lora(base, settings["target_modules"], settings["rank"],
                               settings["alpha"], base_model_name_or_path=str(model))
     masters = es_model.parameters()
@@ -313,20 +313,11 @@ def evaluate(model: str | os.PathLike, *, adapter: str | os.PathLike | None = No
 
 
 def _first_linear_name_of_config(config: dict[str, Any]) -> str:
-    """``_first_linear_name`` of the model a config describes (built on the meta device)."""
+    """The first linear layer LoRA may target in the model a config describes (the
+    planner's meta-device build): what ``lora.first_adaptable_linear`` gives once loaded."""
     from lowmem_es.planner import model_shape
 
     return model_shape(config).linears[0][0].rpartition(".")[2]
-
-
-def _first_linear_name(model: Any) -> str:
-    """A linear layer name to hang a zero adapter on (generation needs an ESLoraModel)."""
-    from torch import nn
-
-    for qualified, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not qualified.endswith("lm_head"):
-            return qualified.rpartition(".")[2]
-    raise ValueError("the model has no linear layer besides lm_head; it cannot be evaluated")
 
 
 def format_report(report: dict[str, Any]) -> str:

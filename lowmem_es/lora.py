@@ -380,13 +380,29 @@ def attach_es_lora(model: nn.Module, target_modules: Sequence[str], rank: int, a
                        base_model_name_or_path)
 
 
-def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> None:
-    """Raise a ValueError naming targets that match no linear layer, and listing the valid ones."""
-    linear_names = set()
+def adaptable_linears(model: nn.Module) -> list[str]:
+    """The short names (``q_proj``, ...) of the linear layers LoRA may target, in module
+    order: every ``nn.Linear`` but the output head (``lm_head``)."""
+    names: dict[str, None] = {}
     for qualified, module in model.named_modules():
         if isinstance(module, nn.Linear) and not qualified.endswith("lm_head"):
-            linear_names.add(qualified.rpartition(".")[2])
+            names.setdefault(qualified.rpartition(".")[2])
+    return list(names)
+
+
+def check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> None:
+    """Raise a ValueError naming targets that match no linear layer, and listing the valid ones."""
+    linear_names = adaptable_linears(model)
     missing = [t for t in target_modules if t not in linear_names]
     if missing:
         raise ValueError(f"`lora_target_modules` contains {missing}, which match no linear layer "
                          f"of this model; valid names are {sorted(linear_names)}")
+
+
+def first_adaptable_linear(model: nn.Module) -> str:
+    """A linear layer to hang a zero adapter on (generation needs an ``ESLoraModel``, also
+    to evaluate the base model alone)."""
+    names = adaptable_linears(model)
+    if not names:
+        raise ValueError("the model has no linear layer besides lm_head; it cannot be evaluated")
+    return names[0]

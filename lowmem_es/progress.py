@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import torch
 
-from lowmem_es.run_dir import read_metrics
+from lowmem_es.run_dir import PLOT, read_metrics
 
 logger = logging.getLogger("lowmem_es")
 
@@ -97,8 +97,8 @@ def plot_rewards(out: Path) -> Path | None:
     tmp = out / f".reward.png.tmp-{os.getpid()}.png"
     figure.savefig(tmp, dpi=100)
     plt.close(figure)
-    os.replace(tmp, out / "reward.png")
-    return out / "reward.png"
+    os.replace(tmp, out / PLOT)
+    return out / PLOT
 
 
 def peak_memory_mb(device: torch.device) -> float:

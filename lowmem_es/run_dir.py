@@ -98,7 +98,7 @@ def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = Fal
         raise ValueError(f"output_dir {str(out)!r} is a file, not a directory; pass "
                          "--output-dir (output_dir=) a directory to write the run into")
     check_unlocked(out)
-    journal = out / "journal.jsonl"
+    journal = out / JOURNAL
     # A run exists once it has a complete checkpoint or a journaled iteration; a kill
     # while the very first checkpoint was being written leaves neither (only a temp
     # dir), and such a run simply starts again.
@@ -122,7 +122,7 @@ def check_output_dir(args: ESConfig, resume: bool = False, overwrite: bool = Fal
                          f"at least {done}")
     if force:
         return has_run
-    saved_config = out / "run.toml"
+    saved_config = out / RUN_CONFIG
     if not saved_config.is_file():
         # run.toml is written after the first checkpoint (or was deleted): compare the
         # result hash every checkpoint records instead.
@@ -210,7 +210,7 @@ def read_metrics(out: Path, repair: bool = False) -> list[dict[str, Any]]:
     need, so damage (a bad line in the middle) does not stop a run: with ``repair`` the
     damaged file is kept as ``metrics.jsonl.damaged-<time>`` and its readable records go on
     in metrics.jsonl, with a warning; without, the readable records are returned."""
-    path = out / "metrics.jsonl"
+    path = out / METRICS
     try:
         return read_journal(path, repair=repair, what="metrics")
     except CheckpointError as damage:
@@ -343,3 +343,25 @@ def clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for name in (checkpoint.CHECKPOINTS, ADAPTER):
         shutil.rmtree(out / name, ignore_errors=True)
+
+
+def resumed_metrics(out: Path, records: Sequence[dict[str, Any]], repair: bool = False
+                    ) -> list[dict[str, Any]]:
+    """The metrics lines of a run resumed after ``records`` (its journal), one per
+    iteration. A kill between an iteration's journal line and its metrics line loses the
+    latter: it is rebuilt from the journal, which holds every training metric (a
+    periodic evaluation of that iteration is lost, and the line says so). With
+    ``repair`` (the writing rank), metrics.jsonl is rewritten to match."""
+    done = len(records)
+    metrics = [m for m in read_metrics(out, repair=repair) if m["iteration"] < done]
+    logged = {m["iteration"] for m in metrics}
+    rebuilt = [dict(metrics_entry(r), rebuilt_from_journal=True)
+               for r in records if r["iteration"] not in logged]
+    if rebuilt:
+        metrics = sorted(metrics + rebuilt, key=lambda m: m["iteration"])
+        logger.info("metrics.jsonl lacked iteration(s) %s (a kill before they were "
+                    "written): rebuilt from the journal",
+                    ", ".join(str(m["iteration"] + 1) for m in rebuilt))
+    if repair:
+        rewrite_jsonl(out / METRICS, metrics)
+    return metrics

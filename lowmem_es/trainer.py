@@ -26,7 +26,7 @@ import torch
 
 from lowmem_es import backends, checkpoint, distributed, es, journal, noise, run_dir
 from lowmem_es._version import __version__
-from lowmem_es.atomic import atomic_write_text, rewrite_jsonl
+from lowmem_es.atomic import atomic_write_text
 from lowmem_es.config import ESConfig, to_toml
 from lowmem_es.data import epoch_order, render_prompt, validate_rows, warn_long_rows
 from lowmem_es.errors import CheckpointError, KernelError
@@ -46,12 +46,15 @@ from lowmem_es.progress import Progress, peak_memory_mb, plot_rewards
 from lowmem_es.rewards.functions import RewardFunc
 from lowmem_es.rewards.scoring import RewardScorer, reward_name
 from lowmem_es.run_dir import (
+    ADAPTER,
     IDENTITY_KEY,
     JOURNAL,
     METRICS,
+    PLAN,
+    RUN_CONFIG,
     check_output_dir,
     metrics_entry,
-    read_metrics,
+    resumed_metrics,
     run_identity,
     write_failure,
 )
@@ -431,8 +434,8 @@ class ESTrainer:
             if not checkpoint.step_dir(out, self.iteration).is_dir():
                 self._checkpoint(out, self.iteration)
             if main:
-                self.save_adapter(out / "adapter")
-            logger.info("done: adapter written to %s", out / "adapter")
+                self.save_adapter(out / ADAPTER)
+            logger.info("done: adapter written to %s", out / ADAPTER)
         distributed.barrier()
         return self.history
 
@@ -484,16 +487,16 @@ class ESTrainer:
             self.iteration = 0
             self._checkpoint(out, 0)  # the initial adapter: the origin of journal replay
         if main:
-            atomic_write_text(out / "run.toml", to_toml(self.args.to_dict()))
+            atomic_write_text(out / RUN_CONFIG, to_toml(self.args.to_dict()))
             if self.plan is not None:
-                atomic_write_text(out / "plan.json", json.dumps(self.plan.to_dict(), indent=2))
+                atomic_write_text(out / PLAN, json.dumps(self.plan.to_dict(), indent=2))
         distributed.barrier()  # ranks start together; rank 0's files exist
         self._written_dir = out.resolve()
 
     def _restore(self, out: Path) -> None:
         """Newest valid checkpoint + replay of the journal lines after it (the configuration
         and the run's identity were checked by ``check_output_dir``)."""
-        records = journal.read_journal(out / "journal.jsonl", repair=distributed.is_main())
+        records = journal.read_journal(out / JOURNAL, repair=distributed.is_main())
         expected = list(range(len(records)))
         if [r["iteration"] for r in records] != expected:
             raise CheckpointError(
@@ -518,21 +521,7 @@ class ESTrainer:
             journal.apply_record(params, ids, record, self.adam_state,
                                  self.args.noise_backend)
         self.iteration = len(records)
-        metrics = [m for m in read_metrics(out, repair=distributed.is_main())
-                   if m["iteration"] < self.iteration]
-        # A kill between an iteration's journal line and its metrics line loses the
-        # latter: rebuild it from the journal (which holds every training metric; a
-        # periodic evaluation of that iteration is lost, and the line says so).
-        logged = {m["iteration"] for m in metrics}
-        rebuilt = [dict(metrics_entry(r), rebuilt_from_journal=True)
-                   for r in records if r["iteration"] not in logged]
-        if rebuilt:
-            metrics = sorted(metrics + rebuilt, key=lambda m: m["iteration"])
-            logger.info("metrics.jsonl lacked iteration(s) %s (a kill before they were "
-                        "written): rebuilt from the journal",
-                        ", ".join(str(m["iteration"] + 1) for m in rebuilt))
-        if distributed.is_main():
-            rewrite_jsonl(out / "metrics.jsonl", metrics)
+        metrics = resumed_metrics(out, records, repair=distributed.is_main())
         self.history = metrics
         logger.info("resuming %s at iteration %d (checkpoint step %d + %d journal lines "
                     "replayed)", out, self.iteration + 1, step, len(records) - step)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowmem_es.planner.estimate import _Estimate, _Estimator
-from lowmem_es.profiles import GIB, MIB, Profile
+from lowmem_es.profiles import GIB, MIB, Profile, load_profile
 
 MIN_LENGTH = 8  # shortest prompt/completion the planner will shrink a profile's length to
 SHIPPED_FALLBACKS = ("8gb", "12gb", "16gb", "24gb")  # suggested, smallest first
@@ -271,8 +271,6 @@ def _plan_error(estimate: _Estimator, one: _Estimate, prompt: int, completion: i
         suggestions.append("the fused LoRA kernel (no per-member copies) or fewer target "
                            "modules / a lower rank")
     if profile.device == "cuda":
-        from lowmem_es.profiles import load_profile
-
         for name in SHIPPED_FALLBACKS:
             bigger = load_profile(name)
             if bigger.memory_budget_gib <= profile.memory_budget_gib:
