@@ -95,11 +95,15 @@ def shard_members(schedule: Sequence[tuple[int, int]], world: int, this_rank: in
     return [m for m, (pair, _) in enumerate(schedule) if pair in mine]
 
 
-def gather_fitness(local: dict[int, float], population_size: int) -> list[float]:
-    """All ranks' member fitnesses in member order (float64, exact: no reduction math)."""
+def gather_members(local: dict[int, Sequence[float]], population_size: int, width: int
+                   ) -> list[list[float]]:
+    """Per-member values of every rank, in member order: ``local`` maps each of this
+    rank's members to its ``width`` values (fitness, completion digest, ...); column c of
+    the result holds value c of every member. One collective, exact (float64 slots with
+    one addend each: no reduction math). A rank without members passes ``{}``."""
     members = list(local)
-    return gather_rows(members, [[local[m] for m in members]], population_size,
-                       what="member fitnesses")[0]
+    columns = [[local[m][c] for m in members] for c in range(width)]
+    return gather_rows(members, columns, population_size, what="member values")
 
 
 # Handles of the latest collectives. gloo's worker thread drops its reference to a

@@ -41,8 +41,9 @@ class Progress:
                  f"reward {entry['reward_mean']:.3f}/{entry['reward_max']:.3f}")
         if "eval_reward" in entry:
             stats += f" eval {entry['eval_reward']:.3f}"
+        note = " | no signal" if entry.get("no_signal") else ""  # all members alike
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{stats} | {record['tokens_per_s']:.0f} tok/s | "
+            self.bar.set_postfix_str(f"{stats}{note} | {record['tokens_per_s']:.0f} tok/s | "
                                      f"{record['peak_memory_mb']:.0f} MiB")
             self.bar.update(1)
             return
@@ -50,8 +51,8 @@ class Progress:
         if done % self.every == 0 or done == self.total:
             elapsed = time.perf_counter() - self.started
             eta = elapsed / (done - self.initial) * (self.total - done)
-            logger.info("iter %d/%d | %s (mean/max) | %.1f s/it | %.0f tok/s | %.0f MiB | "
-                        "ETA %s", done, self.total, stats, record["iteration_s"],
+            logger.info("iter %d/%d | %s (mean/max)%s | %.1f s/it | %.0f tok/s | %.0f MiB | "
+                        "ETA %s", done, self.total, stats, note, record["iteration_s"],
                         record["tokens_per_s"], record["peak_memory_mb"],
                         _format_seconds(eta))
 

@@ -200,9 +200,9 @@ def metrics_entry(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record[k] for k in METRIC_KEYS if k in record}
 
 
-METRIC_KEYS = ("iteration", "reward_mean", "reward_max", "update_norm", "param_norm",
-                "iteration_s", "tokens_per_s", "peak_memory_mb", "predicted_peak_mb",
-                "oom_events", "skipped")
+METRIC_KEYS = ("iteration", "reward_mean", "reward_max", "fitness_std", "identical_members",
+               "no_signal", "update_norm", "param_norm", "iteration_s", "tokens_per_s",
+               "peak_memory_mb", "predicted_peak_mb", "oom_events", "skipped")
 
 
 def read_metrics(out: Path, repair: bool = False) -> list[dict[str, Any]]:

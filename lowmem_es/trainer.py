@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
 import signal
+import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -163,6 +166,7 @@ class ESTrainer:
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self._orders: dict[int, list[int]] = {}
+        self._no_signal_run = 0  # iterations in a row whose members all scored alike
         self._written_dir: Path | None = None  # the output_dir whose run this instance wrote
         self._start_masters: dict[str, torch.Tensor] | None = None  # at the first train()
         # The NF4 kernel switch as the start-up check left it (it may have switched a
@@ -219,6 +223,20 @@ class ESTrainer:
             indices.append(self._orders[epoch][offset])
         return indices
 
+    def _warn_no_signal(self, iteration: int, value: float, identical: float) -> None:
+        """Say so when an iteration had no signal: every member scored ``value``."""
+        self._no_signal_run += 1
+        logger.warning("iteration %d: no signal: every member scored %.4g (%.0f%% of the "
+                       "members gave identical completions), so the update is zero",
+                       iteration + 1, value, 100 * identical)
+        if self._no_signal_run in (3, 10) or self._no_signal_run % 50 == 0:
+            logger.warning("%d iterations in a row without signal: the population has "
+                           "collapsed onto one behaviour. Remedies: a larger --sigma (more "
+                           "different members), sampling (--temperature 1.0 "
+                           "--num-generations 2 or more), more prompts per iteration "
+                           "(--batch-size), or a reward that tells answers apart (partial "
+                           "credit)", self._no_signal_run)
+
     def _prompts(self, rows: Sequence[dict]) -> list[str]:
         return [render_prompt(row["prompt"], self.tokenizer, i) for i, row in enumerate(rows)]
 
@@ -257,13 +275,14 @@ class ESTrainer:
         totals, per_func = (self.score(rows, [p for _, p in row_spec], completions)
                             if completions else ([], {}))
         per_member = len(rows) * args.num_generations
-        local_fitness = {
-            m: es.member_fitness(totals[i * per_member:(i + 1) * per_member], len(rows),
-                              args.num_generations, pass_at_k=args.pass_at_k,
-                              pass_at_k_fraction=args.pass_at_k_fraction,
-                              correct_threshold=args.correct_threshold)
+        local = {  # this rank's members: (fitness, digest of their completions)
+            m: (es.member_fitness(totals[i * per_member:(i + 1) * per_member], len(rows),
+                                  args.num_generations, pass_at_k=args.pass_at_k,
+                                  pass_at_k_fraction=args.pass_at_k_fraction,
+                                  correct_threshold=args.correct_threshold),
+                _completions_digest(completions[i * per_member:(i + 1) * per_member]))
             for i, m in enumerate(self.local_members)}
-        fitness = distributed.gather_fitness(local_fitness, len(self.members))
+        fitness, digests = distributed.gather_members(local, len(self.members), 2)
         all_missing = all(v is None for values in per_func.values() for v in values)
         all_missing = not distributed.any_rank(not all_missing)
         learning_rate = es.scheduled_learning_rate(args.learning_rate, args.lr_schedule,
@@ -275,6 +294,11 @@ class ESTrainer:
             "members": [[m.pair, m.sign] for m in self.members],
             "prompt_indices": self.batch_indices(iteration), "fitness": fitness,
         }
+        # Is there a signal? Members that all score alike give a zero update (z-scores
+        # and ranks of equal values are zeros); identical completions are the usual cause.
+        spread = statistics.pstdev(fitness)
+        identical = max(Counter(digests).values()) / len(digests)
+        record.update(fitness_std=spread, identical_members=identical)
         if all_missing:
             # TRL semantics: None means "no opinion". With no opinion at all there is no
             # signal; skip the update rather than step on zeros (replay skips it too).
@@ -282,6 +306,11 @@ class ESTrainer:
                            "completion; skipping the update", iteration + 1)
             record.update(skipped=True, reward_mean=None, reward_max=None, reward_min=None)
         else:
+            if len(set(fitness)) == 1:  # what es.shape_fitness turns into zeros
+                record["no_signal"] = True
+                self._warn_no_signal(iteration, fitness[0], identical)
+            else:
+                self._no_signal_run = 0
             # The update is applied from the record itself, as resume and replay apply it.
             shaped, stats = journal.apply_record(
                 self.es_model.parameters(), self.es_model.tensor_ids(), record,
@@ -556,3 +585,14 @@ class ESTrainer:
     def save_adapter(self, path: str | os.PathLike) -> Path:
         """Write the current (centre) adapter as a PEFT adapter directory."""
         return self.es_model.save_adapter(path)
+
+
+def _completions_digest(completions: Sequence[Completion]) -> float:
+    """A member's completions as one number (52 bits of a BLAKE2b of their token ids, exact
+    in float64 so it crosses ranks with the fitness): equal digests, equal completions."""
+    digest = hashlib.blake2b(digest_size=8)
+    for completion in completions:
+        digest.update(len(completion.ids).to_bytes(4, "little"))
+        digest.update(b"".join(int(i).to_bytes(8, "little", signed=True)
+                               for i in completion.ids))
+    return float(int.from_bytes(digest.digest(), "little") >> 12)

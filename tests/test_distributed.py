@@ -87,7 +87,8 @@ def test_shard_members_splits_whole_pairs():
 
 def test_single_process_helpers():
     assert distributed.world_size() == 1 and distributed.is_main()
-    assert distributed.gather_fitness({1: 0.5, 0: 0.25}, 2) == [0.25, 0.5]
+    assert distributed.gather_members({1: (0.5, 7.0), 0: (0.25, 3.0)}, 2, 2) == [
+        [0.25, 0.5], [3.0, 7.0]]
     assert distributed.any_rank(True) and not distributed.any_rank(False)
     assert distributed.total(7) == 7
 

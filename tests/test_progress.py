@@ -17,12 +17,14 @@ def test_progress_logs_every_n_iterations_with_rate_and_eta(caplog, monkeypatch)
     with caplog.at_level("INFO", logger="lowmem_es"):
         for iteration in range(4):
             entry = {"iteration": iteration, "reward_mean": 0.25, "reward_max": 0.5}
+            if iteration == 1:
+                entry["no_signal"] = True
             if iteration == 3:
                 entry = {"iteration": 3, "skipped": True}
             bar.update(entry, record)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2  # iterations 2 and 4 of 4
-    assert lines[0].startswith("iter 2/4 | reward 0.250/0.500 (mean/max) | 1.5 s/it")
+    assert lines[0].startswith("iter 2/4 | reward 0.250/0.500 (mean/max) | no signal | 1.5 s/it")
     assert "120 tok/s" in lines[0] and "ETA 0:00:" in lines[0]
     assert lines[1].startswith("iter 4/4 | skipped (no rewards)")
 

@@ -378,3 +378,54 @@ def test_a_kernel_the_start_up_check_switched_off_stays_off(tiny_llama_dir, tmp_
     backends.set_force(backends.NF4_MATMUL, None)  # another trainer built since, kernel on
     trainer.train(callback=lambda entry: seen.append(backends.force(backends.NF4_MATMUL)))
     assert seen == ["torch", "torch"]
+
+
+def constant_reward(completions, **kwargs):
+    return [0.5] * len(completions)
+
+
+def test_an_iteration_without_signal_says_so(tiny_llama_dir, tmp_path, caplog):
+    """Members that all score alike give a zero update: the journal, the metrics and the
+    console say so (TRL logs frac_reward_zero_std), and three in a row name remedies."""
+    args = example_config(str(tmp_path / "flat"), iterations=3, population_size=4,
+                          batch_size=2, max_completion_length=3, lora_rank=2, lora_alpha=4.0)
+    trainer = ESTrainer(str(tiny_llama_dir), [constant_reward], train_dataset=tiny_dataset(4),
+                        args=args)
+    before = {n: t.clone() for n, t in trainer.es_model.parameters().items()}
+    with caplog.at_level("WARNING", logger="lowmem_es"):
+        trainer.train()
+    records = [json.loads(line) for line in
+               (tmp_path / "flat" / "journal.jsonl").read_text().splitlines()]
+    assert all(r["no_signal"] and r["fitness_std"] == 0.0 for r in records)
+    assert all(0.25 <= r["identical_members"] <= 1.0 for r in records)
+    metrics = [json.loads(line) for line in
+               (tmp_path / "flat" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["no_signal"] and m["fitness_std"] == 0.0 for m in metrics)
+    assert all(torch.equal(before[n], t) for n, t in trainer.es_model.parameters().items())
+    messages = [r.getMessage() for r in caplog.records if "no signal" in r.getMessage()]
+    assert len(messages) == 3 and "every member scored 0.5" in messages[0]
+    assert any("3 iterations in a row without signal" in r.getMessage()
+               and "--sigma" in r.getMessage() for r in caplog.records)
+    # A reward that tells members apart: a spread, no flag.
+    signal = ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(),
+                       args=example_config(str(tmp_path / "signal"), iterations=1))
+    signal.train()
+    [record] = [json.loads(line) for line in
+                (tmp_path / "signal" / "journal.jsonl").read_text().splitlines()]
+    assert "no_signal" not in record and record["fitness_std"] > 0
+    assert record["identical_members"] < 1.0
+
+
+def test_completions_digest_tells_completions_apart():
+    from types import SimpleNamespace
+
+    from lowmem_es.trainer import _completions_digest
+
+    def done(*ids):
+        return [SimpleNamespace(ids=list(row)) for row in ids]
+
+    first = _completions_digest(done([1, 2], [3]))
+    assert first == _completions_digest(done([1, 2], [3]))
+    assert first != _completions_digest(done([1], [2, 3]))  # same tokens, other rows
+    assert first != _completions_digest(done([1, 2], [4]))
+    assert first == float(int(first)) and first < 2.0**53  # exact in float64
