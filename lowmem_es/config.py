@@ -22,6 +22,8 @@ from typing import Any
 FITNESS_SHAPINGS = ("zscore", "centered_rank", "none")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+PROMPT_ASSIGNMENTS = ("shared", "per_pair")
+FITNESS_BASELINES = ("none", "pair", "prompt")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 BOOL_FIELDS = ("antithetic", "pass_at_k", "load_in_4bit", "nf4_kernel")
@@ -41,6 +43,9 @@ DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index such as 0)"
 _DEVICE_NAME = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?")
 
 # Fields that only change logging or where files go: a resumed run may change them.
+# Fields added after runs were first written, with the behaviour they had before: at that
+# value a field leaves result_hash as it was, so older runs still resume.
+LATER_FIELDS = {"prompt_assignment": "shared", "prompts_per_pair": 0, "fitness_baseline": "none"}
 NON_RESULT_FIELDS = frozenset({"output_dir", "save_steps", "save_total_limit", "eval_steps",
                                "logging_steps", "iterations", "max_hours",
                                "distributed_timeout"})
@@ -64,6 +69,11 @@ class ESConfig:
     learning_rate: float = _help("Step size, 1/sigma folded in (paper: lr/sigma = 0.5).", 5e-3)
     antithetic: bool = _help("Evaluate +eps and -eps of each noise draw (halves variance).", True)
     fitness_shaping: str = _help("'zscore' (paper), 'centered_rank' or 'none'.", "zscore")
+    fitness_baseline: str = _help("Subtracted from each member's fitness before shaping: "
+                                  "'none'; 'pair' (its antithetic pair's mean, so only the "
+                                  "pair's difference moves the update); 'prompt' (each "
+                                  "prompt's mean score over the members that saw it, the ES "
+                                  "analogue of GRPO's group baseline).", "none")
     optimizer: str = _help("'sgd' (paper: plain ES step) or 'adam' on the ES estimate.", "sgd")
     weight_decay: float = _help("Decoupled decay of the LoRA weights per step.", 0.0)
     lr_schedule: str = _help("'constant' (paper), 'cosine' or 'linear': decay from "
@@ -74,7 +84,15 @@ class ESConfig:
     iterations: int = _help("ES iterations to run.", 100)
     seed: int = _help("Run seed: noise, LoRA init and data order derive from it.", 0)
     # --- data and generation ---
-    batch_size: int = _help("Prompts per iteration, shared by every member.", 8)
+    batch_size: int = _help("Prompts per iteration, shared by every member "
+                            "(prompt_assignment='shared').", 8)
+    prompt_assignment: str = _help("'shared': every member sees the same batch_size prompts "
+                                   "(paper); 'per_pair': each antithetic pair (each member "
+                                   "without antithetic) sees its own prompts_per_pair prompts, "
+                                   "both members of a pair the same, so their difference "
+                                   "still cancels the prompts' difficulty.", "shared")
+    prompts_per_pair: int = _help("Prompts per pair and iteration with "
+                                  "prompt_assignment='per_pair' (0: batch_size).", 0)
     num_generations: int = _help("Completions per prompt and member (>1 needs sampling).", 1)
     max_prompt_length: int = _help("Prompts are left-truncated to this many tokens.", 256)
     max_completion_length: int = _help("New tokens generated per completion.", 64)
@@ -151,7 +169,7 @@ class ESConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, "should be a positive integer")
         for name in ("save_steps", "save_total_limit", "eval_steps", "logging_steps",
-                     "rows_per_chunk", "seed"):
+                     "rows_per_chunk", "seed", "prompts_per_pair"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise bad(name, "should be a non-negative integer")
@@ -191,6 +209,8 @@ class ESConfig:
                 raise bad(name, f"should be a finite number, not inf or nan (the default is "
                           f"{default!r})")
         choices = {"fitness_shaping": FITNESS_SHAPINGS, "optimizer": OPTIMIZERS,
+                   "prompt_assignment": PROMPT_ASSIGNMENTS,
+                   "fitness_baseline": FITNESS_BASELINES,
                    "lr_schedule": LR_SCHEDULES,
                    "compute_dtype": DTYPES, "noise_backend": ("eager", "compiled"),
                    "generation_backend": ("loop", "generate"),
@@ -230,6 +250,12 @@ class ESConfig:
         if self.antithetic and self.population_size % 2:
             raise bad("population_size", "should be even when `antithetic=True` (members come "
                       f"in +/- pairs); use {self.population_size + 1} or set antithetic=False")
+        if self.fitness_baseline == "pair" and not self.antithetic:
+            raise bad("fitness_baseline", "'pair' needs antithetic=True (members in +/- "
+                      "pairs); use 'prompt' or 'none', or set antithetic=True")
+        if self.prompts_per_pair and self.prompt_assignment != "per_pair":
+            raise bad("prompts_per_pair", "applies to prompt_assignment='per_pair' only; set "
+                      "prompt_assignment='per_pair' or leave prompts_per_pair at 0")
         if self.num_generations > 1 and self.temperature == 0:
             raise bad("num_generations", "needs sampling to give different completions; set "
                       "temperature > 0 (e.g. 0.7) or num_generations=1")
@@ -272,7 +298,8 @@ class ESConfig:
 
     def result_hash(self) -> str:
         """Hash of the fields that change results (not logging/output fields)."""
-        relevant = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_FIELDS}
+        relevant = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_FIELDS
+                    and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

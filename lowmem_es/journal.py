@@ -121,7 +121,9 @@ def apply_record(params: dict[str, torch.Tensor], ids: dict[str, int],
                               "the update cannot be redone; restore it from a backup or "
                               "start over with --overwrite")
     schedule = [tuple(m) for m in record["members"]]
-    shaped = es.shape_fitness(record["fitness"], record["fitness_shaping"])
+    # A baseline (ESConfig.fitness_baseline) journals the fitness the update shaped.
+    shaped = es.shape_fitness(record.get("centred_fitness", record["fitness"]),
+                              record["fitness_shaping"])
     stats = es.es_update(params, ids, run_seed=record["run_seed"],
                          iteration=record["iteration"], shaped_fitness=shaped,
                          schedule=schedule, learning_rate=record["learning_rate"],

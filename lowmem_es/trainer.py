@@ -213,15 +213,68 @@ class ESTrainer:
     # --- data ---
     def batch_indices(self, iteration: int) -> list[int]:
         """Dataset rows of an iteration: epoch-wise seeded permutations, a pure function."""
-        n = len(self.train_dataset)
         size = self.args.batch_size
+        return self._data_stream(iteration * size, size)
+
+    def prompt_groups(self, iteration: int) -> list[list[int]]:
+        """The dataset rows each member sees in ``iteration``, as groups: one group shared
+        by every member (``prompt_assignment="shared"``), or one per antithetic pair
+        (``"per_pair"``: group k for pair k; each member of the pair sees all of it). A
+        pure function of (seed, iteration, pair): the pairs take consecutive windows of
+        the same seeded epoch order, so resume, replay and every rank agree."""
+        if self.args.prompt_assignment == "shared":
+            return [self.batch_indices(iteration)]
+        size = self.args.prompts_per_pair or self.args.batch_size
+        pairs = len(self.members) if not self.args.antithetic else len(self.members) // 2
+        return [self._data_stream((iteration * pairs + pair) * size, size)
+                for pair in range(pairs)]
+
+    def _data_stream(self, start: int, count: int) -> list[int]:
+        """Positions ``start .. start + count`` of the data order: epoch after epoch, each
+        a seeded permutation of the training rows (``data.epoch_order``)."""
+        n = len(self.train_dataset)
         indices = []
-        for position in range(iteration * size, iteration * size + size):
+        for position in range(start, start + count):
             epoch, offset = divmod(position, n)
-            if epoch not in self._orders:  # the current epoch only: one order cached
-                self._orders = {epoch: epoch_order(self.args.seed, epoch, n)}
+            if epoch not in self._orders:  # two epochs at most are live at a time
+                self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+                self._orders[epoch] = epoch_order(self.args.seed, epoch, n)
             indices.append(self._orders[epoch][offset])
         return indices
+
+    def _group_of(self, member: Member) -> int:
+        """The prompt group ``member`` sees (``prompt_groups``): 0, or its pair's."""
+        return 0 if self.args.prompt_assignment == "shared" else member.pair
+
+    def _centred(self, fitness: list[float], prompt_scores: list[list[float]],
+                 groups: list[list[int]]) -> list[float]:
+        """Member fitness minus its baseline (``ESConfig.fitness_baseline``).
+
+        "pair": minus the mean of its antithetic pair, so only the pair's difference is
+        left. "prompt": the mean over its prompts of its score minus that prompt's mean
+        score over every member that saw it (pooled by dataset row, so a row two pairs
+        drew is one prompt); ``prompt_scores[j][m]`` is member m's score on the j-th
+        prompt of its group.
+        """
+        if self.args.fitness_baseline == "pair":
+            pair_sum: dict[int, float] = {}
+            pair_count: Counter[int] = Counter()
+            for member, value in zip(self.members, fitness, strict=True):
+                pair_sum[member.pair] = pair_sum.get(member.pair, 0.0) + value
+                pair_count[member.pair] += 1
+            return [value - pair_sum[m.pair] / pair_count[m.pair]
+                    for m, value in zip(self.members, fitness, strict=True)]
+        seen: dict[int, list[float]] = {}
+        for m, member in enumerate(self.members):
+            for j, row in enumerate(groups[self._group_of(member)]):
+                seen.setdefault(row, []).append(prompt_scores[j][m])
+        baseline = {row: sum(values) / len(values) for row, values in seen.items()}
+        centred = []
+        for m, member in enumerate(self.members):
+            group = groups[self._group_of(member)]
+            centred.append(sum(prompt_scores[j][m] - baseline[row]
+                               for j, row in enumerate(group)) / len(group))
+        return centred
 
     def _warn_no_signal(self, iteration: int, value: float, identical: float) -> None:
         """Say so when an iteration had no signal: every member scored ``value``."""
@@ -255,11 +308,16 @@ class ESTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # peak memory per iteration
         events: list[dict[str, Any]] = []
-        rows = [self.train_dataset[i] for i in self.batch_indices(iteration)]
+        groups = self.prompt_groups(iteration)
+        # Every process renders every group's prompts (the same padding, so the same
+        # tokens, as one process); a member's rows point at its own group's slots.
+        slots = [index for group in groups for index in group]
+        rows = [self.train_dataset[i] for i in slots]
         prompts = self._prompts(rows)
         local = [self.members[m] for m in self.local_members]
-        row_spec = [(i, p) for i in range(len(local)) for p in range(len(rows))
-                    for _ in range(args.num_generations)]
+        size = len(groups[0])
+        row_spec = [(i, self._group_of(member) * size + p) for i, member in enumerate(local)
+                    for p in range(size) for _ in range(args.num_generations)]
         completions = generate_population(
             self.es_model, self.tokenizer, prompts, row_spec, members=local,
             run_seed=args.seed, iteration=iteration, sigma=args.sigma,
@@ -274,15 +332,24 @@ class ESTrainer:
         generated = time.perf_counter()
         totals, per_func = (self.score(rows, [p for _, p in row_spec], completions)
                             if completions else ([], {}))
-        per_member = len(rows) * args.num_generations
-        local = {  # this rank's members: (fitness, digest of their completions)
-            m: (es.member_fitness(totals[i * per_member:(i + 1) * per_member], len(rows),
-                                  args.num_generations, pass_at_k=args.pass_at_k,
-                                  pass_at_k_fraction=args.pass_at_k_fraction,
-                                  correct_threshold=args.correct_threshold),
-                _completions_digest(completions[i * per_member:(i + 1) * per_member]))
-            for i, m in enumerate(self.local_members)}
-        fitness, digests = distributed.gather_members(local, len(self.members), 2)
+        per_member = size * args.num_generations
+        scored = functools.partial(es.member_fitness, num_generations=args.num_generations,
+                                   pass_at_k=args.pass_at_k,
+                                   pass_at_k_fraction=args.pass_at_k_fraction,
+                                   correct_threshold=args.correct_threshold)
+        by_prompt = args.fitness_baseline == "prompt"
+        local = {}  # this rank's members: fitness, digest of completions(, prompt scores)
+        for i, m in enumerate(self.local_members):
+            mine = totals[i * per_member:(i + 1) * per_member]
+            values = [scored(mine, size),
+                      _completions_digest(completions[i * per_member:(i + 1) * per_member])]
+            if by_prompt:
+                g = args.num_generations
+                values += [scored(mine[j * g:(j + 1) * g], 1) for j in range(size)]
+            local[m] = values
+        gathered = distributed.gather_members(local, len(self.members),
+                                              2 + (size if by_prompt else 0))
+        fitness, digests = gathered[0], gathered[1]
         all_missing = all(v is None for values in per_func.values() for v in values)
         all_missing = not distributed.any_rank(not all_missing)
         learning_rate = es.scheduled_learning_rate(args.learning_rate, args.lr_schedule,
@@ -292,8 +359,14 @@ class ESTrainer:
             "learning_rate": learning_rate, "fitness_shaping": args.fitness_shaping,
             "optimizer": args.optimizer, "weight_decay": args.weight_decay,
             "members": [[m.pair, m.sign] for m in self.members],
-            "prompt_indices": self.batch_indices(iteration), "fitness": fitness,
+            "prompt_indices": groups[0] if len(groups) == 1 and (
+                args.prompt_assignment == "shared") else groups,
+            "fitness": fitness,
         }
+        if args.fitness_baseline != "none":  # what the update shapes (apply_record)
+            record.update(fitness_baseline=args.fitness_baseline,
+                          centred_fitness=self._centred(fitness, gathered[2:], groups))
+        signal = record.get("centred_fitness", fitness)
         # Is there a signal? Members that all score alike give a zero update (z-scores
         # and ranks of equal values are zeros); identical completions are the usual cause.
         spread = statistics.pstdev(fitness)
@@ -306,9 +379,9 @@ class ESTrainer:
                            "completion; skipping the update", iteration + 1)
             record.update(skipped=True, reward_mean=None, reward_max=None, reward_min=None)
         else:
-            if len(set(fitness)) == 1:  # what es.shape_fitness turns into zeros
+            if len(set(signal)) == 1:  # what es.shape_fitness turns into zeros
                 record["no_signal"] = True
-                self._warn_no_signal(iteration, fitness[0], identical)
+                self._warn_no_signal(iteration, signal[0], identical)
             else:
                 self._no_signal_run = 0
             # The update is applied from the record itself, as resume and replay apply it.

@@ -406,13 +406,18 @@ def test_every_result_field_changes_the_hash():
                    compute_dtype="float32", device="cpu", profile="x", pass_at_k=True,
                    pass_at_k_fraction=0.5, correct_threshold=0.5, noise_backend="compiled",
                    generation_backend="generate", nf4_kernel=False,
-                   lr_schedule="cosine", lr_min_ratio=0.5, kv_cache_dtype="int8")
+                   lr_schedule="cosine", lr_min_ratio=0.5, kv_cache_dtype="int8",
+                   prompt_assignment="per_pair", prompts_per_pair=2,
+                   fitness_baseline="prompt")
     # (distributed_timeout and max_hours are in NON_RESULT_FIELDS)
     # A new field must be classified: either it changes results or it is in NON_RESULT_FIELDS.
     assert set(changed) | NON_RESULT_FIELDS == set(ESConfig.field_names())
     for name, value in changed.items():
-        other = dataclasses.replace(base, **{name: value})
-        assert other.result_hash() != base.result_hash(), name
+        start = base  # prompts_per_pair applies to per-pair prompts only
+        if name == "prompts_per_pair":
+            start = dataclasses.replace(base, prompt_assignment="per_pair")
+        other = dataclasses.replace(start, **{name: value})
+        assert other.result_hash() != start.result_hash(), name
 
 
 def test_numpy_and_torch_scalars_are_plain_numbers(tmp_path):
@@ -438,3 +443,29 @@ def test_numpy_and_torch_scalars_are_plain_numbers(tmp_path):
         ESConfig(population_size=np.array([8, 9]))
     with pytest.raises(ValueError, match="population_size` should be a positive integer"):
         ESConfig(population_size=np.bool_(True))
+
+
+def test_prompt_assignment_and_baseline_fields_are_checked():
+    with pytest.raises(ValueError, match=r"prompt_assignment.*one of"):
+        ESConfig(prompt_assignment="per_member")
+    with pytest.raises(ValueError, match=r"fitness_baseline.*one of"):
+        ESConfig(fitness_baseline="group")
+    with pytest.raises(ValueError, match="'pair' needs antithetic=True"):
+        ESConfig(fitness_baseline="pair", antithetic=False, population_size=3)
+    with pytest.raises(ValueError, match=r"prompts_per_pair.*prompt_assignment='per_pair'"):
+        ESConfig(prompts_per_pair=4)
+    with pytest.raises(ValueError, match=r"prompts_per_pair.*non-negative integer"):
+        ESConfig(prompt_assignment="per_pair", prompts_per_pair=-1)
+    ESConfig(prompt_assignment="per_pair", prompts_per_pair=4, fitness_baseline="prompt")
+
+
+def test_fields_added_later_keep_result_hash_at_their_old_behaviour():
+    """A run written before prompt_assignment/fitness_baseline existed resumes: at their
+    defaults they leave the hash alone; set, they change it."""
+    from lowmem_es.config import LATER_FIELDS
+
+    plain = ESConfig(seed=3)
+    values = {k: v for k, v in plain.to_dict().items() if k not in LATER_FIELDS}
+    assert plain.result_hash() == ESConfig.from_dict(values).result_hash()
+    assert ESConfig(seed=3, fitness_baseline="prompt").result_hash() != plain.result_hash()
+    assert ESConfig(seed=3, prompt_assignment="per_pair").result_hash() != plain.result_hash()

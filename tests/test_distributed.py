@@ -195,3 +195,22 @@ def test_gather_rows_over_gloo(tmp_path):
         assert all(t[1] == "é€" * t[0] + "\n\"x" for t in texts)
         assert texts[1][2] == float("inf") and texts[2][2] is None and texts[4][2] != texts[4][2]
         assert rows == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+PER_PAIR = ["--prompt-assignment", "per_pair", "--prompts-per-pair", "2",
+            "--fitness-baseline", "prompt", "--iterations", "3"]
+
+
+def test_torchrun_matches_single_process_with_prompts_per_pair(tmp_path):
+    """Each pair its own prompts and a per-prompt baseline: 2 ranks (pairs 0-1 and 2) give
+    one process's journal, centred fitness included, and adapter."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    _single(tmp_path / "one" / "run", *PER_PAIR)
+    _torchrun(2, tmp_path / "two" / "run", *PER_PAIR)
+    lines = [[json.loads(line) for line in (tmp_path / name / "run" / "journal.jsonl")
+              .read_text().splitlines()] for name in ("one", "two")]
+    keep = ("prompt_indices", "fitness", "centred_fitness", "shaped_fitness", "tokens")
+    assert [[r[k] for k in keep] for r in lines[0]] == [[r[k] for k in keep] for r in lines[1]]
+    assert all(len(r["prompt_indices"]) == 3 for r in lines[0])  # one group per pair
+    _same_adapter(tmp_path / "one" / "run", tmp_path / "two" / "run")

@@ -429,3 +429,56 @@ def test_completions_digest_tells_completions_apart():
     assert first != _completions_digest(done([1], [2, 3]))  # same tokens, other rows
     assert first != _completions_digest(done([1, 2], [4]))
     assert first == float(int(first)) and first < 2.0**53  # exact in float64
+
+
+def _per_pair_run(model_dir, output_dir, resume=False, **overrides):
+    values = dict(iterations=3, population_size=6, prompt_assignment="per_pair",
+                  prompts_per_pair=2, fitness_baseline="prompt", max_completion_length=4,
+                  lora_rank=2, lora_alpha=4.0)
+    values.update(overrides)
+    trainer = ESTrainer(str(model_dir), [target_fraction], train_dataset=tiny_dataset(5),
+                        args=example_config(str(output_dir), **values), resume=resume)
+    trainer.train()
+    return trainer
+
+
+def test_prompts_per_pair_are_windows_of_the_data_order_and_replay(tiny_llama_dir, tmp_path):
+    """Pair k of iteration t sees positions (t * pairs + k) * size ... of the seeded data
+    order (both members the same rows); the journal holds the groups and the centred
+    fitness, and replay rebuilds the adapter bit for bit."""
+    from lowmem_es import journal
+
+    trainer = _per_pair_run(tiny_llama_dir, tmp_path / "pairs")
+    records = [json.loads(line) for line in
+               (tmp_path / "pairs" / "journal.jsonl").read_text().splitlines()]
+    for t, record in enumerate(records):
+        assert record["prompt_indices"] == [trainer._data_stream((t * 3 + k) * 2, 2)
+                                            for k in range(3)]
+        assert record["fitness_baseline"] == "prompt" and len(record["centred_fitness"]) == 6
+    assert records[0]["prompt_indices"] != records[1]["prompt_indices"]
+    assert journal.replay_journal(tmp_path / "pairs").max_abs_diff == 0.0
+    # Killed after 2 iterations and resumed: the run that never stopped.
+    _per_pair_run(tiny_llama_dir, tmp_path / "resumed", iterations=2)
+    resumed = _per_pair_run(tiny_llama_dir, tmp_path / "resumed", resume=True)
+    assert _same_masters(trainer, resumed)
+
+
+def test_fitness_baselines(tiny_llama_dir, tmp_path):
+    """"pair" leaves each pair's difference; "prompt" centres every prompt on the mean of
+    the members that saw it (pooled by dataset row)."""
+    args = example_config(str(tmp_path / "b"), population_size=4, fitness_baseline="pair",
+                          prompt_assignment="per_pair", prompts_per_pair=2, lora_rank=2,
+                          lora_alpha=4.0)
+    trainer = ESTrainer(str(tiny_llama_dir), [target_fraction], train_dataset=tiny_dataset(5),
+                        args=args)
+    assert trainer._centred([1.0, 0.0, 0.5, 0.25], [], [[0], [1]]) == [0.5, -0.5, 0.125,
+                                                                        -0.125]
+    trainer.args.fitness_baseline = "prompt"
+    # Pair 0 saw rows 3 and 7, pair 1 rows 7 and 9: row 7 is pooled over all four members.
+    scores = [[1.0, 0.0, 0.5, 0.5], [1.0, 1.0, 0.0, 0.0]]  # [prompt slot][member]
+    centred = trainer._centred([0.0] * 4, scores, [[3, 7], [7, 9]])
+    row3, row7, row9 = (1.0 + 0.0) / 2, (1.0 + 1.0 + 0.5 + 0.5) / 4, 0.0
+    assert centred == pytest.approx([((1.0 - row3) + (1.0 - row7)) / 2,
+                                     ((0.0 - row3) + (1.0 - row7)) / 2,
+                                     ((0.5 - row7) + (0.0 - row9)) / 2,
+                                     ((0.5 - row7) + (0.0 - row9)) / 2])
