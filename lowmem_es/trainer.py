@@ -359,8 +359,7 @@ class ESTrainer:
             "learning_rate": learning_rate, "fitness_shaping": args.fitness_shaping,
             "optimizer": args.optimizer, "weight_decay": args.weight_decay,
             "members": [[m.pair, m.sign] for m in self.members],
-            "prompt_indices": groups[0] if len(groups) == 1 and (
-                args.prompt_assignment == "shared") else groups,
+            "prompt_indices": groups[0] if args.prompt_assignment == "shared" else groups,
             "fitness": fitness,
         }
         if args.fitness_baseline != "none":  # what the update shapes (apply_record)
