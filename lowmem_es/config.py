@@ -28,6 +28,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 BOOL_FIELDS = ("antithetic", "pass_at_k", "load_in_4bit", "nf4_kernel")
 FLOAT_FIELDS = ("sigma", "learning_rate", "weight_decay", "lr_min_ratio", "temperature",
+                "sigma_growth", "anchor_decay",
                 "pass_at_k_fraction", "correct_threshold", "lora_alpha",
                 "distributed_timeout", "max_hours")
 # Largest seed: run.toml stores it as a TOML integer, which is a signed 64-bit number
@@ -45,7 +46,10 @@ _DEVICE_NAME = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?")
 # Fields that only change logging or where files go: a resumed run may change them.
 # Fields added after runs were first written, with the behaviour they had before: at that
 # value a field leaves result_hash as it was, so older runs still resume.
-LATER_FIELDS = {"prompt_assignment": "shared", "prompts_per_pair": 0, "fitness_baseline": "none"}
+LATER_FIELDS = {"prompt_assignment": "shared", "prompts_per_pair": 0, "fitness_baseline": "none",
+                "sigma_growth": 1.0, "anchor_decay": 0.0}
+# sigma_growth never takes sigma above this multiple of ESConfig.sigma.
+SIGMA_GROWTH_CAP = 16.0
 NON_RESULT_FIELDS = frozenset({"output_dir", "save_steps", "save_total_limit", "eval_steps",
                                "logging_steps", "iterations", "max_hours",
                                "distributed_timeout"})
@@ -76,6 +80,14 @@ class ESConfig:
                                   "analogue of GRPO's group baseline).", "none")
     optimizer: str = _help("'sgd' (paper: plain ES step) or 'adam' on the ES estimate.", "sgd")
     weight_decay: float = _help("Decoupled decay of the LoRA weights per step.", 0.0)
+    anchor_decay: float = _help("Pull toward the starting adapter per step: theta -= lr * "
+                                "anchor_decay * (theta - theta_0) (0: off). Unlike "
+                                "weight_decay it keeps the random LoRA A of step 0.", 0.0)
+    sigma_growth: float = _help("Remedy for a population that gives no signal (every member "
+                                "scores alike): after each such iteration sigma is multiplied "
+                                "by this (up to 16x sigma), after each with signal divided by "
+                                "it again, down to sigma. 1: off. The sigma used is "
+                                "journaled.", 1.0)
     lr_schedule: str = _help("'constant' (paper), 'cosine' or 'linear': decay from "
                              "learning_rate to learning_rate * lr_min_ratio over `iterations` "
                              "(extending `iterations` on resume reshapes the rest).", "constant")
@@ -189,6 +201,11 @@ class ESConfig:
                 raise bad(name, "should be a positive number")
         if not _is_number(self.weight_decay) or self.weight_decay < 0:
             raise bad("weight_decay", "should be >= 0")
+        if not _is_number(self.anchor_decay) or not 0 <= self.anchor_decay < math.inf:
+            raise bad("anchor_decay", "should be a finite number >= 0 (0 means off)")
+        if not _is_number(self.sigma_growth) or not 1 <= self.sigma_growth <= SIGMA_GROWTH_CAP:
+            raise bad("sigma_growth", f"should be in [1, {SIGMA_GROWTH_CAP:g}] (1 means off; "
+                      "try 2)")
         if not _is_number(self.lr_min_ratio) or not 0 <= self.lr_min_ratio <= 1:
             raise bad("lr_min_ratio", "should be in [0, 1] (1 means no decay)")
         if not _is_number(self.pass_at_k_fraction) or not 0 <= self.pass_at_k_fraction <= 1:

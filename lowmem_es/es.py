@@ -244,7 +244,8 @@ def es_update(params: dict[str, torch.Tensor], tensor_ids: dict[str, int], *, ru
               schedule: list[tuple[int, int]], learning_rate: float, optimizer: str = "sgd",
               adam_state: AdamState | None = None, betas: tuple[float, float] = (0.9, 0.999),
               eps: float = 1e-8, weight_decay: float = 0.0,
-              noise_backend: str | None = None) -> dict[str, float]:
+              noise_backend: str | None = None, anchor_decay: float = 0.0,
+              anchor: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Apply one ES step in place to the fp32 master tensors ``params`` (name -> tensor).
 
     For each tensor, ``d = (1/N) * sum_m f_m s_m eps_k(m)`` with ``N = len(schedule)`` and
@@ -252,6 +253,8 @@ def es_update(params: dict[str, torch.Tensor], tensor_ids: dict[str, int], *, ru
     exactly the noise the members were evaluated with. Then:
 
     * weight decay (decoupled, as AdamW): ``theta -= learning_rate * weight_decay * theta``;
+    * anchored decay toward the starting tensors ``anchor`` (name -> theta_0):
+      ``theta -= learning_rate * anchor_decay * (theta - theta_0)``;
     * ``"sgd"``: ``theta += learning_rate * d`` (1/sigma folded into the learning rate);
     * ``"adam"``: bias-corrected Adam ascent on ``d`` (torch.optim.Adam's formula with
       ``grad = -d``); ``adam_state.step`` goes up by one per call. Ignored for ``"sgd"``.
@@ -263,6 +266,12 @@ def es_update(params: dict[str, torch.Tensor], tensor_ids: dict[str, int], *, ru
     """
     _check_update_args(params, tensor_ids, optimizer, adam_state, learning_rate, betas, eps,
                        weight_decay)
+    if anchor_decay:
+        if not math.isfinite(anchor_decay) or anchor_decay < 0:
+            raise ValueError(f"`anchor_decay` must be a finite number >= 0, got {anchor_decay}")
+        if anchor is None or set(anchor) != set(params):
+            raise ValueError("`anchor_decay` needs `anchor`: the starting tensor of every "
+                             "parameter, by the same names")
     population_size = len(schedule)
     coefficients = {pair: value / population_size
                     for pair, value in pair_coefficients(shaped_fitness, schedule).items()}
@@ -294,6 +303,10 @@ def es_update(params: dict[str, torch.Tensor], tensor_ids: dict[str, int], *, ru
             del denom
         if weight_decay:
             direction.add_(theta, alpha=-learning_rate * weight_decay)
+        if anchor_decay:
+            assert anchor is not None  # checked above
+            direction.add_(theta - anchor[name].to(theta.device),
+                           alpha=-learning_rate * anchor_decay)
         theta.add_(direction)
         update_sq += float(torch.linalg.vector_norm(direction, dtype=torch.float64)) ** 2
         param_sq += float(torch.linalg.vector_norm(theta, dtype=torch.float64)) ** 2

@@ -103,14 +103,16 @@ JOURNAL_UPDATE_KEYS = ("members", "fitness", "fitness_shaping", "run_seed", "ite
 
 def apply_record(params: dict[str, torch.Tensor], ids: dict[str, int],
                  record: dict[str, Any], adam_state: es.AdamState | None,
-                 noise_backend: str | None = None
+                 noise_backend: str | None = None,
+                 anchor: dict[str, torch.Tensor] | None = None
                  ) -> tuple[list[float], dict[str, float]] | None:
     """Apply the ES update a journal record describes to ``params`` (in place).
 
     The training step builds its record and calls this; resume and replay call it on
     records read back: one code path, so a replay is the training run bit for bit.
     Returns the shaped fitness and ``es.es_update``'s statistics, or None for a skipped
-    iteration (no reward at all: no update).
+    iteration (no reward at all: no update). A record with ``anchor_decay`` needs
+    ``anchor``, the initial adapter's tensors (step_000000).
     """
     if record.get("skipped"):
         return None
@@ -128,7 +130,8 @@ def apply_record(params: dict[str, torch.Tensor], ids: dict[str, int],
                          iteration=record["iteration"], shaped_fitness=shaped,
                          schedule=schedule, learning_rate=record["learning_rate"],
                          optimizer=record["optimizer"], adam_state=adam_state,
-                         weight_decay=record["weight_decay"], noise_backend=noise_backend)
+                         weight_decay=record["weight_decay"], noise_backend=noise_backend,
+                         anchor_decay=record.get("anchor_decay", 0.0), anchor=anchor)
     return [float(f) for f in shaped], stats
 
 
@@ -176,6 +179,10 @@ def replay_journal(output_dir: Path, step: int | None = None, start: str = "init
     start_step, start_path = origin
     params = adapter_params(start_path)
     ids = param_tensor_ids(params)
+    anchor = None  # the initial adapter, for records with anchor_decay
+    if any(r.get("anchor_decay") for r in records):
+        anchor = (params if start_step == 0 else adapter_params(step_dir(output_dir, 0)))
+        anchor = {name: tensor.clone() for name, tensor in anchor.items()}
     adam_state = load_adam(start_path)
     by_iteration = {r["iteration"]: r for r in records}
     for iteration in range(start_step, step):
@@ -185,7 +192,7 @@ def replay_journal(output_dir: Path, step: int | None = None, start: str = "init
         record = by_iteration[iteration]
         if record.get("optimizer") == "adam" and adam_state is None:
             adam_state = es.AdamState()
-        apply_record(params, ids, record, adam_state, noise_backend)
+        apply_record(params, ids, record, adam_state, noise_backend, anchor)
     verified, diff = None, None
     target = step_dir(output_dir, step)
     if target.is_dir() and target != start_path:

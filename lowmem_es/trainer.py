@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -29,8 +30,9 @@ import torch
 
 from lowmem_es import backends, checkpoint, distributed, es, journal, noise, run_dir
 from lowmem_es._version import __version__
+from lowmem_es.adapter_io import adapter_params
 from lowmem_es.atomic import atomic_write_text
-from lowmem_es.config import ESConfig, to_toml
+from lowmem_es.config import SIGMA_GROWTH_CAP, ESConfig, to_toml
 from lowmem_es.data import epoch_order, render_prompt, validate_rows, warn_long_rows
 from lowmem_es.errors import CheckpointError, KernelError
 from lowmem_es.es import Member
@@ -167,6 +169,8 @@ class ESTrainer:
         self.history: list[dict[str, Any]] = []
         self._orders: dict[int, list[int]] = {}
         self._no_signal_run = 0  # iterations in a row whose members all scored alike
+        self._sigma_level = 0  # sigma_growth's exponent (sigma_level of the journal so far)
+        self._anchor: dict[str, torch.Tensor] | None = None  # theta_0, for anchor_decay
         self._written_dir: Path | None = None  # the output_dir whose run this instance wrote
         self._start_masters: dict[str, torch.Tensor] | None = None  # at the first train()
         # The NF4 kernel switch as the start-up check left it (it may have switched a
@@ -276,6 +280,12 @@ class ESTrainer:
                                for j, row in enumerate(group)) / len(group))
         return centred
 
+    def _anchor_tensors(self) -> dict[str, torch.Tensor] | None:
+        """theta_0 for anchor_decay: the adapter this run started from (step_000000)."""
+        if self.args.anchor_decay and self._anchor is None:
+            self._anchor = {name: t.clone() for name, t in self.es_model.parameters().items()}
+        return self._anchor
+
     def _warn_no_signal(self, iteration: int, value: float, identical: float) -> None:
         """Say so when an iteration had no signal: every member scored ``value``."""
         self._no_signal_run += 1
@@ -318,9 +328,10 @@ class ESTrainer:
         size = len(groups[0])
         row_spec = [(i, self._group_of(member) * size + p) for i, member in enumerate(local)
                     for p in range(size) for _ in range(args.num_generations)]
+        sigma = args.sigma * args.sigma_growth ** self._sigma_level
         completions = generate_population(
             self.es_model, self.tokenizer, prompts, row_spec, members=local,
-            run_seed=args.seed, iteration=iteration, sigma=args.sigma,
+            run_seed=args.seed, iteration=iteration, sigma=sigma,
             max_prompt_length=args.max_prompt_length,
             max_completion_length=args.max_completion_length, temperature=args.temperature,
             rows_per_chunk=self.rows_per_chunk, device=self.device, events=events,
@@ -355,13 +366,15 @@ class ESTrainer:
         learning_rate = es.scheduled_learning_rate(args.learning_rate, args.lr_schedule,
                                                    iteration, args.iterations, args.lr_min_ratio)
         record: dict[str, Any] = {
-            "iteration": iteration, "run_seed": args.seed, "sigma": args.sigma,
+            "iteration": iteration, "run_seed": args.seed, "sigma": sigma,
             "learning_rate": learning_rate, "fitness_shaping": args.fitness_shaping,
             "optimizer": args.optimizer, "weight_decay": args.weight_decay,
             "members": [[m.pair, m.sign] for m in self.members],
             "prompt_indices": groups[0] if args.prompt_assignment == "shared" else groups,
             "fitness": fitness,
         }
+        if args.anchor_decay:
+            record["anchor_decay"] = args.anchor_decay
         if args.fitness_baseline != "none":  # what the update shapes (apply_record)
             record.update(fitness_baseline=args.fitness_baseline,
                           centred_fitness=self._centred(fitness, gathered[2:], groups))
@@ -383,10 +396,11 @@ class ESTrainer:
                 self._warn_no_signal(iteration, signal[0], identical)
             else:
                 self._no_signal_run = 0
+            self._sigma_level = next_sigma_level(self._sigma_level, record, args.sigma_growth)
             # The update is applied from the record itself, as resume and replay apply it.
             shaped, stats = journal.apply_record(
                 self.es_model.parameters(), self.es_model.tensor_ids(), record,
-                self.adam_state, args.noise_backend)
+                self.adam_state, args.noise_backend, self._anchor_tensors())
             record.update(shaped_fitness=shaped,
                           reward_mean=sum(fitness) / len(fitness), reward_max=max(fitness),
                           reward_min=min(fitness), **stats)
@@ -618,9 +632,18 @@ class ESTrainer:
         self.es_model.load_adapter(path)
         self.adam_state = checkpoint.load_adam(path) or self.adam_state
         params, ids = self.es_model.parameters(), self.es_model.tensor_ids()
+        if self.args.anchor_decay or any(r.get("anchor_decay") for r in records):
+            origin = adapter_params(checkpoint.step_dir(out, 0))
+            self._anchor = {name: origin[name].to(t.device, t.dtype).clone()
+                            for name, t in params.items()}
         for record in records[step:]:
             journal.apply_record(params, ids, record, self.adam_state,
-                                 self.args.noise_backend)
+                                 self.args.noise_backend, self._anchor)
+        for record in records:
+            self._sigma_level = next_sigma_level(self._sigma_level, record,
+                                                 self.args.sigma_growth)
+            if not record.get("skipped"):
+                self._no_signal_run = self._no_signal_run + 1 if record.get("no_signal") else 0
         self.iteration = len(records)
         metrics = resumed_metrics(out, records, repair=distributed.is_main())
         self.history = metrics
@@ -657,6 +680,19 @@ class ESTrainer:
     def save_adapter(self, path: str | os.PathLike) -> Path:
         """Write the current (centre) adapter as a PEFT adapter directory."""
         return self.es_model.save_adapter(path)
+
+
+def next_sigma_level(level: int, record: dict[str, Any], growth: float) -> int:
+    """sigma_growth's exponent after the iteration ``record`` journals: one up after an
+    iteration without signal (to ``SIGMA_GROWTH_CAP`` x sigma), one down after one with
+    signal (to 0), unchanged after a skipped one or with ``growth`` 1. A function of the
+    journal alone, so resume rebuilds it."""
+    if growth <= 1.0 or record.get("skipped"):
+        return 0 if growth <= 1.0 else level
+    if record.get("no_signal"):
+        top = math.floor(math.log(SIGMA_GROWTH_CAP) / math.log(growth) + 1e-9)
+        return min(level + 1, top)
+    return max(level - 1, 0)
 
 
 def _completions_digest(completions: Sequence[Completion]) -> float:

@@ -482,3 +482,80 @@ def test_fitness_baselines(tiny_llama_dir, tmp_path):
                                      ((0.0 - row3) + (1.0 - row7)) / 2,
                                      ((0.5 - row7) + (0.0 - row9)) / 2,
                                      ((0.5 - row7) + (0.0 - row9)) / 2])
+
+
+def test_sigma_level_follows_the_journal():
+    """Up one level per iteration without signal (to the cap), down one per iteration with
+    signal, unchanged by a skipped one; 1 (off) always gives level 0."""
+    from lowmem_es.trainer import next_sigma_level
+
+    flat, moving, skipped = {"no_signal": True}, {}, {"skipped": True}
+    level, seen = 0, []
+    for record in [flat, flat, skipped, moving, flat, flat, flat, flat, flat]:
+        level = next_sigma_level(level, record, 2.0)
+        seen.append(level)
+    assert seen == [1, 2, 2, 1, 2, 3, 4, 4, 4]  # 2**4 = 16 = SIGMA_GROWTH_CAP
+    assert next_sigma_level(3, flat, 1.0) == 0
+    assert next_sigma_level(0, flat, 16.0) == 1 and next_sigma_level(1, flat, 16.0) == 1
+
+
+def test_sigma_grows_while_there_is_no_signal_and_resumes(tiny_llama_dir, tmp_path):
+    """sigma_growth doubles the journaled sigma after each flat iteration; a resumed run
+    rebuilds the level from the journal, so it goes on as the run that never stopped."""
+    def run(out, iterations, resume=False):
+        args = example_config(str(out), iterations=iterations, population_size=4,
+                              batch_size=2, max_completion_length=3, lora_rank=2,
+                              lora_alpha=4.0, sigma=0.01, sigma_growth=2.0)
+        trainer = ESTrainer(str(tiny_llama_dir), [constant_reward],
+                            train_dataset=tiny_dataset(4), args=args, resume=resume)
+        trainer.train()
+        return [json.loads(line)["sigma"] for line in
+                (out / "journal.jsonl").read_text().splitlines()]
+
+    assert run(tmp_path / "whole", 4) == pytest.approx([0.01, 0.02, 0.04, 0.08])
+    run(tmp_path / "split", 2)
+    assert run(tmp_path / "split", 4, resume=True) == pytest.approx([0.01, 0.02, 0.04, 0.08])
+
+
+def test_anchor_decay_pulls_toward_the_start_and_replays(tiny_llama_dir, tmp_path):
+    """theta -= lr * anchor_decay * (theta - theta_0): on a zero update it is that and
+    nothing else; in a run it is journaled, and replay and resume are bit-exact."""
+    import shutil
+
+    from lowmem_es import checkpoint, es, journal
+
+    theta = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[3.0]])}
+    start = {"a": torch.tensor([0.0, 4.0]), "b": torch.tensor([[3.0]])}
+    es.es_update(theta, {"a": 0, "b": 1}, run_seed=0, iteration=0,
+                 shaped_fitness=[0.0, 0.0], schedule=[(0, 1), (0, -1)], learning_rate=0.1,
+                 anchor_decay=0.5, anchor=start)
+    assert torch.allclose(theta["a"], torch.tensor([0.95, 2.1])) and theta["b"].item() == 3.0
+    with pytest.raises(ValueError, match="anchor"):
+        es.es_update(theta, {"a": 0, "b": 1}, run_seed=0, iteration=0,
+                     shaped_fitness=[0.0, 0.0], schedule=[(0, 1), (0, -1)],
+                     learning_rate=0.1, anchor_decay=0.5)
+    def run(out, resume=False, **overrides):
+        values = dict(iterations=3, save_steps=1)
+        values.update(overrides)
+        trainer = ESTrainer(str(tiny_llama_dir), [target_fraction],
+                            train_dataset=tiny_dataset(),
+                            args=example_config(str(out), **values), resume=resume)
+        trainer.train()
+        return trainer
+
+    trainer = run(tmp_path / "anchored", anchor_decay=2.0)
+    records = [json.loads(line) for line in
+               (tmp_path / "anchored" / "journal.jsonl").read_text().splitlines()]
+    assert all(r["anchor_decay"] == 2.0 for r in records)
+    assert not all(r.get("no_signal") for r in records)
+    assert journal.replay_journal(tmp_path / "anchored").max_abs_diff == 0.0
+    # From step 1 (steps 2 and 3 removed): theta_0 comes from step_000000.
+    for step in (2, 3):
+        shutil.rmtree(checkpoint.step_dir(tmp_path / "anchored", step))
+    replayed = journal.replay_journal(tmp_path / "anchored", start="nearest", step=3)
+    masters = trainer.es_model.parameters()
+    assert replayed.start_step == 1
+    assert all(torch.equal(replayed.params[n], masters[n]) for n in masters)
+    assert not _same_masters(trainer, run(tmp_path / "free"))
+    run(tmp_path / "resumed", iterations=2, anchor_decay=2.0)
+    assert _same_masters(trainer, run(tmp_path / "resumed", resume=True, anchor_decay=2.0))
