@@ -104,7 +104,8 @@ def _flat_rows(name: str, tensor: torch.Tensor, width: int) -> torch.Tensor:
 
 def _prepare(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
              keys_A: torch.Tensor, keys_B: torch.Tensor, steps: torch.Tensor,
-             rows: torch.Tensor | RowPlan, out: torch.Tensor | None
+             rows: torch.Tensor | RowPlan, out: torch.Tensor | None,
+             steps_B: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RowPlan]:
     """Validate the shared contract; return (out, x as (n, d_in), out as (n, d_out), plan).
 
@@ -136,8 +137,11 @@ def _prepare(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
             raise ValueError(f"`{name}` must be contiguous (noise offsets are its flat "
                              f"row-major indices), got strides {tuple(tensor.stride())}; "
                              "call .contiguous() first")
-    for name, tensor, dtype in (("keys_A", keys_A, torch.int64), ("keys_B", keys_B, torch.int64),
-                                ("steps", steps, torch.float32)):
+    checked = [("keys_A", keys_A, torch.int64), ("keys_B", keys_B, torch.int64),
+               ("steps", steps, torch.float32)]
+    if steps_B is not None:
+        checked.append(("steps_B", steps_B, torch.float32))
+    for name, tensor, dtype in checked:
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype:
             got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise TypeError(f"`{name}` must be a {dtype} tensor of shape (members,), got {got}")
@@ -147,8 +151,7 @@ def _prepare(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                              "entry per member, the same for keys_A, keys_B and steps")
         if not tensor.is_contiguous():
             raise ValueError(f"`{name}` must be contiguous, got stride {tensor.stride()}")
-    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B), ("keys_A", keys_A),
-                         ("keys_B", keys_B), ("steps", steps)):
+    for name, tensor, _ in [("lora_A", lora_A, None), ("lora_B", lora_B, None), *checked]:
         if tensor.device != device:
             raise ValueError(f"`{name}` is on {tensor.device} but `x` is on {device}; move "
                              "them to one device")
@@ -459,18 +462,22 @@ def _check_kernel_usable(device: torch.device) -> None:
 def noisy_lora_triton(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                       keys_A: torch.Tensor, keys_B: torch.Tensor, steps: torch.Tensor,
                       member_index: torch.Tensor | RowPlan, scale: float,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, *,
+                      steps_B: torch.Tensor | None = None) -> torch.Tensor:
     """``out += scale * (x (A + s sigma epsA_m)^T)(B + s sigma epsB_m)^T`` by the kernels.
 
     ``x`` (rows, ..., d_in) fp16/bf16/fp32; ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r)
     contiguous (fp32 masters in this project); ``keys_A``/``keys_B`` int64 (M,) Philox
-    keys (taken mod 2**63); ``steps`` fp32 (M,) = sign * sigma; ``member_index`` int (rows,)
-    member of each row, or a prebuilt ``RowPlan`` (the fast path: no host work, no sync).
+    keys (taken mod 2**63); ``steps`` fp32 (M,) = sign * sigma, the step of A's noise and,
+    unless ``steps_B`` (M,) gives B its own (per-tensor noise scaling), of B's;
+    ``member_index`` int (rows,) member of each row, or a prebuilt ``RowPlan`` (the fast
+    path: no host work, no sync).
     ``out`` (rows, ..., d_out) is updated in place (fp32 accumulation, one rounding to
     its dtype) and returned; ``None`` starts from zeros in x's dtype.
     """
     out, x_flat, out_flat, plan = _prepare(x, lora_A, lora_B, keys_A, keys_B, steps,
-                                           member_index, out)
+                                           member_index, out, steps_B)
+    steps_B = steps if steps_B is None else steps_B
     _check_kernel_usable(x.device)
     if plan.num_rows == 0:
         return out
@@ -489,7 +496,7 @@ def noisy_lora_triton(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         num_warps=cfg["num_warps"], num_stages=SHRINK_STAGES[precision])
     blocks_2, n_blocks_2 = plan.blocks(cfg["block_m"] * cfg["sub_blocks"])
     _noisy_lora_expand_kernel[(n_blocks_2, cfg["groups"])](
-        lora_B, keys_B, steps, plan.row_order, blocks_2, partial, out_flat,
+        lora_B, keys_B, steps_B, plan.row_order, blocks_2, partial, out_flat,
         plan.num_rows, n_blocks_2, d_out, rank, out_flat.stride(0), cfg["splits"],
         cfg["n_per_group"], float(scale),
         R_P2=cfg["r_p2"], R_PAD=cfg["r_pad"], BLOCK_M=cfg["block_m"],
@@ -504,7 +511,8 @@ def noisy_lora_triton(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
 def noisy_lora_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                      keys_A: torch.Tensor, keys_B: torch.Tensor, steps: torch.Tensor,
                      member_index: torch.Tensor | RowPlan, scale: float,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, *,
+                     steps_B: torch.Tensor | None = None) -> torch.Tensor:
     """The twin of ``noisy_lora_triton`` (same signature and contract), in torch.
 
     The math of the ES-LoRA layer's CPU path (``lowmem_es/lora.py``): the perturbed
@@ -522,19 +530,22 @@ def noisy_lora_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     matmuls) bit for bit (tests/test_noisy_lora.py).
     """
     out, x_flat, out_flat, plan = _prepare(x, lora_A, lora_B, keys_A, keys_B, steps,
-                                           member_index, out)
+                                           member_index, out, steps_B)
+    steps_B = steps if steps_B is None else steps_B
     if plan.num_rows == 0:
         return out
     device = x.device
     present = sorted(set(plan.run_members))
     slot = {m: i for i, m in enumerate(present)}
     keys_a, keys_b = keys_A.tolist(), keys_B.tolist()
-    step = steps[torch.tensor(present, device=device)]  # (P,) fp32
+    index = torch.tensor(present, device=device)
+    step, step_b = steps[index], steps_B[index]  # (P,) fp32 each
     rank, d_in = lora_A.shape
     d_out = lora_B.shape[0]
     # (P, r * d_in) and (P, d_out * r): row i is member present[i]'s A_m / B_m, flat.
     rows_a = _noise_batch.perturbed_rows([keys_a[m] & _noise.MASK63 for m in present], lora_A, step)
-    rows_b = _noise_batch.perturbed_rows([keys_b[m] & _noise.MASK63 for m in present], lora_B, step)
+    rows_b = _noise_batch.perturbed_rows([keys_b[m] & _noise.MASK63 for m in present], lora_B,
+                                         step_b)
     # Per-member views, made in one call each: (d_in, r) and (r, d_out), transposed views.
     a_t = rows_a.view(-1, rank, d_in).transpose(1, 2).unbind(0)
     b_t = rows_b.view(-1, d_out, rank).transpose(1, 2).unbind(0)
@@ -574,11 +585,13 @@ def _add_scaled(out_rows: torch.Tensor, lora: torch.Tensor, scale: float) -> tor
 def noisy_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                keys_A: torch.Tensor, keys_B: torch.Tensor, steps: torch.Tensor,
                member_index: torch.Tensor | RowPlan, scale: float,
-               out: torch.Tensor | None = None, force: str | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, force: str | None = None, *,
+               steps_B: torch.Tensor | None = None) -> torch.Tensor:
     """Fused noisy LoRA: the kernel for CUDA tensors, the twin for CPU tensors.
 
     ``force="kernel"|"torch"`` picks one; ``LOWMEM_ES_FORCE_TORCH=1`` makes the twin the
     default everywhere. Arguments as in ``noisy_lora_triton``.
     """
     fn = noisy_lora_triton if use_kernel(x.device, force) else noisy_lora_torch
-    return fn(x, lora_A, lora_B, keys_A, keys_B, steps, member_index, scale, out)
+    return fn(x, lora_A, lora_B, keys_A, keys_B, steps, member_index, scale, out,
+              steps_B=steps_B)

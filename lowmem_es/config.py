@@ -24,6 +24,7 @@ OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 PROMPT_ASSIGNMENTS = ("shared", "per_pair")
 FITNESS_BASELINES = ("none", "pair", "prompt")
+NOISE_SCALINGS = ("none", "relative")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 BOOL_FIELDS = ("antithetic", "pass_at_k", "load_in_4bit", "nf4_kernel")
@@ -47,7 +48,7 @@ _DEVICE_NAME = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?")
 # Fields added after runs were first written, with the behaviour they had before: at that
 # value a field leaves result_hash as it was, so older runs still resume.
 LATER_FIELDS = {"prompt_assignment": "shared", "prompts_per_pair": 0, "fitness_baseline": "none",
-                "sigma_growth": 1.0, "anchor_decay": 0.0}
+                "sigma_growth": 1.0, "anchor_decay": 0.0, "noise_scaling": "none"}
 # sigma_growth never takes sigma above this multiple of ESConfig.sigma.
 SIGMA_GROWTH_CAP = 16.0
 NON_RESULT_FIELDS = frozenset({"output_dir", "save_steps", "save_total_limit", "eval_steps",
@@ -88,6 +89,12 @@ class ESConfig:
                                 "by this (up to 16x sigma), after each with signal divided by "
                                 "it again, down to sigma. 1: off. The sigma used is "
                                 "journaled.", 1.0)
+    noise_scaling: str = _help("Per-tensor noise scale: 'none' (sigma for every tensor) or "
+                               "'relative' (each tensor's noise and step times its RMS in "
+                               "the starting adapter; a tensor that starts at zero, LoRA B, "
+                               "keeps sigma). 'relative' keeps a member's weight change "
+                               "first-order in sigma, so larger sigmas move completions "
+                               "without breaking them.", "none")
     lr_schedule: str = _help("'constant' (paper), 'cosine' or 'linear': decay from "
                              "learning_rate to learning_rate * lr_min_ratio over `iterations` "
                              "(extending `iterations` on resume reshapes the rest).", "constant")
@@ -228,6 +235,7 @@ class ESConfig:
         choices = {"fitness_shaping": FITNESS_SHAPINGS, "optimizer": OPTIMIZERS,
                    "prompt_assignment": PROMPT_ASSIGNMENTS,
                    "fitness_baseline": FITNESS_BASELINES,
+                   "noise_scaling": NOISE_SCALINGS,
                    "lr_schedule": LR_SCHEDULES,
                    "compute_dtype": DTYPES, "noise_backend": ("eager", "compiled"),
                    "generation_backend": ("loop", "generate"),

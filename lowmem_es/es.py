@@ -212,6 +212,26 @@ def pair_coefficients(shaped_fitness: Sequence[float] | torch.Tensor,
     return coefficients
 
 
+def relative_noise_scales(origin: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-tensor noise scales of ``ESConfig.noise_scaling='relative'``: each tensor's RMS
+    in ``origin`` (the run's starting adapter), 1.0 for a tensor that starts at zero.
+
+    Why: with LoRA's B = 0 at the start, a member's weight change is
+    ``sigma * (epsB A + B epsA) + sigma^2 epsB epsA``; only the first term flips sign
+    between antithetic partners, and with A's entries ~1/sqrt(d_in) (PEFT's Kaiming init)
+    the second term, shared noise that no update can use, takes over once sigma exceeds
+    A's scale. Noise on A relative to A's own scale keeps the change first-order at the
+    sigma that moves completions. The RMS is an exactly rounded sum (``math.fsum``), so
+    every machine, rank and replay derives the same scales from the same adapter.
+    """
+    scales = {}
+    for name in sorted(origin):
+        values = origin[name].detach().to("cpu", torch.float64).reshape(-1).tolist()
+        rms = math.sqrt(math.fsum(v * v for v in values) / max(1, len(values)))
+        scales[name] = rms if rms > 0 else 1.0
+    return scales
+
+
 def _check_update_args(params: dict[str, torch.Tensor], tensor_ids: dict[str, int],
                        optimizer: str, adam_state: AdamState | None, learning_rate: float,
                        betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -245,7 +265,8 @@ def es_update(params: dict[str, torch.Tensor], tensor_ids: dict[str, int], *, ru
               adam_state: AdamState | None = None, betas: tuple[float, float] = (0.9, 0.999),
               eps: float = 1e-8, weight_decay: float = 0.0,
               noise_backend: str | None = None, anchor_decay: float = 0.0,
-              anchor: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+              anchor: dict[str, torch.Tensor] | None = None,
+              noise_scales: dict[str, float] | None = None) -> dict[str, float]:
     """Apply one ES step in place to the fp32 master tensors ``params`` (name -> tensor).
 
     For each tensor, ``d = (1/N) * sum_m f_m s_m eps_k(m)`` with ``N = len(schedule)`` and
@@ -258,6 +279,9 @@ def es_update(params: dict[str, torch.Tensor], tensor_ids: dict[str, int], *, ru
     * ``"sgd"``: ``theta += learning_rate * d`` (1/sigma folded into the learning rate);
     * ``"adam"``: bias-corrected Adam ascent on ``d`` (torch.optim.Adam's formula with
       ``grad = -d``); ``adam_state.step`` goes up by one per call. Ignored for ``"sgd"``.
+    * ``noise_scales`` (name -> c, per-tensor noise scaling: members were evaluated at
+      ``theta + s sigma c eps``): the step of that tensor is multiplied by ``c``, the
+      search distribution's own scale (a diagonal preconditioner); decays are not.
 
     Only one direction buffer (plus one noise draw and, for Adam, one denominator) of the
     current tensor's size exists at a time. Returns global L2 norms as floats:
@@ -272,6 +296,13 @@ def es_update(params: dict[str, torch.Tensor], tensor_ids: dict[str, int], *, ru
         if anchor is None or set(anchor) != set(params):
             raise ValueError("`anchor_decay` needs `anchor`: the starting tensor of every "
                              "parameter, by the same names")
+    if noise_scales is not None:
+        bad = [name for name in params if not (isinstance(noise_scales.get(name), float)
+                                               and math.isfinite(noise_scales[name])
+                                               and noise_scales[name] > 0)]
+        if bad:
+            raise ValueError(f"`noise_scales` needs a finite float > 0 for every parameter; "
+                             f"missing or bad for {bad[:3]}")
     population_size = len(schedule)
     coefficients = {pair: value / population_size
                     for pair, value in pair_coefficients(shaped_fitness, schedule).items()}
@@ -301,6 +332,8 @@ def es_update(params: dict[str, torch.Tensor], tensor_ids: dict[str, int], *, ru
             torch.div(exp_avg, denom, out=direction)
             direction.mul_(learning_rate / bias_correction1)
             del denom
+        if noise_scales is not None:
+            direction.mul_(noise_scales[name])
         if weight_decay:
             direction.add_(theta, alpha=-learning_rate * weight_decay)
         if anchor_decay:

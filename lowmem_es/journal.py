@@ -24,6 +24,7 @@ import torch
 from lowmem_es import es
 from lowmem_es.adapter_io import adapter_params, param_tensor_ids
 from lowmem_es.checkpoint import list_checkpoints, load_adam, read_state, step_dir
+from lowmem_es.config import NOISE_SCALINGS
 from lowmem_es.errors import CheckpointError
 
 logger = logging.getLogger("lowmem_es")
@@ -104,7 +105,8 @@ JOURNAL_UPDATE_KEYS = ("members", "fitness", "fitness_shaping", "run_seed", "ite
 def apply_record(params: dict[str, torch.Tensor], ids: dict[str, int],
                  record: dict[str, Any], adam_state: es.AdamState | None,
                  noise_backend: str | None = None,
-                 anchor: dict[str, torch.Tensor] | None = None
+                 anchor: dict[str, torch.Tensor] | None = None,
+                 noise_scales: dict[str, float] | None = None
                  ) -> tuple[list[float], dict[str, float]] | None:
     """Apply the ES update a journal record describes to ``params`` (in place).
 
@@ -112,7 +114,9 @@ def apply_record(params: dict[str, torch.Tensor], ids: dict[str, int],
     records read back: one code path, so a replay is the training run bit for bit.
     Returns the shaped fitness and ``es.es_update``'s statistics, or None for a skipped
     iteration (no reward at all: no update). A record with ``anchor_decay`` needs
-    ``anchor``, the initial adapter's tensors (step_000000).
+    ``anchor``, the initial adapter's tensors (step_000000); one with
+    ``noise_scaling: relative`` needs ``noise_scales``, ``es.relative_noise_scales`` of
+    that adapter.
     """
     if record.get("skipped"):
         return None
@@ -122,6 +126,15 @@ def apply_record(params: dict[str, torch.Tensor], ids: dict[str, int],
                               f"{', '.join(missing)}: the journal was edited or damaged, and "
                               "the update cannot be redone; restore it from a backup or "
                               "start over with --overwrite")
+    scaling = record.get("noise_scaling", "none")
+    if scaling not in NOISE_SCALINGS:
+        raise CheckpointError(f"journal record of iteration {record.get('iteration')!r} has "
+                              f"noise_scaling {scaling!r}, which this lowmem-es does not "
+                              f"know ({', '.join(NOISE_SCALINGS)}); replay it with the "
+                              "version that wrote it")
+    if scaling != "none" and noise_scales is None:
+        raise ValueError("a record with noise_scaling needs `noise_scales` "
+                         "(es.relative_noise_scales of the initial adapter)")
     schedule = [tuple(m) for m in record["members"]]
     # A baseline (ESConfig.fitness_baseline) journals the fitness the update shaped.
     shaped = es.shape_fitness(record.get("centred_fitness", record["fitness"]),
@@ -131,7 +144,8 @@ def apply_record(params: dict[str, torch.Tensor], ids: dict[str, int],
                          schedule=schedule, learning_rate=record["learning_rate"],
                          optimizer=record["optimizer"], adam_state=adam_state,
                          weight_decay=record["weight_decay"], noise_backend=noise_backend,
-                         anchor_decay=record.get("anchor_decay", 0.0), anchor=anchor)
+                         anchor_decay=record.get("anchor_decay", 0.0), anchor=anchor,
+                         noise_scales=noise_scales if scaling != "none" else None)
     return [float(f) for f in shaped], stats
 
 
@@ -179,10 +193,11 @@ def replay_journal(output_dir: Path, step: int | None = None, start: str = "init
     start_step, start_path = origin
     params = adapter_params(start_path)
     ids = param_tensor_ids(params)
-    anchor = None  # the initial adapter, for records with anchor_decay
-    if any(r.get("anchor_decay") for r in records):
-        anchor = (params if start_step == 0 else adapter_params(step_dir(output_dir, 0)))
-        anchor = {name: tensor.clone() for name, tensor in anchor.items()}
+    anchor = scales = None  # from the initial adapter, for anchor_decay / noise_scaling
+    if any(r.get("anchor_decay") or r.get("noise_scaling") for r in records):
+        origin = (params if start_step == 0 else adapter_params(step_dir(output_dir, 0)))
+        anchor = {name: tensor.clone() for name, tensor in origin.items()}
+        scales = es.relative_noise_scales(origin)
     adam_state = load_adam(start_path)
     by_iteration = {r["iteration"]: r for r in records}
     for iteration in range(start_step, step):
@@ -192,7 +207,7 @@ def replay_journal(output_dir: Path, step: int | None = None, start: str = "init
         record = by_iteration[iteration]
         if record.get("optimizer") == "adam" and adam_state is None:
             adam_state = es.AdamState()
-        apply_record(params, ids, record, adam_state, noise_backend, anchor)
+        apply_record(params, ids, record, adam_state, noise_backend, anchor, scales)
     verified, diff = None, None
     target = step_dir(output_dir, step)
     if target.is_dir() and target != start_path:

@@ -92,11 +92,15 @@ class ESLoraLinear(nn.Module):
         self.slot = slot
         self.tensor_id_A = noise.tensor_id(self.name, "A")
         self.tensor_id_B = noise.tensor_id(self.name, "B")
+        # Per-tensor noise scaling (ESConfig.noise_scaling): member m's step on A is
+        # sign * sigma * noise_scale_A, on B sign * sigma * noise_scale_B.
+        self.noise_scale_A = 1.0
+        self.noise_scale_B = 1.0
         self._cache_version: int | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (M, d_in, r), (M, r, d_out)
-        # Kernel path: per-member Philox keys of A and B and signed steps, (M,) each.
+        # Kernel path: per-member Philox keys and signed steps of A and B, (M,) each.
         self._member_cache_version: int | None = None
-        self._member_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._member_cache: tuple[torch.Tensor, ...] | None = None
 
     def extra_repr(self) -> str:
         r, d_in = self.lora_A.shape
@@ -149,15 +153,23 @@ class ESLoraLinear(nn.Module):
         if x.stride(-1) != 1:
             x = x.contiguous()
         plan = _row_plan(population, rows, math.prod(x.shape[1:-1]), x.device)
-        keys_a, keys_b, steps = self._member_tensors(population, x.device)
+        keys_a, keys_b, steps_a, steps_b = self._member_tensors(population, x.device)
         if result.requires_grad or not result.is_contiguous():
             result = result.clone(memory_format=torch.contiguous_format)
-        return noisy_lora.noisy_lora_triton(x, self.lora_A, self.lora_B, keys_a, keys_b, steps,
-                                            plan, self.scaling, out=result)
+        return noisy_lora.noisy_lora_triton(x, self.lora_A, self.lora_B, keys_a, keys_b,
+                                            steps_a, plan, self.scaling, out=result,
+                                            steps_B=steps_b)
+
+    def _steps(self, population: Population, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Signed per-member steps of A and of B: sign * sigma * the tensor's noise scale."""
+        return tuple(torch.tensor([m.sign * population.sigma * scale for m in population.members],
+                                  dtype=torch.float32, device=device)
+                     for scale in (self.noise_scale_A, self.noise_scale_B))
 
     def _member_tensors(self, population: Population, device: torch.device
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys_A, keys_B, steps) of the population's members on ``device``, per version."""
+                        ) -> tuple[torch.Tensor, ...]:
+        """(keys_A, keys_B, steps_A, steps_B) of the population's members on ``device``."""
         if self._member_cache_version != population.version or self._member_cache is None:
             members = population.members
             keys = [[noise.member_key(population.run_seed, population.iteration, m.pair, tid)
@@ -165,8 +177,7 @@ class ESLoraLinear(nn.Module):
             self._member_cache = (
                 torch.tensor(keys[0], dtype=torch.int64, device=device),
                 torch.tensor(keys[1], dtype=torch.int64, device=device),
-                torch.tensor([m.sign * population.sigma for m in members],
-                             dtype=torch.float32, device=device))
+                *self._steps(population, device))
             self._member_cache_version = population.version
         return self._member_cache
 
@@ -174,10 +185,10 @@ class ESLoraLinear(nn.Module):
         """(A_m^T, B_m^T) stacked over the population's members, built once per version."""
         if self._cache_version != population.version or self._cache is None:
             device = self.lora_A.device
-            steps = torch.tensor([m.sign * population.sigma for m in population.members],
-                                 dtype=torch.float32, device=device)
             stacked = []
-            for master, tid in ((self.lora_A, self.tensor_id_A), (self.lora_B, self.tensor_id_B)):
+            for master, tid, steps in zip((self.lora_A, self.lora_B),
+                                          (self.tensor_id_A, self.tensor_id_B),
+                                          self._steps(population, device), strict=True):
                 keys = [noise.member_key(population.run_seed, population.iteration, m.pair, tid)
                         for m in population.members]
                 # master + s sigma eps per member, written by the generator pass itself
@@ -288,6 +299,30 @@ class ESLoraModel:
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.parameters().values())
+
+    def noise_scales(self) -> dict[str, float]:
+        """Per-tensor noise scale (same keys as ``parameters``); 1.0 unless set."""
+        scales = {}
+        for name, layer in self.layers.items():
+            scales[f"{name}.lora_A"] = layer.noise_scale_A
+            scales[f"{name}.lora_B"] = layer.noise_scale_B
+        return scales
+
+    def set_noise_scales(self, scales: dict[str, float] | None) -> None:
+        """Scale each tensor's noise in the population's forward passes (None: all 1.0).
+
+        ``scales`` needs every key of ``parameters``; ``es.es_update`` must get the same
+        mapping, so the update steps along the noise the members were evaluated with.
+        """
+        names = set(self.parameters())
+        if scales is not None and set(scales) != names:
+            missing = sorted(names - set(scales))[:3] or sorted(set(scales) - names)[:3]
+            raise ValueError(f"noise scales must name every LoRA tensor exactly; mismatch "
+                             f"at {missing}")
+        for name, layer in self.layers.items():
+            layer.noise_scale_A = 1.0 if scales is None else float(scales[f"{name}.lora_A"])
+            layer.noise_scale_B = 1.0 if scales is None else float(scales[f"{name}.lora_B"])
+            layer.clear_cache()
 
     # --- population ---
     @contextlib.contextmanager

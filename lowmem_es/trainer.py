@@ -171,6 +171,8 @@ class ESTrainer:
         self._no_signal_run = 0  # iterations in a row whose members all scored alike
         self._sigma_level = 0  # sigma_growth's exponent (sigma_level of the journal so far)
         self._anchor: dict[str, torch.Tensor] | None = None  # theta_0, for anchor_decay
+        # es.relative_noise_scales(theta_0) when this run or its journal uses them
+        self._noise_scales: dict[str, float] | None = None
         self._written_dir: Path | None = None  # the output_dir whose run this instance wrote
         self._start_masters: dict[str, torch.Tensor] | None = None  # at the first train()
         # The NF4 kernel switch as the start-up check left it (it may have switched a
@@ -286,6 +288,13 @@ class ESTrainer:
             self._anchor = {name: t.clone() for name, t in self.es_model.parameters().items()}
         return self._anchor
 
+    def _use_noise_scales(self, origin: dict[str, torch.Tensor] | None) -> None:
+        """Derive the per-tensor noise scales from the run's starting adapter ``origin``
+        (None: this run and its journal need none) and give the layers this run's."""
+        self._noise_scales = None if origin is None else es.relative_noise_scales(origin)
+        relative = self.args.noise_scaling == "relative"
+        self.es_model.set_noise_scales(self._noise_scales if relative else None)
+
     def _warn_no_signal(self, iteration: int, value: float, identical: float) -> None:
         """Say so when an iteration had no signal: every member scored ``value``."""
         self._no_signal_run += 1
@@ -315,6 +324,9 @@ class ESTrainer:
         """Run ES iteration ``iteration`` (evaluate the population, update the masters)."""
         args = self.args
         started = time.perf_counter()
+        if args.noise_scaling != "none" and self._noise_scales is None:
+            # step() called outside train(): theta_0 is the adapter as it is now
+            self._use_noise_scales(self.es_model.parameters())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # peak memory per iteration
         events: list[dict[str, Any]] = []
@@ -375,6 +387,8 @@ class ESTrainer:
         }
         if args.anchor_decay:
             record["anchor_decay"] = args.anchor_decay
+        if args.noise_scaling != "none":
+            record["noise_scaling"] = args.noise_scaling
         if args.fitness_baseline != "none":  # what the update shapes (apply_record)
             record.update(fitness_baseline=args.fitness_baseline,
                           centred_fitness=self._centred(fitness, gathered[2:], groups))
@@ -400,7 +414,8 @@ class ESTrainer:
             # The update is applied from the record itself, as resume and replay apply it.
             shaped, stats = journal.apply_record(
                 self.es_model.parameters(), self.es_model.tensor_ids(), record,
-                self.adam_state, args.noise_backend, self._anchor_tensors())
+                self.adam_state, args.noise_backend, self._anchor_tensors(),
+                self._noise_scales)
             record.update(shaped_fitness=shaped,
                           reward_mean=sum(fitness) / len(fitness), reward_max=max(fitness),
                           reward_min=min(fitness), **stats)
@@ -597,6 +612,9 @@ class ESTrainer:
             # one elsewhere (or overwrote its own): never from trained weights.
             for name, tensor in masters.items():
                 tensor.data.copy_(self._start_masters[name])
+            self._anchor = None  # theta_0 is the starting adapter again
+            self._use_noise_scales(self._start_masters if self.args.noise_scaling != "none"
+                                   else None)
             self.adam_state = es.AdamState(0, {}, {}) if self.args.optimizer == "adam" else None
             self.history = []
             self.iteration = 0
@@ -632,13 +650,19 @@ class ESTrainer:
         self.es_model.load_adapter(path)
         self.adam_state = checkpoint.load_adam(path) or self.adam_state
         params, ids = self.es_model.parameters(), self.es_model.tensor_ids()
+        origin = None
         if self.args.anchor_decay or any(r.get("anchor_decay") for r in records):
             origin = adapter_params(checkpoint.step_dir(out, 0))
             self._anchor = {name: origin[name].to(t.device, t.dtype).clone()
                             for name, t in params.items()}
+        scaled = self.args.noise_scaling != "none" or any(r.get("noise_scaling")
+                                                           for r in records)
+        if scaled and origin is None:
+            origin = adapter_params(checkpoint.step_dir(out, 0))
+        self._use_noise_scales(origin if scaled else None)
         for record in records[step:]:
             journal.apply_record(params, ids, record, self.adam_state,
-                                 self.args.noise_backend, self._anchor)
+                                 self.args.noise_backend, self._anchor, self._noise_scales)
         for record in records:
             self._sigma_level = next_sigma_level(self._sigma_level, record,
                                                  self.args.sigma_growth)

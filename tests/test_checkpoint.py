@@ -339,7 +339,10 @@ def _spawn(out: Path, resume: bool) -> subprocess.Popen:
     args = [sys.executable, "-m", "lowmem_es.cli", "train", "--example", "tiny",
             "--output-dir", str(out),
             "--iterations", "24", "--population-size", "4", "--batch-size", "2",
-            "--max-completion-length", "6", "--save-steps", "5", "--optimizer", "adam"]
+            "--max-completion-length", "6", "--save-steps", "5", "--optimizer", "adam",
+            # every option whose state comes from the journal or step 0, on
+            "--prompt-assignment", "per_pair", "--fitness-baseline", "prompt",
+            "--sigma-growth", "2", "--anchor-decay", "0.5", "--noise-scaling", "relative"]
     if resume:
         args.append("--resume")
     return subprocess.Popen(args, cwd=out.parent, stdout=subprocess.DEVNULL,
@@ -354,9 +357,9 @@ def _journal_lines(out: Path) -> int:
 
 
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path):
-    """Six SIGKILLs at random moments (mid-iteration, mid-checkpoint, at startup): each run
-    resumed; the final adapter equals an uninterrupted run's, and the journal has every
-    iteration exactly once."""
+    """Six SIGKILLs at random moments (mid-iteration, mid-checkpoint, at startup), with the
+    options that rebuild state from the journal on: each run resumed; the final adapter
+    equals an uninterrupted run's, and the journal has every iteration exactly once."""
     rng = random.Random(20261129)
     reference_out = tmp_path / "uninterrupted"
     done = _spawn(reference_out, resume=False)

@@ -408,7 +408,8 @@ def test_every_result_field_changes_the_hash():
                    generation_backend="generate", nf4_kernel=False,
                    lr_schedule="cosine", lr_min_ratio=0.5, kv_cache_dtype="int8",
                    prompt_assignment="per_pair", prompts_per_pair=2,
-                   fitness_baseline="prompt", sigma_growth=2.0, anchor_decay=0.5)
+                   fitness_baseline="prompt", sigma_growth=2.0, anchor_decay=0.5,
+                   noise_scaling="relative")
     # (distributed_timeout and max_hours are in NON_RESULT_FIELDS)
     # A new field must be classified: either it changes results or it is in NON_RESULT_FIELDS.
     assert set(changed) | NON_RESULT_FIELDS == set(ESConfig.field_names())
@@ -467,6 +468,9 @@ def test_no_signal_remedy_and_anchor_fields_are_checked():
         with pytest.raises(ValueError, match=r"anchor_decay.*>= 0"):
             ESConfig(anchor_decay=bad)
     ESConfig(sigma_growth=2, anchor_decay=0.1)
+    with pytest.raises(ValueError, match=r"noise_scaling.*'none', 'relative'"):
+        ESConfig(noise_scaling="rms")
+    assert ESConfig(noise_scaling="relative").noise_scaling == "relative"
 
 
 def test_fields_added_later_keep_result_hash_at_their_old_behaviour():

@@ -198,12 +198,14 @@ def test_gather_rows_over_gloo(tmp_path):
 
 
 PER_PAIR = ["--prompt-assignment", "per_pair", "--prompts-per-pair", "2",
+            "--noise-scaling", "relative", "--anchor-decay", "0.5", "--sigma-growth", "2",
             "--fitness-baseline", "prompt", "--iterations", "3"]
 
 
 def test_torchrun_matches_single_process_with_prompts_per_pair(tmp_path):
-    """Each pair its own prompts and a per-prompt baseline: 2 ranks (pairs 0-1 and 2) give
-    one process's journal, centred fitness included, and adapter."""
+    """Each pair its own prompts and a per-prompt baseline, with relative noise scaling,
+    anchored decay and sigma growth on: 2 ranks (pairs 0-1 and 2) give one process's
+    journal, centred fitness included, and adapter."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     _single(tmp_path / "one" / "run", *PER_PAIR)
@@ -213,4 +215,5 @@ def test_torchrun_matches_single_process_with_prompts_per_pair(tmp_path):
     keep = ("prompt_indices", "fitness", "centred_fitness", "shaped_fitness", "tokens")
     assert [[r[k] for k in keep] for r in lines[0]] == [[r[k] for k in keep] for r in lines[1]]
     assert all(len(r["prompt_indices"]) == 3 for r in lines[0])  # one group per pair
+    assert all(r["noise_scaling"] == "relative" and r["anchor_decay"] == 0.5 for r in lines[1])
     _same_adapter(tmp_path / "one" / "run", tmp_path / "two" / "run")

@@ -8,6 +8,7 @@ autograd gradients (with the sqrt(N' / (N' + d + 1)) cosine law). CPU only, no c
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import sys
 import weakref
@@ -497,3 +498,32 @@ def test_member_fitness_errors_name_the_numbers():
         member_fitness([], 0, 3)
     with pytest.raises(ValueError, match=r"`pass_at_k_fraction`.*1.5"):
         member_fitness(TOTALS, 2, 3, pass_at_k=True, pass_at_k_fraction=1.5)
+
+
+def test_relative_noise_scales_are_each_tensors_rms_and_one_at_zero():
+    origin = {"a": torch.tensor([[3.0, -4.0]]), "b": torch.zeros(2, 3),
+              "c": torch.full((5,), 0.25)}
+    scales = es.relative_noise_scales(origin)
+    assert scales == {"a": pytest.approx(math.sqrt(12.5)), "b": 1.0, "c": 0.25}
+    assert all(isinstance(v, float) for v in scales.values())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_noise_scales_multiply_each_tensors_step(optimizer):
+    """Members saw theta + s sigma c eps: the tensor's step is c times the unscaled one."""
+    params = _example_params(3)
+    ids = _tensor_ids(params)
+    schedule = member_schedule(6, antithetic=True)
+    fitness = shape_fitness(torch.randn(6, generator=_generator(4)))
+    scales = {name: 0.5 + i for i, name in enumerate(sorted(params))}
+    plain, scaled = _clone(params), _clone(params)
+    kwargs = dict(run_seed=RUN_SEED, iteration=2, shaped_fitness=fitness, schedule=schedule,
+                  learning_rate=0.1, optimizer=optimizer)
+    es_update(plain, ids, adam_state=AdamState(), **kwargs)
+    es_update(scaled, ids, adam_state=AdamState(), noise_scales=scales, **kwargs)
+    for name in params:
+        torch.testing.assert_close(scaled[name] - params[name],
+                                   scales[name] * (plain[name] - params[name]))
+    with pytest.raises(ValueError, match="noise_scales"):
+        es_update(_clone(params), ids, noise_scales={**scales, sorted(params)[0]: 0.0},
+                  adam_state=AdamState(), **kwargs)

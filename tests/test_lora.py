@@ -137,3 +137,35 @@ def test_slot_is_shared():
     layer = ESLoraLinear(base, "x.q_proj", torch.zeros(2, 8), torch.zeros(6, 2), 1.0, slot)
     x = torch.randn(1, 8)
     torch.testing.assert_close(layer(x), base(x))
+
+
+def test_noise_scales_scale_each_tensors_noise(es_model):
+    """set_noise_scales: member m runs A + s sigma c_A eps_A and B + s sigma c_B eps_B."""
+    model, _ = es_model
+    name = "model.layers.1.self_attn.v_proj"
+    layer = model.layers[name]
+    scales = {key: 1.0 for key in model.parameters()}
+    scales[f"{name}.lora_A"], scales[f"{name}.lora_B"] = 0.25, 3.0
+    members = [Member(0, 1), Member(0, -1)]
+    x = torch.randn(2, 3, layer.lora_A.shape[1], generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            with model.population(11, 4, 0.1, members, [(0, 1), (1, 1)]):
+                plain = layer(x)
+            model.set_noise_scales(scales)
+            assert model.noise_scales() == scales
+            with model.population(11, 4, 0.1, members, [(0, 1), (1, 1)]):
+                scaled = layer(x)
+        key_a = noise.member_key(11, 4, 0, layer.tensor_id_A)
+        key_b = noise.member_key(11, 4, 0, layer.tensor_id_B)
+        for row, sign in enumerate((1, -1)):
+            a = layer.lora_A + sign * 0.1 * 0.25 * noise_batch.noise(key_a, layer.lora_A.shape)
+            b = layer.lora_B + sign * 0.1 * 3.0 * noise_batch.noise(key_b, layer.lora_B.shape)
+            expected = layer.base_layer(x[row]) + layer.scaling * (x[row] @ a.t()) @ b.t()
+            torch.testing.assert_close(scaled[row], expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(plain, scaled)
+        with pytest.raises(ValueError, match="every LoRA tensor"):
+            model.set_noise_scales({f"{name}.lora_A": 1.0})
+    finally:
+        model.set_noise_scales(None)
+    assert set(model.noise_scales().values()) == {1.0}

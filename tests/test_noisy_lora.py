@@ -70,14 +70,15 @@ def _inputs(shape: tuple[int, ...], seed: int = 1, dtype: torch.dtype = torch.fl
     return x.to(DEVICE, dtype), out.to(DEVICE, dtype)
 
 
-def _dense_reference(x, out, a, b, keys_a, keys_b, steps, member_index, scale):
+def _dense_reference(x, out, a, b, keys_a, keys_b, steps, member_index, scale, steps_b=None):
     """Row by row: materialise the member's perturbed A and B, plain fp32 matmuls."""
+    steps_b = steps if steps_b is None else steps_b
     result = out.to(torch.float32).clone()
     for row, member in enumerate(member_index.tolist()):
         eps_a = noise_batch.noise(int(keys_a[member]), a.shape, device=a.device)
         eps_b = noise_batch.noise(int(keys_b[member]), b.shape, device=b.device)
         a_m = a + steps[member] * eps_a
-        b_m = b + steps[member] * eps_b
+        b_m = b + steps_b[member] * eps_b
         result[row] += scale * (x[row].to(torch.float32) @ a_m.t()) @ b_m.t()
     return result
 
@@ -107,6 +108,32 @@ def test_kernel_matches_twin_odd_shapes(rank: int, sigma: float) -> None:
                           out=out.clone(), force="torch")
     torch.testing.assert_close(kernel, twin, atol=1e-5, rtol=1e-5)
     assert not torch.equal(kernel, out)  # the LoRA term was added
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["unpaired", "paired"])
+def test_b_takes_its_own_steps_when_given(paired: bool) -> None:
+    """Per-tensor noise scaling: ``steps_B`` scales B's noise alone, in kernel and twin."""
+    members = MAPPINGS["permuted"]
+    a, b = _weights(8, seed=4)
+    keys_a, keys_b, steps = _members(4, 0.1)
+    steps_b = steps * 3.0
+    x, out = _inputs((len(members), 2, D_IN), seed=5)
+    member_index = torch.tensor(members, device=DEVICE)
+    plan = row_plan.plan_rows(members, 4, 2, DEVICE, pairs=_pairs(4) if paired else None)
+    kernel = knl.noisy_lora_triton(x, a, b, keys_a, keys_b, steps, plan, 2.0,
+                                   out=out.clone(), steps_B=steps_b)
+    twin = knl.noisy_lora_torch(x, a, b, keys_a, keys_b, steps, member_index, 2.0,
+                                out=out.clone(), steps_B=steps_b)
+    reference = _dense_reference(x, out, a, b, keys_a, keys_b, steps, member_index, 2.0,
+                                 steps_b=steps_b)
+    torch.testing.assert_close(twin, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel, twin, atol=1e-5, rtol=1e-5)
+    same = knl.noisy_lora_torch(x, a, b, keys_a, keys_b, steps, member_index, 2.0,
+                                out=out.clone())
+    assert (twin - same).abs().max() > 1e-3  # B's step changed the result
+    with pytest.raises(ValueError, match="steps_B"):
+        knl.noisy_lora_torch(x, a, b, keys_a, keys_b, steps, member_index, 2.0,
+                             steps_B=steps_b[:2])
 
 
 def _pairs(count: int) -> list[int]:
@@ -373,8 +400,8 @@ def test_row_plan_mismatch_is_an_error() -> None:
 
 def test_dispatch_cpu_twin_env_switch_and_force(monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(knl, "noisy_lora_torch", lambda *a: calls.append("torch"))
-    monkeypatch.setattr(knl, "noisy_lora_triton", lambda *a: calls.append("kernel"))
+    monkeypatch.setattr(knl, "noisy_lora_torch", lambda *a, **k: calls.append("torch"))
+    monkeypatch.setattr(knl, "noisy_lora_triton", lambda *a, **k: calls.append("kernel"))
     args = _good()
     cpu_args = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     knl.noisy_lora(**cpu_args)  # CPU tensors: the twin, interpreter or not
@@ -442,6 +469,33 @@ def test_es_lora_layer_logits_kernel_equal_torch_paths(tiny_es_model, monkeypatc
     torch.testing.assert_close(twin_path, torch_path, atol=5e-5, rtol=5e-5)
     monkeypatch.setattr(knl, "noisy_lora_triton", lambda *a, **k: pytest.fail("kernel ran"))
     torch.testing.assert_close(logits("kernel", sigma=0.0), plain, atol=1e-5, rtol=1e-5)
+
+
+def test_es_lora_layer_noise_scales_kernel_equal_torch_path(tiny_es_model) -> None:
+    """Per-tensor noise scales (A and B apart) reach the kernel path as the torch path."""
+    from lowmem_es.es import Member
+
+    es_model, tokenizer = tiny_es_model
+    device = next(iter(es_model.parameters().values())).device
+    batch = tokenizer(["sun 1:", "rain 2:"], return_tensors="pt", padding=True,
+                      add_special_tokens=False).to(device)
+    members = [Member(0, 1), Member(0, -1)]
+    scales = {name: (0.3 if name.endswith("lora_A") else 2.0) for name in es_model.parameters()}
+
+    def logits(force: str) -> torch.Tensor:
+        backends.set_force(backends.NOISY_LORA, force)
+        with torch.no_grad(), es_model.population(5, 2, 0.05, members, [(0, 1), (1, 1)]):
+            return es_model.model(**batch).logits
+
+    unscaled = logits("torch")
+    es_model.set_noise_scales(scales)
+    try:
+        torch_path, kernel_path = logits("torch"), logits("kernel")
+    finally:
+        es_model.set_noise_scales(None)
+        backends.set_force(backends.NOISY_LORA, None)
+    assert (torch_path - unscaled).abs().max() > 1e-2
+    torch.testing.assert_close(kernel_path, torch_path, atol=5e-5, rtol=5e-5)
 
 
 def test_layer_row_plan_pairs_antithetic_partners_only() -> None:

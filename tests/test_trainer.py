@@ -559,3 +559,46 @@ def test_anchor_decay_pulls_toward_the_start_and_replays(tiny_llama_dir, tmp_pat
     assert not _same_masters(trainer, run(tmp_path / "free"))
     run(tmp_path / "resumed", iterations=2, anchor_decay=2.0)
     assert _same_masters(trainer, run(tmp_path / "resumed", resume=True, anchor_decay=2.0))
+
+
+def test_relative_noise_scaling_is_journaled_replays_and_resumes(tiny_llama_dir, tmp_path):
+    """noise_scaling='relative': A's noise and step scale with A's starting RMS, B (zero at
+    the start) keeps sigma; journaled, and replay and resume rebuild the same masters."""
+    import shutil
+
+    from lowmem_es import checkpoint, journal
+
+    def run(out, resume=False, **overrides):
+        values = dict(iterations=3, save_steps=1, sigma=0.2)
+        values.update(overrides)
+        trainer = ESTrainer(str(tiny_llama_dir), [target_fraction],
+                            train_dataset=tiny_dataset(),
+                            args=example_config(str(out), **values), resume=resume)
+        trainer.train()
+        return trainer
+
+    trainer = run(tmp_path / "scaled", noise_scaling="relative")
+    scales = trainer.es_model.noise_scales()
+    start = trainer._start_masters
+    for name, value in scales.items():
+        expected = 1.0 if name.endswith("lora_B") else float(start[name].pow(2).mean().sqrt())
+        assert value == pytest.approx(expected, rel=1e-6)
+    assert all(v < 0.5 for n, v in scales.items() if n.endswith("lora_A"))
+    records = [json.loads(line) for line in
+               (tmp_path / "scaled" / "journal.jsonl").read_text().splitlines()]
+    assert all(r["noise_scaling"] == "relative" for r in records)
+    assert not all(r.get("no_signal") for r in records)
+    assert journal.replay_journal(tmp_path / "scaled").max_abs_diff == 0.0
+    for step in (2, 3):
+        shutil.rmtree(checkpoint.step_dir(tmp_path / "scaled", step))
+    replayed = journal.replay_journal(tmp_path / "scaled", start="nearest", step=3)
+    masters = trainer.es_model.parameters()
+    assert replayed.start_step == 1
+    assert all(torch.equal(replayed.params[n], masters[n]) for n in masters)
+    plain = run(tmp_path / "plain")
+    assert not _same_masters(trainer, plain)
+    assert "noise_scaling" not in (tmp_path / "plain" / "journal.jsonl").read_text()
+    assert set(plain.es_model.noise_scales().values()) == {1.0}
+    run(tmp_path / "resumed", iterations=2, noise_scaling="relative")
+    assert _same_masters(trainer, run(tmp_path / "resumed", resume=True,
+                                      noise_scaling="relative"))
