@@ -9,9 +9,10 @@ on the default task's splits for ``--seed``, and after each iteration in ``--eva
 scores the unperturbed adapter on the eval and transfer splits exactly as ``run_default``
 does at the end (greedy, ``EVAL_COMPLETION_LENGTH`` tokens).
 
-``--task yesno`` / ``antonym`` (bench/user_tasks.py) go through the user path instead:
-JSONL files, ``dataset_task`` with ``--eval-dataset``, the ``user_tasks:first_word``
-reward by its ``module:function`` name, and ESConfig's own defaults (what
+``--task yesno`` / ``sentiment`` / ``antonym`` (bench/user_tasks.py) go through the user
+path instead: JSONL files, ``dataset_task`` with ``--eval-dataset``, the
+``user_tasks:first_word`` reward (or ``--reward answer_credit``) by its
+``module:function`` name, and ESConfig's own defaults (what
 ``lowmem-es train --model M --dataset D --reward R`` uses) plus ``--set`` overrides. Their
 eval split is scored greedy with ``--eval-tokens`` tokens; each point also reports the
 share of eval completions that start with the most common first word (1.0: a constant
@@ -44,9 +45,10 @@ def parse_value(text: str) -> object:
         return text
 
 
-def user_trainer(name: str, config: object, folder: Path) -> tuple[object, dict]:
+def user_trainer(name: str, config: object, folder: Path, reward: str = "first_word"
+                 ) -> tuple[object, dict]:
     """An ESTrainer on user task ``name`` built as ``lowmem-es train --model M --dataset
-    TRAIN --eval-dataset EVAL --reward user_tasks:first_word`` builds it."""
+    TRAIN --eval-dataset EVAL --reward user_tasks:<reward>`` builds it."""
     from lowmem_es.data import fit_prompts
     from lowmem_es.default_model import ensure_default_model
     from lowmem_es.tasks.jsonl import dataset_task
@@ -56,7 +58,7 @@ def user_trainer(name: str, config: object, folder: Path) -> tuple[object, dict]
     task = dataset_task(folder / f"{name}-train.jsonl", has_reward=True,
                         eval_path=folder / f"{name}-eval.jsonl")
     splits = task.splits(seed=config.seed)
-    trainer = ESTrainer(str(ensure_default_model()), ["user_tasks:first_word"],
+    trainer = ESTrainer(str(ensure_default_model()), [f"user_tasks:{reward}"],
                         train_dataset=splits["train"], eval_dataset=splits["eval"],
                         args=config, overwrite=True)
     trainer.train_dataset = fit_prompts(trainer.train_dataset, trainer.tokenizer)
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", action="store_true", help="also score the base model")
     parser.add_argument("--out", required=True, help="JSON results file")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--task", default="default", choices=("default", "yesno", "antonym"))
+    parser.add_argument("--task", default="default", choices=("default", *user_tasks.TASKS))
+    parser.add_argument("--reward", default="first_word", choices=("first_word", "answer_credit"),
+                        help="a user task's training reward (accuracy is always the first "
+                        "word's exact match)")
     parser.add_argument("--eval-tokens", type=int, default=16,
                         help="completion tokens of a user task's evaluation")
     args = parser.parse_args(argv)
@@ -130,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config = ESConfig(**dict(dict(output_dir=run_dir, seed=args.seed, save_steps=0),
                                  **overrides))
-        trainer, data = user_trainer(args.task, config, Path(run_dir + "-data"))
+        trainer, data = user_trainer(args.task, config, Path(run_dir + "-data"), args.reward)
     eval_at = sorted(set(args.eval_at or [config.iterations]))
     results: dict = {"task": args.task, "seed": args.seed, "overrides": overrides,
+                     "reward": args.reward if args.task != "default" else None,
                      "config": config.to_dict(), "host_threads": torch.get_num_threads(),
                      "points": []}
     if args.task != "default":

@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", metavar="OUT", help="only summarize the sweeps in OUT")
     parser.add_argument("--name", help="candidate name (a folder under --out)")
     parser.add_argument("--tasks", nargs="+", default=["default"],
-                        choices=("default", "yesno", "antonym"))
+                        choices=("default", "yesno", "sentiment", "antonym"))
+    parser.add_argument("--reward", default=None,
+                        help="user tasks' training reward (tune_default.py --reward)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--eval-at", type=int, nargs="+", default=None)
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--out", str(folder / f"{name}.json")]
             if args.eval_at:
                 command += ["--eval-at", *map(str, args.eval_at)]
+            if args.reward and task != "default":
+                command += ["--reward", args.reward]
             for item in args.set:
                 command += ["--set", item]
             log = open(folder / f"{name}.log", "w")  # the child holds it until it exits

@@ -1,9 +1,13 @@
-"""Two user-style JSONL tasks nobody tuned a default on, and the reward a user would write.
+"""User-style JSONL tasks nobody tuned a default on, and the rewards a user would write.
 
-    python bench/user_tasks.py --out /tmp/user_tasks     # writes {yesno,antonym}-{train,eval}.jsonl
+    python bench/user_tasks.py --out /tmp/user_tasks     # writes <task>-{train,eval}.jsonl
 
 * ``yesno``: "Is a <word> an animal? Answer yes or no." Balanced: half the words are
   animals. The best constant answer scores 0.5, so learning has to beat that.
+* ``sentiment``: "Is the word '<word>' positive? Answer yes or no." Balanced, like
+  ``yesno``; unlike it, SmolLM2-135M's first token already leans the right way a little
+  (bench/RESULTS.md 2026-12-08: yes-vs-no margin AUC 0.69 here, 0.33 for ``yesno``), so a
+  learner can find the answer the model half knows instead of building a new feature.
 * ``antonym``: "What is the opposite of <word>? Answer with one word." A short free-text
   answer; no constant answer scores above a few percent.
 
@@ -51,7 +55,24 @@ ANTONYMS = (
     "smooth rough, sharp dull, tight loose, polite rude, calm angry, simple complex, "
     "correct wrong, present absent, public private").split(", ")
 
-TASKS = ("yesno", "antonym")
+POSITIVE = (
+    "happy good great kind love nice joy beautiful wonderful brave calm friendly honest "
+    "smart bright warm gentle lucky proud strong cheerful delightful excellent fantastic "
+    "generous glad grateful healthy helpful hopeful joyful lovely loyal peaceful pleasant "
+    "polite safe sweet thankful wise clean fresh fun funny free rich calm clever careful "
+    "charming confident creative eager fair fine gorgeous graceful handsome jolly keen "
+    "lively marvelous merry neat perfect pretty proud relaxed successful superb terrific "
+    "tidy true useful victorious vivid welcome").split()
+NEGATIVE = (
+    "sad bad terrible cruel hate ugly awful angry scared lazy rude mean dirty weak poor "
+    "sick lonely boring stupid evil annoying anxious ashamed bitter broken careless "
+    "clumsy cold cowardly crazy creepy dangerous dead depressed disgusting dull foolish "
+    "gloomy greedy grumpy guilty harmful harsh horrible hostile hurt jealous miserable "
+    "nasty naughty nervous painful pathetic rotten selfish shameful silly smelly sorry "
+    "sour stressful tired toxic tragic unfair unhappy unlucky upset useless vicious "
+    "wicked worried worthless wrong").split()
+
+TASKS = ("yesno", "sentiment", "antonym")
 
 
 def _split(items: list, seed: int, eval_share: float = 0.3) -> tuple[list, list]:
@@ -70,6 +91,16 @@ def task_rows(name: str, seed: int = 0) -> dict[str, list[dict[str, str]]]:
             for split, chosen in (("train", train), ("eval", held)):
                 rows[split] += [_row(f"Is {_article(w)} {w} an animal? Answer yes or no.",
                                      answer) for w in chosen]
+        for split in rows:
+            random.Random(f"{seed}-{split}").shuffle(rows[split])
+        return rows
+    if name == "sentiment":
+        rows = {"train": [], "eval": []}
+        for words, answer in ((POSITIVE, "yes"), (NEGATIVE, "no")):
+            train, held = _split(list(words), seed)
+            for split, chosen in (("train", train), ("eval", held)):
+                rows[split] += [_row(f"Is the word '{w}' positive? Answer yes or no.", answer)
+                                for w in chosen]
         for split in rows:
             random.Random(f"{seed}-{split}").shuffle(rows[split])
         return rows
@@ -110,6 +141,19 @@ def first_word(completions: list, answer: list, **kwargs: Any) -> list[float]:
         text = completion if isinstance(completion, str) else completion[-1]["content"]
         found = first_words(text)
         rewards.append(float(bool(found) and found[0] == str(wanted).lower()))
+    return rewards
+
+
+def answer_credit(completions: list, answer: list, **kwargs: Any) -> list[float]:
+    """1.0 when the first word is the answer, 0.5 when the answer is one of the first ten
+    words: the partial credit a user gives for "right answer, wrong format", which a
+    0/1 first-word match withholds from a model that answers "The opposite of hot is
+    cold"."""
+    rewards = []
+    for completion, wanted in zip(completions, answer, strict=True):
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        found, target = first_words(text), str(wanted).lower()
+        rewards.append(1.0 if found[:1] == [target] else 0.5 if target in found[:10] else 0.0)
     return rewards
 
 

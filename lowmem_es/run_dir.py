@@ -201,6 +201,7 @@ def metrics_entry(record: dict[str, Any]) -> dict[str, Any]:
 
 
 METRIC_KEYS = ("iteration", "reward_mean", "reward_max", "fitness_std", "identical_members",
+               "identical_pairs", "sigma",
                "no_signal", "update_norm", "param_norm", "iteration_s", "tokens_per_s",
                "peak_memory_mb", "predicted_peak_mb", "oom_events", "skipped")
 

@@ -398,6 +398,9 @@ class ESTrainer:
         spread = statistics.pstdev(fitness)
         identical = max(Counter(digests).values()) / len(digests)
         record.update(fitness_std=spread, identical_members=identical)
+        alike = identical_pairs(self.members, digests)
+        if alike is not None:  # what sigma_growth reads: do partners still differ?
+            record["identical_pairs"] = alike
         if all_missing:
             # TRL semantics: None means "no opinion". With no opinion at all there is no
             # signal; skip the update rather than step on zeros (replay skips it too).
@@ -706,14 +709,37 @@ class ESTrainer:
         return self.es_model.save_adapter(path)
 
 
+def identical_pairs(members: Sequence[Member], digests: Sequence[float]) -> float | None:
+    """Share of antithetic pairs whose two members gave identical completions (None: no
+    pairs). A pair whose partners write the same text has a zero difference whatever
+    the reward, so this, not the whole population's sameness, says whether more noise
+    can help (with per-pair prompts, members of different pairs never write the same)."""
+    by_pair: dict[int, list[float]] = {}
+    for member, digest in zip(members, digests, strict=True):
+        by_pair.setdefault(member.pair, []).append(digest)
+    pairs = [values for values in by_pair.values() if len(values) == 2]
+    if not pairs:
+        return None
+    return sum(a == b for a, b in pairs) / len(pairs)
+
+
 def next_sigma_level(level: int, record: dict[str, Any], growth: float) -> int:
-    """sigma_growth's exponent after the iteration ``record`` journals: one up after an
-    iteration without signal (to ``SIGMA_GROWTH_CAP`` x sigma), one down after one with
-    signal (to 0), unchanged after a skipped one or with ``growth`` 1. A function of the
-    journal alone, so resume rebuilds it."""
+    """sigma_growth's exponent after the iteration ``record`` journals, a function of the
+    journal alone (so resume rebuilds it):
+
+    * no signal and the members alike (at least half the antithetic pairs, or without
+      pairs at least half the population, wrote identical completions): one level up, to
+      ``SIGMA_GROWTH_CAP`` x sigma: the noise is too small to change what they write;
+    * no signal although the members differ, or a signal: one level down, to 0. Members
+      that all write different text yet all score alike (often all 0) are, more often
+      than not, broken by too much noise; a sparse reward looks the same, and there a
+      larger sigma would not help either;
+    * a skipped iteration, or ``growth`` 1 (off): unchanged (0 when off).
+    """
     if growth <= 1.0 or record.get("skipped"):
         return 0 if growth <= 1.0 else level
-    if record.get("no_signal"):
+    alike = record.get("identical_pairs", record.get("identical_members", 1.0))
+    if record.get("no_signal") and alike >= 0.5:
         top = math.floor(math.log(SIGMA_GROWTH_CAP) / math.log(growth) + 1e-9)
         return min(level + 1, top)
     return max(level - 1, 0)

@@ -485,36 +485,58 @@ def test_fitness_baselines(tiny_llama_dir, tmp_path):
 
 
 def test_sigma_level_follows_the_journal():
-    """Up one level per iteration without signal (to the cap), down one per iteration with
-    signal, unchanged by a skipped one; 1 (off) always gives level 0."""
+    """Up one level per iteration without signal whose partners wrote alike (to the cap),
+    down one per iteration with signal or whose partners differ (broken by noise), unchanged
+    by a skipped one; 1 (off) always gives level 0."""
     from lowmem_es.trainer import next_sigma_level
 
-    flat, moving, skipped = {"no_signal": True}, {}, {"skipped": True}
+    flat, moving, skipped = {"no_signal": True, "identical_pairs": 1.0}, {}, {"skipped": True}
+    broken = {"no_signal": True, "identical_pairs": 0.25, "identical_members": 1.0}
     level, seen = 0, []
-    for record in [flat, flat, skipped, moving, flat, flat, flat, flat, flat]:
+    for record in [flat, flat, skipped, moving, flat, flat, flat, flat, flat, broken, broken]:
         level = next_sigma_level(level, record, 2.0)
         seen.append(level)
-    assert seen == [1, 2, 2, 1, 2, 3, 4, 4, 4]  # 2**4 = 16 = SIGMA_GROWTH_CAP
+    assert seen == [1, 2, 2, 1, 2, 3, 4, 4, 4, 3, 2]  # 2**4 = 16 = SIGMA_GROWTH_CAP
+    # without antithetic pairs the whole population's sameness decides
+    assert next_sigma_level(2, {"no_signal": True, "identical_members": 0.75}, 2.0) == 3
+    assert next_sigma_level(2, {"no_signal": True, "identical_members": 0.25}, 2.0) == 1
     assert next_sigma_level(3, flat, 1.0) == 0
     assert next_sigma_level(0, flat, 16.0) == 1 and next_sigma_level(1, flat, 16.0) == 1
 
 
+def test_identical_pairs_counts_partners_that_wrote_the_same():
+    from lowmem_es.es import Member
+    from lowmem_es.trainer import identical_pairs
+
+    members = [Member(0, 1), Member(0, -1), Member(1, 1), Member(1, -1), Member(2, 1)]
+    assert identical_pairs(members, [5.0, 5.0, 6.0, 7.0, 5.0]) == 0.5  # pair 2 is unpaired
+    assert identical_pairs(members[:2], [1.0, 1.0]) == 1.0
+    assert identical_pairs([Member(0, 1), Member(1, 1)], [1.0, 1.0]) is None
+
+
 def test_sigma_grows_while_there_is_no_signal_and_resumes(tiny_llama_dir, tmp_path):
-    """sigma_growth doubles the journaled sigma after each flat iteration; a resumed run
-    rebuilds the level from the journal, so it goes on as the run that never stopped."""
-    def run(out, iterations, resume=False):
+    """sigma_growth doubles the journaled sigma after each flat iteration whose partners
+    wrote alike; a resumed run rebuilds the level from the journal, so it goes on as the run
+    that never stopped. Partners that write different text (too much noise) do not grow it."""
+    def run(out, iterations, resume=False, sigma=1e-6):
         args = example_config(str(out), iterations=iterations, population_size=4,
                               batch_size=2, max_completion_length=3, lora_rank=2,
-                              lora_alpha=4.0, sigma=0.01, sigma_growth=2.0)
+                              lora_alpha=4.0, sigma=sigma, sigma_growth=2.0)
         trainer = ESTrainer(str(tiny_llama_dir), [constant_reward],
                             train_dataset=tiny_dataset(4), args=args, resume=resume)
         trainer.train()
-        return [json.loads(line)["sigma"] for line in
+        return [json.loads(line) for line in
                 (out / "journal.jsonl").read_text().splitlines()]
 
-    assert run(tmp_path / "whole", 4) == pytest.approx([0.01, 0.02, 0.04, 0.08])
+    records = run(tmp_path / "whole", 4)
+    assert [r["sigma"] for r in records] == pytest.approx([1e-6, 2e-6, 4e-6, 8e-6])
+    assert all(r["no_signal"] and r["identical_pairs"] == 1.0 for r in records)
     run(tmp_path / "split", 2)
-    assert run(tmp_path / "split", 4, resume=True) == pytest.approx([0.01, 0.02, 0.04, 0.08])
+    resumed = run(tmp_path / "split", 4, resume=True)
+    assert [r["sigma"] for r in resumed] == pytest.approx([1e-6, 2e-6, 4e-6, 8e-6])
+    noisy = run(tmp_path / "noisy", 3, sigma=0.5)
+    assert all(r["no_signal"] and r["identical_pairs"] < 0.5 for r in noisy)
+    assert [r["sigma"] for r in noisy] == pytest.approx([0.5, 0.5, 0.5])
 
 
 def test_anchor_decay_pulls_toward_the_start_and_replays(tiny_llama_dir, tmp_path):
