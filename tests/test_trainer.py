@@ -539,12 +539,37 @@ def test_sigma_grows_while_there_is_no_signal_and_resumes(tiny_llama_dir, tmp_pa
     assert [r["sigma"] for r in noisy] == pytest.approx([0.5, 0.5, 0.5])
 
 
+def _three_steps(model_dir, out, resume=False, **overrides):
+    """A 3-iteration run checkpointed every step (for replay and resume checks)."""
+    values = dict(iterations=3, save_steps=1)
+    values.update(overrides)
+    trainer = ESTrainer(str(model_dir), [target_fraction], train_dataset=tiny_dataset(),
+                        args=example_config(str(out), **values), resume=resume)
+    trainer.train()
+    return trainer
+
+
+def _replays_exactly(trainer, out) -> None:
+    """Replay from step 0 matches every checkpoint; with steps 2 and 3 removed, replay from
+    step 1 (state of theta_0 read back from step_000000) rebuilds the trainer's masters."""
+    import shutil
+
+    from lowmem_es import checkpoint, journal
+
+    assert journal.replay_journal(out).max_abs_diff == 0.0
+    for step in (2, 3):
+        shutil.rmtree(checkpoint.step_dir(out, step))
+    replayed = journal.replay_journal(out, start="nearest", step=3)
+    masters = trainer.es_model.parameters()
+    assert replayed.start_step == 1
+    assert all(torch.equal(replayed.params[n], masters[n]) for n in masters)
+
+
 def test_anchor_decay_pulls_toward_the_start_and_replays(tiny_llama_dir, tmp_path):
     """theta -= lr * anchor_decay * (theta - theta_0): on a zero update it is that and
     nothing else; in a run it is journaled, and replay and resume are bit-exact."""
-    import shutil
 
-    from lowmem_es import checkpoint, es, journal
+    from lowmem_es import es
 
     theta = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[3.0]])}
     start = {"a": torch.tensor([0.0, 4.0]), "b": torch.tensor([[3.0]])}
@@ -557,27 +582,14 @@ def test_anchor_decay_pulls_toward_the_start_and_replays(tiny_llama_dir, tmp_pat
                      shaped_fitness=[0.0, 0.0], schedule=[(0, 1), (0, -1)],
                      learning_rate=0.1, anchor_decay=0.5)
     def run(out, resume=False, **overrides):
-        values = dict(iterations=3, save_steps=1)
-        values.update(overrides)
-        trainer = ESTrainer(str(tiny_llama_dir), [target_fraction],
-                            train_dataset=tiny_dataset(),
-                            args=example_config(str(out), **values), resume=resume)
-        trainer.train()
-        return trainer
+        return _three_steps(tiny_llama_dir, out, resume, **overrides)
 
     trainer = run(tmp_path / "anchored", anchor_decay=2.0)
     records = [json.loads(line) for line in
                (tmp_path / "anchored" / "journal.jsonl").read_text().splitlines()]
     assert all(r["anchor_decay"] == 2.0 for r in records)
     assert not all(r.get("no_signal") for r in records)
-    assert journal.replay_journal(tmp_path / "anchored").max_abs_diff == 0.0
-    # From step 1 (steps 2 and 3 removed): theta_0 comes from step_000000.
-    for step in (2, 3):
-        shutil.rmtree(checkpoint.step_dir(tmp_path / "anchored", step))
-    replayed = journal.replay_journal(tmp_path / "anchored", start="nearest", step=3)
-    masters = trainer.es_model.parameters()
-    assert replayed.start_step == 1
-    assert all(torch.equal(replayed.params[n], masters[n]) for n in masters)
+    _replays_exactly(trainer, tmp_path / "anchored")
     assert not _same_masters(trainer, run(tmp_path / "free"))
     run(tmp_path / "resumed", iterations=2, anchor_decay=2.0)
     assert _same_masters(trainer, run(tmp_path / "resumed", resume=True, anchor_decay=2.0))
@@ -586,18 +598,8 @@ def test_anchor_decay_pulls_toward_the_start_and_replays(tiny_llama_dir, tmp_pat
 def test_relative_noise_scaling_is_journaled_replays_and_resumes(tiny_llama_dir, tmp_path):
     """noise_scaling='relative': A's noise and step scale with A's starting RMS, B (zero at
     the start) keeps sigma; journaled, and replay and resume rebuild the same masters."""
-    import shutil
-
-    from lowmem_es import checkpoint, journal
-
     def run(out, resume=False, **overrides):
-        values = dict(iterations=3, save_steps=1, sigma=0.2)
-        values.update(overrides)
-        trainer = ESTrainer(str(tiny_llama_dir), [target_fraction],
-                            train_dataset=tiny_dataset(),
-                            args=example_config(str(out), **values), resume=resume)
-        trainer.train()
-        return trainer
+        return _three_steps(tiny_llama_dir, out, resume, **{"sigma": 0.2, **overrides})
 
     trainer = run(tmp_path / "scaled", noise_scaling="relative")
     scales = trainer.es_model.noise_scales()
@@ -610,13 +612,7 @@ def test_relative_noise_scaling_is_journaled_replays_and_resumes(tiny_llama_dir,
                (tmp_path / "scaled" / "journal.jsonl").read_text().splitlines()]
     assert all(r["noise_scaling"] == "relative" for r in records)
     assert not all(r.get("no_signal") for r in records)
-    assert journal.replay_journal(tmp_path / "scaled").max_abs_diff == 0.0
-    for step in (2, 3):
-        shutil.rmtree(checkpoint.step_dir(tmp_path / "scaled", step))
-    replayed = journal.replay_journal(tmp_path / "scaled", start="nearest", step=3)
-    masters = trainer.es_model.parameters()
-    assert replayed.start_step == 1
-    assert all(torch.equal(replayed.params[n], masters[n]) for n in masters)
+    _replays_exactly(trainer, tmp_path / "scaled")
     plain = run(tmp_path / "plain")
     assert not _same_masters(trainer, plain)
     assert "noise_scaling" not in (tmp_path / "plain" / "journal.jsonl").read_text()
