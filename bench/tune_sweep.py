@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RUN_FILE = re.compile(r"(?P<task>[a-z]+)-s(?P<seed>[0-9]+)-t(?P<threads>[0-9]+)")
 
 
 def run_name(task: str, seed: int, threads: int) -> str:
@@ -43,11 +45,14 @@ def summarize(root: Path) -> list[dict]:
     """Rows of (candidate, task, iteration, split) with mean/spread over every run."""
     groups: dict[tuple, list[tuple[int, float]]] = {}
     for path in sorted(root.glob("*/*.json")):
+        name = RUN_FILE.fullmatch(path.stem)
+        if name is None:  # candidate.json and anything else that is not a run's result
+            continue
         try:
             result = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # a run still writing, or killed mid-write
-        threads = int(path.stem.rpartition("-t")[2])
+        threads = int(name["threads"])
         for point in result.get("points", []):
             for split in ("eval", "transfer"):
                 value = accuracy(point, split)

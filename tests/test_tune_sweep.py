@@ -37,6 +37,7 @@ def test_summary_is_mean_and_spread_over_seeds_and_threads(sweep, tmp_path):
     _write(tmp_path / "cand", "default", 0, 1,
            [{"iteration": 30, "eval": {"accuracy": 0.5}, "transfer": {"accuracy": 0.1}}])
     (tmp_path / "cand" / "default-s1-t1.json").write_text("{ half written")
+    (tmp_path / "cand" / "candidate.json").write_text(json.dumps({"set": ["sigma=0.1"]}))
     rows = {(r["task"], r["split"]): r for r in sweep.summarize(tmp_path)}
     yesno = rows[("yesno", "eval")]
     assert yesno["runs"] == 3
