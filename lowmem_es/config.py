@@ -289,6 +289,15 @@ class ESConfig:
                       "own 16-bit cache); set kv_cache_dtype='auto' or "
                       "generation_backend='loop'")
 
+    @property
+    def prompts_per_member(self) -> int:
+        """Prompts each member generates for per iteration: batch_size with one shared
+        batch, prompts_per_pair (0: batch_size) with per-pair prompts. What sizes a
+        member's rows, so what the memory planner must plan for."""
+        if self.prompt_assignment == "per_pair" and self.prompts_per_pair:
+            return self.prompts_per_pair
+        return self.batch_size
+
     # --- serialisation ---
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON/TOML friendly)."""

@@ -209,7 +209,7 @@ class ESTrainer:
                   else read_model_config(str(model)))
         return plan(config, profile, args.lora_rank,
                     list(args.lora_target_modules), max(1, len(self.local_members)),
-                    args.batch_size, args.num_generations,
+                    args.prompts_per_member, args.num_generations,
                     max_prompt_length=args.max_prompt_length,
                     max_completion_length=args.max_completion_length,
                     rows_per_chunk=args.rows_per_chunk, optimizer=args.optimizer,
@@ -230,7 +230,7 @@ class ESTrainer:
         the same seeded epoch order, so resume, replay and every rank agree."""
         if self.args.prompt_assignment == "shared":
             return [self.batch_indices(iteration)]
-        size = self.args.prompts_per_pair or self.args.batch_size
+        size = self.args.prompts_per_member
         pairs = len(self.members) if not self.args.antithetic else len(self.members) // 2
         return [self._data_stream((iteration * pairs + pair) * size, size)
                 for pair in range(pairs)]

@@ -152,3 +152,17 @@ def test_plan_command_with_lengths_lowered_says_training_would_stop(tmp_path, ca
                          "--json")) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is False and data["configured_lengths"] == [32768, 8192]
+
+
+def test_plan_sizes_rows_from_the_prompts_each_member_sees(qwen_dir, tmp_path, capsys):
+    """With per-pair prompts a member's rows are prompts_per_pair, not batch_size."""
+    from lowmem_es.cli.plan import run_plan
+
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('profile = "12gb"\nbatch_size = 8\nprompt_assignment = "per_pair"\n'
+                        "prompts_per_pair = 2\n")
+    assert run_plan(plan_command("plan", "--model", str(qwen_dir), "--config", str(run_file),
+                                 "--json")) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == _plan(QWEN25_7B, "12gb", batch_size=2).to_dict()
+    assert data != _plan(QWEN25_7B, "12gb", batch_size=8).to_dict()

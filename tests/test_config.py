@@ -473,6 +473,13 @@ def test_no_signal_remedy_and_anchor_fields_are_checked():
     assert ESConfig(noise_scaling="relative").noise_scaling == "relative"
 
 
+def test_prompts_per_member_follows_the_assignment():
+    assert ESConfig(batch_size=8).prompts_per_member == 8  # shared
+    per_pair = dict(batch_size=8, prompt_assignment="per_pair")
+    assert ESConfig(**per_pair, prompts_per_pair=2).prompts_per_member == 2
+    assert ESConfig(**per_pair).prompts_per_member == 8  # 0: batch_size
+
+
 def test_fields_added_later_keep_result_hash_at_their_old_behaviour():
     """A run written before prompt_assignment/fitness_baseline existed resumes: at their
     defaults they leave the hash alone; set, they change it."""

@@ -85,7 +85,8 @@ def run_plan(ns: argparse.Namespace) -> int:
     lengths_given = explicit["max_prompt_length"] or explicit["max_completion_length"]
     try:
         result = plan(model_config, profile, config.lora_rank, config.lora_target_modules,
-                      config.population_size, config.batch_size, config.num_generations,
+                      config.population_size, config.prompts_per_member,
+                      config.num_generations,
                       max_prompt_length=config.max_prompt_length if lengths_given else None,
                       max_completion_length=(config.max_completion_length if lengths_given
                                              else None),
