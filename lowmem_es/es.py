@@ -226,8 +226,9 @@ def relative_noise_scales(origin: dict[str, torch.Tensor]) -> dict[str, float]:
     """
     scales = {}
     for name in sorted(origin):
-        values = origin[name].detach().to("cpu", torch.float64).reshape(-1).tolist()
-        rms = math.sqrt(math.fsum(v * v for v in values) / max(1, len(values)))
+        # squares elementwise (the same bits everywhere), then one exactly rounded sum
+        squares = origin[name].detach().to("cpu", torch.float64).reshape(-1).square()
+        rms = math.sqrt(math.fsum(squares.tolist()) / max(1, squares.numel()))
         scales[name] = rms if rms > 0 else 1.0
     return scales
 

@@ -653,15 +653,14 @@ class ESTrainer:
         self.es_model.load_adapter(path)
         self.adam_state = checkpoint.load_adam(path) or self.adam_state
         params, ids = self.es_model.parameters(), self.es_model.tensor_ids()
-        origin = None
-        if self.args.anchor_decay or any(r.get("anchor_decay") for r in records):
-            origin = adapter_params(checkpoint.step_dir(out, 0))
-            self._anchor = {name: origin[name].to(t.device, t.dtype).clone()
-                            for name, t in params.items()}
+        # theta_0 (step_000000), read once, for anchor_decay and relative noise scales
+        anchored = self.args.anchor_decay or any(r.get("anchor_decay") for r in records)
         scaled = self.args.noise_scaling != "none" or any(r.get("noise_scaling")
                                                            for r in records)
-        if scaled and origin is None:
-            origin = adapter_params(checkpoint.step_dir(out, 0))
+        origin = adapter_params(checkpoint.step_dir(out, 0)) if anchored or scaled else None
+        if anchored:
+            self._anchor = {name: origin[name].to(t.device, t.dtype).clone()
+                            for name, t in params.items()}
         self._use_noise_scales(origin if scaled else None)
         for record in records[step:]:
             journal.apply_record(params, ids, record, self.adam_state,
